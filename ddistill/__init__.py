@@ -1,0 +1,1 @@
+"""ddistill: distillation of discrete diffusion language models."""
