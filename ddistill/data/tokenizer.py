@@ -1,0 +1,196 @@
+"""The exact GPT-2 byte-level BPE (Radford et al. 2019), built offline from ``gpt2.tiktoken``.
+
+``gpt2.tiktoken`` (see :mod:`ddistill.data.assets`) lists the 50,256 mergeable byte strings with their ranks
+(rank = token id). The HF files are derived from it:
+
+* ``vocab.json``: token id -> the token's bytes mapped through GPT-2's ``bytes_to_unicode`` table, plus
+  ``<|endoftext|>`` = 50256.
+* ``merges.txt``: BPE merge ``r`` (for ranks r >= 256, the single bytes) is recovered by replaying BPE on
+  token r's bytes with only the merges of rank < r; that leaves exactly two parts, whose concatenation is
+  the merge of rank r. Merge order = rank order, as in the original GPT-2 ``merges.txt``.
+* ``tokenizer.json``: ``tokenizers`` BPE model + ``ByteLevel(add_prefix_space=False)`` pre-tokenizer and
+  decoder, special ``<|endoftext|>``.
+
+Diffusion LMs add one absorbing/padding token: ``[MASK]`` = 50257, so the model vocabulary is 50,258
+(MDLM/DUO, arXiv 2406.07524 / 2506.10892). ``get_encoding()`` returns a tiktoken ``Encoding`` with the
+same ranks and the r50k pre-tokenisation regex, used for fast corpus tokenisation; both paths give
+identical ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ddistill.data.assets import cache_dir, gpt2_tiktoken_path
+
+__all__ = [
+    "BOS_ID",
+    "EOS_ID",
+    "MASK_ID",
+    "PAD_ID",
+    "VOCAB_SIZE",
+    "GPT2_VOCAB_SIZE",
+    "MASK_TOKEN",
+    "bytes_to_unicode",
+    "gpt2_tokenizer_dir",
+    "get_tokenizer",
+    "get_encoding",
+    "tokenizer_fingerprint",
+]
+
+GPT2_VOCAB_SIZE = 50257
+EOS_ID = BOS_ID = 50256
+MASK_ID = PAD_ID = 50257
+VOCAB_SIZE = 50258
+EOS_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "[MASK]"
+# tiktoken's r50k_base / GPT-2 pre-tokenisation pattern.
+R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_FORMAT_VERSION = 1
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (printable latin-1 bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not a permutation of 0..{len(ranks) - 1}")
+    return ranks
+
+
+def _split_in_two(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """Replay BPE on ``token`` using only merges ranked below ``rank``; returns the final two parts."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, best_at = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best is None or r < best):
+                best, best_at = r, i
+        assert best is not None, f"token rank {rank} is not reachable by lower merges"
+        parts[best_at:best_at + 2] = [parts[best_at] + parts[best_at + 1]]
+    assert len(parts) == 2, token
+    return parts[0], parts[1]
+
+
+def _write_hf_files(ranks: dict[bytes, int], out: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    b2u = bytes_to_unicode()
+
+    def to_str(token: bytes) -> str:
+        return "".join(b2u[b] for b in token)
+
+    vocab = {to_str(tok): r for tok, r in ranks.items()}
+    vocab[EOS_TOKEN] = EOS_ID
+    merges = [_split_in_two(tok, r, ranks) for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]) if r >= 256]
+    merges_str = [(to_str(a), to_str(b)) for a, b in merges]
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges_str))
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges_str, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+              "bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}, indent=1))
+
+
+@functools.cache
+def gpt2_tokenizer_dir() -> Path:
+    """Directory with the generated GPT-2 ``vocab.json``/``merges.txt``/``tokenizer.json`` (built once)."""
+    source = gpt2_tiktoken_path()
+    final = cache_dir() / "tokenizers" / f"gpt2-v{_FORMAT_VERSION}"
+    if (final / "tokenizer.json").is_file() and (final / "COMPLETE").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-gpt2-", dir=final.parent))
+    try:
+        _write_hf_files(_load_ranks(source), tmp)
+        (tmp / "COMPLETE").write_text(tokenizer_fingerprint())
+        if (final / "COMPLETE").is_file():  # a concurrent builder finished first
+            return final
+        if final.exists():  # an incomplete leftover
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # a concurrent builder won the race
+            if not (final / "COMPLETE").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@functools.cache
+def tokenizer_fingerprint() -> str:
+    """Identifies the token ids: the sha256 of the BPE ranks file plus the added-token layout."""
+    digest = hashlib.sha256(gpt2_tiktoken_path().read_bytes())
+    digest.update(f"{EOS_ID},{MASK_ID},{VOCAB_SIZE},v{_FORMAT_VERSION}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hub_cached_gpt2():
+    """The ``gpt2`` tokenizer from a local HF hub cache, or None (never touches the network)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained("gpt2", local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def get_tokenizer(name: str = "gpt2"):
+    """The GPT-2 fast tokenizer plus ``[MASK]`` (id 50257, also the pad token); ``len == 50258``.
+
+    Uses a locally cached hub ``gpt2`` when present, else the files generated from ``gpt2.tiktoken``.
+    """
+    if name != "gpt2":
+        raise ValueError(f"tokenizer name {name!r} is not supported; the only allowed value is 'gpt2'")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = _hub_cached_gpt2() or AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir()))
+    assert isinstance(tok, PreTrainedTokenizerFast), type(tok)
+    tok.add_special_tokens({"mask_token": MASK_TOKEN, "pad_token": MASK_TOKEN})
+    tok.model_max_length = 1024
+    assert tok.eos_token_id == EOS_ID and tok.bos_token_id == BOS_ID, (tok.eos_token_id, tok.bos_token_id)
+    assert tok.mask_token_id == MASK_ID and tok.pad_token_id == PAD_ID and len(tok) == VOCAB_SIZE
+    return tok
+
+
+@functools.cache
+def get_encoding():
+    """tiktoken ``Encoding`` with GPT-2's ranks and regex (``[MASK]`` is not part of it; ids < 50257)."""
+    import tiktoken
+
+    ranks = _load_ranks(gpt2_tiktoken_path())
+    return tiktoken.Encoding("gpt2-ddistill", pat_str=R50K_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOS_TOKEN: EOS_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
