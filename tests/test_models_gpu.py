@@ -1,0 +1,70 @@
+"""DiT on CUDA: bf16 autocast path vs the fp32 path and float64 references; flash-attn vs sdpa when installed."""
+
+import math
+
+import pytest
+import torch
+
+from ddistill.models import ModelConfig, build_model
+from ddistill.models.dit import attention, flash_attn_func
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+V = 101
+
+
+def _random_model(**kw):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="test", vocab_size=V, dropout=0.0, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+        model.output_weight[V:].zero_()
+        model.output_bias[V:].zero_()
+    return model.cuda().eval()
+
+
+def test_bf16_autocast_matches_fp32_path():
+    model = _random_model()
+    x = torch.randint(0, V, (4, 64), device="cuda")
+    sigma = torch.rand(4, device="cuda")
+    bf16 = model(x, sigma)
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == (4, 64, V)
+    assert model.hidden_states(x, sigma).dtype == torch.float32  # fp32 LN output feeds the output linear
+    model.config.autocast_dtype = "float32"
+    fp32 = model(x, sigma)
+    assert fp32.dtype == torch.float32
+    scale = fp32.abs().max()
+    assert (bf16.float() - fp32).abs().max() < 0.05 * scale
+
+
+def test_padded_rows_zero_grad_under_autocast():
+    model = _random_model()
+    model.train()
+    x = torch.randint(0, V, (2, 32), device="cuda")
+    model(x, torch.rand(2, device="cuda")).float().logsumexp(-1).sum().backward()
+    assert model.output_weight.grad[:V].abs().sum() > 0
+    assert torch.count_nonzero(model.output_weight.grad[V:]) == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_cuda_attention_matches_float64(causal, backend):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = attention(q, k, v, causal=causal, backend=backend).double()
+    qd, kd, vd = (t.double().transpose(1, 2) for t in (q, k, v))
+    s = qd @ kd.transpose(-1, -2) / math.sqrt(64)
+    if causal:
+        s = s.masked_fill(torch.ones(128, 128, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    ref = (torch.softmax(s, -1) @ vd).transpose(1, 2).reshape(2, 128, 256)
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(flash_attn_func is None, reason="flash_attn not installed")
+def test_flash_and_sdpa_models_agree():
+    sdpa = _random_model(attn_backend="sdpa")
+    flash = _random_model(attn_backend="flash")
+    x = torch.randint(0, V, (2, 64), device="cuda")
+    sigma = torch.rand(2, device="cuda")
+    torch.testing.assert_close(flash(x, sigma).float(), sdpa(x, sigma).float(), rtol=3e-2, atol=3e-2)
