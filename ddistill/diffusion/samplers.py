@@ -1,0 +1,197 @@
+"""Ancestral samplers for masked (MDLM, arXiv 2406.07524) and uniform-state (DUO, arXiv 2506.10892) diffusion.
+
+Both run on the time grid t_k = linspace(1, t_end, T+1) of a noise schedule, call the denoiser with
+σ_t = −log α_t, and sample in float64 (the low-precision Gumbel artefact of Zheng et al., arXiv 2409.02908).
+Nucleus (top-p) filtering is applied to the denoiser probabilities x_θ (not to the posterior), then renormalised.
+
+MDLM step t → s (per masked position; unmasked positions are copied):
+    q(z_s) = (α_s − α_t)/(1 − α_t) · x_θ(z_t) + (1 − α_s)/(1 − α_t) · e_MASK,
+sampled as "unmask with probability (α_s − α_t)/(1 − α_t), then draw the token from x_θ"; x_θ is the SUBS output, so
+its [MASK] column is 0. After the last step the remaining masks are filled from x_θ(z, t_end) (a draw, or argmax with
+greedy_tail). With cached=True the denoiser is called only when some token changed since its last call (valid
+because an MDLM without time conditioning is a function of z alone). Every step consumes the same random numbers
+(two uniforms per position) whether or not the denoiser was called, so cached and uncached runs give identical samples.
+
+DUO step t → s: z_s ~ q(z_s | z_t, x̂ = x_θ(z_t)) (`uniform_posterior`, DUO eq. 4) from a uniform prior; the final step
+from t_end is either an ancestral step to α = 1 or the greedy tail z = argmax x_θ(z, t_end). NFE = T + 1.
+
+Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
+token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ddistill.diffusion.schedules import NoiseSchedule
+from ddistill.diffusion.uniform import uniform_posterior
+
+__all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    tokens: torch.Tensor  # LongTensor (B, L)
+    nfe: int  # number of denoiser calls
+
+
+def sample_categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw from unnormalised probabilities (…, V) given uniforms u (…) in [0, 1)."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    total = cdf[..., -1:].contiguous()
+    idx = torch.searchsorted(cdf, u.to(torch.float64).unsqueeze(-1) * total, right=True)
+    # u·total can round up to total; the first index reaching the total is the last id with positive mass.
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(idx, last).squeeze(-1)
+
+
+def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely ids whose mass reaches top_p (always ≥ 1 id), renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    total = sorted_p.sum(dim=-1, keepdim=True)
+    sorted_p = sorted_p.masked_fill(mass_before >= top_p * total, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+def _check_common(num_steps: int, nucleus_p: float, t_end: float, batch_size: int, length: int, prefix) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    if not 0.0 < nucleus_p <= 1.0:
+        raise ValueError(f"nucleus_p={nucleus_p} must lie in (0, 1]")
+    if not 0.0 < t_end < 1.0:
+        raise ValueError(f"t_end={t_end} must lie in (0, 1)")
+    if prefix is not None and (prefix.dim() != 2 or prefix.shape[0] != batch_size or prefix.shape[1] > length):
+        raise ValueError(f"prefix of shape {tuple(prefix.shape)} must be (batch_size={batch_size}, P <= {length})")
+
+
+def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    logits = denoiser(x, sigma.expand(x.shape[0]))
+    if logits.shape != (*x.shape, vocab_size):
+        raise ValueError(f"denoiser returned logits of shape {tuple(logits.shape)}, expected {(*x.shape, vocab_size)}")
+    return logits
+
+
+def _sigma(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+    return schedule.sigma(t).float().reshape(1)
+
+
+@torch.no_grad()
+def sample_mdlm(
+    denoiser: Denoiser,
+    *,
+    batch_size: int,
+    length: int,
+    num_steps: int,
+    mask_id: int,
+    vocab_size: int,
+    schedule: NoiseSchedule,
+    cached: bool = True,
+    nucleus_p: float = 1.0,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float64,
+    prefix: torch.Tensor | None = None,
+    time_conditioning: bool = False,
+    greedy_tail: bool = False,
+    t_end: float = 1e-5,
+) -> SampleResult:
+    """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included."""
+    _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
+    if cached and time_conditioning:
+        raise ValueError("cached=True requires a denoiser without time conditioning (time_conditioning=False)")
+    if not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
+    device = torch.device(device)
+    x = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
+    if prefix is not None:
+        x[:, : prefix.shape[1]] = prefix.to(device)
+    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device=device)
+    alphas = schedule.alpha(ts)
+    mask_col = torch.tensor([mask_id], device=device)
+    nfe = 0
+    probs = None  # x_θ(x) for the current x when valid
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # SUBS without the carry-over: only rows that are masked in x are ever read.
+        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size).to(dtype)
+        return torch.softmax(logits.index_fill(-1, mask_col, float("-inf")), dim=-1)
+
+    def draw(probs: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        # Nucleus and the categorical draw only on the rows that take a new token (row-wise, so caching-safe).
+        p = nucleus_filter(probs[rows], nucleus_p)
+        return p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows])
+
+    for k in range(num_steps):
+        u_unmask = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+        u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+        if probs is None or not cached:
+            probs = denoise(x, ts[k])
+            nfe += 1
+        p_unmask = (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
+        unmask = (x == mask_id) & (u_unmask < p_unmask)
+        if bool(unmask.any()):
+            x = x.masked_scatter(unmask, draw(probs, unmask, u_token))
+            probs = None
+    u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+    still_masked = x == mask_id
+    if bool(still_masked.any()):
+        if probs is None or not cached:
+            probs = denoise(x, ts[-1])
+            nfe += 1
+        x = x.masked_scatter(still_masked, draw(probs, still_masked, u_token, greedy=greedy_tail))
+    return SampleResult(tokens=x, nfe=nfe)
+
+
+@torch.no_grad()
+def sample_duo(
+    denoiser: Denoiser,
+    *,
+    batch_size: int,
+    length: int,
+    num_steps: int,
+    vocab_size: int,
+    schedule: NoiseSchedule,
+    nucleus_p: float = 1.0,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float64,
+    prefix: torch.Tensor | None = None,
+    greedy_tail: bool = True,
+    t_end: float = 1e-5,
+) -> SampleResult:
+    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1."""
+    _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
+    device = torch.device(device)
+    x = torch.randint(0, vocab_size, (batch_size, length), generator=generator, device=device)
+    num_fixed = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None:
+        prefix = prefix.to(device)
+        x[:, :num_fixed] = prefix
+    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device=device)
+    alphas = schedule.alpha(ts)
+    one = torch.ones((), dtype=torch.float64, device=device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size)
+        return nucleus_filter(torch.softmax(logits.to(dtype), dim=-1), nucleus_p)
+
+    for k in range(num_steps + 1):
+        u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+        probs = denoise(x, ts[k])
+        if k == num_steps and greedy_tail:
+            x = probs.argmax(dim=-1)
+        else:
+            alpha_s = alphas[k + 1] if k < num_steps else one
+            x = sample_categorical(uniform_posterior(probs, x, alphas[k], alpha_s), u)
+        if prefix is not None:
+            x[:, :num_fixed] = prefix
+    return SampleResult(tokens=x, nfe=num_steps + 1)
