@@ -1,0 +1,463 @@
+"""Fused two-linear distillation divergences and the DiMO generator surrogate.
+
+Student logits s = (h_s W_sᵀ + b_s)/τ (with grad), teacher logits t = (h_t W_tᵀ + b_t)/τ (constant), both restricted
+to the real vocabulary (columns < V) minus an optional excluded column (the mask id under SUBS); q = softmax(s),
+p = softmax(t), lse_s/lse_t their log-sum-exps. Per row (SDTT arXiv:2410.21035 / DUO arXiv:2506.10892 distillation):
+
+* ``kl_fwd``  KL(p‖q) = Σ p(t − s) + lse_s − lse_t                 ∂/∂s = q − p
+* ``kl_rev``  KL(q‖p) = Σ q(s − t) − lse_s + lse_t                 ∂/∂s = q ⊙ (a − Σ q a),  a = log q − log p
+* ``jsd``     JSD_β = β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q     ∂/∂s = (1−β) q ⊙ (a − Σ q a),  a = log q − log m
+* ``tvd``     ½ Σ |q − p|                                           ∂/∂s = ½ q ⊙ (u − Σ q u),  u = sign(q − p)
+
+(each ∂/∂s is then divided by τ for the logits before the temperature). β ∈ (0, 1) is continuous — there is no
+special-cased β = 0/1 with a different scale; use ``kl_fwd``/``kl_rev`` for the end points.
+loss = Σ_{rows in mask} w_r D_r / normalizer. Logits of neither side reach HBM and stay fp32 until the difference
+is taken. Forward and reverse KL need one stats pass (both LSEs plus a rescaled Σ e^{t−m}(t−s) accumulator); JSD
+and TVD need a second pass for the loss and the row constant Σ q a (Σ q u). The backward recomputes both tiles and
+writes the student dZ chunk by chunk (``_common``).
+
+**DiMO** (arXiv:2503.15457): the generator G receives, at the rows masked in x̃_t, the gradient
+g = p_aux − p_teacher directly on its logits z_G. DiMO injects it through the surrogate ½‖z_G − sg(z_G − g)‖²,
+whose value is ½‖g‖² (the logged ``loss_dm``) and whose gradient w.r.t. z_G is exactly g. :func:`dimo_generator_loss`
+implements that surrogate: its value Σ_r w_r ½‖g_r‖²/normalizer is computed from the aux and teacher linears only
+(two passes), and its backward recomputes g tile by tile and pushes w_r g_r/normalizer through the generator's
+linear, so ∂loss/∂θ_G = Σ_r w_r/normalizer Σ_v g_rv ∂z_rv/∂θ_G. Aux and teacher inputs are treated as constants.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ddistill.kernels import reference
+from ddistill.kernels._common import (
+    LOG2E,
+    as_row_tensor,
+    check_device,
+    check_impl,
+    chunked_linear_backward,
+    combine_lse,
+    dot_precision,
+    dz_grid,
+    grouped_tile,
+    kernel_configs,
+    logits_tile,
+    prepare_linear,
+    row_blocks_grid,
+    valid_columns,
+    vocab_splits,
+    weighted_sum,
+)
+
+KINDS = {"kl_fwd": 0, "kl_rev": 1, "jsd": 2, "tvd": 3}
+_DIMO = 4  # row-sum kind of the DiMO value ½‖q − p‖²
+
+
+@triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
+@triton.jit
+def _pair_stats_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    ms_ptr, ss_ptr, mt_ptr, st_ptr, af_ptr, ar_ptr,
+    M, DS, DT, V_VALID, MASK_COL, COLS_PER_SPLIT, NUM_SPLITS,
+    stride_hs, stride_ws, stride_ht, stride_wt, INV_TAU,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    m_s = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    m_t = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    s_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    a_f = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ e^{t − m_t} (t − s)
+    a_r = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ e^{s − m_s} (s − t)
+    v_begin = pid_s * COLS_PER_SPLIT
+    v_end = tl.minimum(v_begin + COLS_PER_SPLIT, V_VALID)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+        zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+        ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
+        zs_m = tl.where(ok, zs, float("-inf"))
+        zt_m = tl.where(ok, zt, float("-inf"))
+        diff = tl.where(ok, zt - zs, 0.0)
+        ms_new = tl.maximum(m_s, tl.max(zs_m, axis=1))
+        mt_new = tl.maximum(m_t, tl.max(zt_m, axis=1))
+        es = tl.exp2((zs_m - ms_new[:, None]) * LOG2E)
+        et = tl.exp2((zt_m - mt_new[:, None]) * LOG2E)
+        rs = tl.exp2((m_s - ms_new) * LOG2E)
+        rt = tl.exp2((m_t - mt_new) * LOG2E)
+        s_s = s_s * rs + tl.sum(es, axis=1)
+        s_t = s_t * rt + tl.sum(et, axis=1)
+        a_r = a_r * rs - tl.sum(es * diff, axis=1)
+        a_f = a_f * rt + tl.sum(et * diff, axis=1)
+        m_s = ms_new
+        m_t = mt_new
+    out = rows.to(tl.int64) * NUM_SPLITS + pid_s
+    tl.store(ms_ptr + out, m_s, mask=row_ok)
+    tl.store(ss_ptr + out, s_s, mask=row_ok)
+    tl.store(mt_ptr + out, m_t, mask=row_ok)
+    tl.store(st_ptr + out, s_t, mask=row_ok)
+    tl.store(af_ptr + out, a_f, mask=row_ok)
+    tl.store(ar_ptr + out, a_r, mask=row_ok)
+
+
+@triton.jit
+def _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok):
+    """log q, log p (natural, finite everywhere) and q, p (0 outside the valid columns); lse = hi + lo per row."""
+    log_q = (zs - hi_s[:, None]) - lo_s[:, None]
+    log_p = (zt - hi_t[:, None]) - lo_t[:, None]
+    q = tl.where(ok, tl.exp2(log_q * LOG2E), 0.0)
+    p = tl.where(ok, tl.exp2(log_p * LOG2E), 0.0)
+    return log_q, log_p, q, p
+
+
+@triton.jit
+def _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA):
+    a = log_p + LOG_BETA
+    b = log_q + LOG_1M_BETA
+    mx = tl.maximum(a, b)
+    return mx + tl.log2(tl.exp2((a - mx) * LOG2E) + tl.exp2((b - mx) * LOG2E)) / LOG2E
+
+
+@triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
+@triton.jit
+def _pair_rowsum_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, loss_ptr, c_ptr,
+    M, DS, DT, V_VALID, MASK_COL, COLS_PER_SPLIT, NUM_SPLITS,
+    stride_hs, stride_ws, stride_ht, stride_wt, INV_TAU, BETA, LOG_BETA, LOG_1M_BETA,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # lse_ptr: (4, M) = hi_s, lo_s, hi_t, lo_t
+    lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
+    hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
+    lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
+    loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    c = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_begin = pid_s * COLS_PER_SPLIT
+    v_end = tl.minimum(v_begin + COLS_PER_SPLIT, V_VALID)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                         HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+        zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                         HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+        ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
+        log_q, log_p, q, p = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok)
+        if KIND == 2:
+            log_m = _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA)
+            qa = q * (log_q - log_m)
+            elem = BETA * p * (log_p - log_m) + (1.0 - BETA) * qa
+            c += tl.sum(tl.where(ok, qa, 0.0), axis=1)
+        elif KIND == 3:
+            elem = 0.5 * tl.abs(q - p)
+            c += tl.sum(q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0)), axis=1)
+        else:
+            elem = 0.5 * (q - p) * (q - p)
+        loss += tl.sum(tl.where(ok, elem, 0.0), axis=1)
+    out = rows.to(tl.int64) * NUM_SPLITS + pid_s
+    tl.store(loss_ptr + out, loss, mask=row_ok)
+    tl.store(c_ptr + out, c, mask=row_ok)
+
+
+@triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
+@triton.jit
+def _pair_dz_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, c_ptr, scale_ptr, dz_ptr,
+    M, DS, DT, V_VALID, MASK_COL, V_START, VC,
+    stride_hs, stride_ws, stride_ht, stride_wt, stride_dz, INV_TAU, BETA, LOG_BETA, LOG_1M_BETA,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_v = grouped_tile(tl.program_id(0), M, VC, BLOCK_M, BLOCK_V, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = local < VC
+    cols = V_START + local
+    zs = logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, cols, row_ok, col_ok, DS, stride_hs, stride_ws,
+                     HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+    zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
+                     HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
+    hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # lse_ptr: (4, M) = hi_s, lo_s, hi_t, lo_t
+    lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
+    hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
+    lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
+    c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
+    scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
+    log_q, log_p, q, p = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok)
+    if KIND == 0:
+        g = q - p
+    elif KIND == 1:
+        g = q * ((log_q - log_p) - c[:, None])
+    elif KIND == 2:
+        g = (1.0 - BETA) * q * ((log_q - _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA)) - c[:, None])
+    else:
+        g = 0.5 * q * (tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0)) - c[:, None])
+    g = tl.where(ok, g, 0.0) * scale[:, None]
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
+    tl.store(ptrs, g.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _mask_col(mask_id: int | None, vocab_size: int) -> int:
+    return -1 if mask_id is None or mask_id >= vocab_size else int(mask_id)
+
+
+class _Pair:
+    """The two constant-shape linears (a "student" side q and a "teacher" side p) of one fused pass."""
+
+    def __init__(self, hs, ws, bs, ht, wt, bt, vocab_size, mask_col, inv_tau, beta):
+        self.hs, self.ws, self.bs, self.ht, self.wt, self.bt = hs, ws, bs, ht, wt, bt
+        self.vocab_size, self.mask_col, self.inv_tau, self.beta = vocab_size, mask_col, inv_tau, beta
+        self.num_rows = hs.shape[0]
+
+    def operands(self):
+        hs, ws, ht, wt = self.hs, self.ws, self.ht, self.wt
+        return (hs, ws, self.bs if self.bs is not None else hs, ht, wt, self.bt if self.bt is not None else ht)
+
+    def common(self):
+        return dict(HAS_BS=self.bs is not None, HAS_BT=self.bt is not None, PRECISION=dot_precision(self.hs.dtype))
+
+    def dims(self):
+        return self.hs.shape[1], self.ht.shape[1]
+
+    def strides(self):
+        return self.hs.stride(0), self.ws.stride(0), self.ht.stride(0), self.wt.stride(0)
+
+    def _beta_args(self):
+        beta = self.beta
+        return beta, float(torch.tensor(beta).log()), float(torch.tensor(1.0 - beta).log())
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Per-row (4, M) fp32 [hi_s, lo_s, hi_t, lo_t] (lse = hi + lo) and the one-pass forward / reverse KL (fp64)."""
+        num_rows = self.num_rows
+        splits, cols = vocab_splits(num_rows, self.vocab_size)
+        parts = torch.empty(6, num_rows, splits, device=self.hs.device, dtype=torch.float32)
+        if num_rows > 0:
+            _pair_stats_kernel[row_blocks_grid(num_rows, splits)](
+                *self.operands(), *parts, num_rows, *self.dims(), self.vocab_size, self.mask_col, cols, splits,
+                *self.strides(), self.inv_tau, **self.common(),
+            )  # fmt: skip
+        m_s, s_s, m_t, s_t, a_f, a_r = parts.double()
+        hi_s, lo_s = combine_lse(m_s, s_s)
+        hi_t, lo_t = combine_lse(m_t, s_t)
+
+        def mean_under(m, s, a):
+            w = torch.exp(m - m.max(dim=1, keepdim=True).values)
+            return (a * w).sum(1) / (s * w).sum(1)
+
+        lse_gap = (hi_s - hi_t) + (lo_s - lo_t)  # lse_s − lse_t
+        kl_fwd = mean_under(m_t, s_t, a_f) + lse_gap
+        kl_rev = mean_under(m_s, s_s, a_r) - lse_gap
+        lse = torch.stack([hi_s, lo_s, hi_t, lo_t]).float().contiguous()
+        return dict(lse=lse, kl_fwd=kl_fwd, kl_rev=kl_rev)
+
+    def rowsum(self, kind: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second pass: per-row loss and gradient row constant (fp64) for JSD / TVD / the DiMO value."""
+        num_rows = self.num_rows
+        splits, cols = vocab_splits(num_rows, self.vocab_size)
+        loss = torch.empty(num_rows, splits, device=self.hs.device, dtype=torch.float32)
+        c = torch.empty_like(loss)
+        if num_rows > 0:
+            _pair_rowsum_kernel[row_blocks_grid(num_rows, splits)](
+                *self.operands(), lse, loss, c, num_rows, *self.dims(), self.vocab_size, self.mask_col,
+                cols, splits, *self.strides(), self.inv_tau, *self._beta_args(), KIND=kind, **self.common(),
+            )  # fmt: skip
+        return loss.double().sum(1), c.double().sum(1)
+
+    def write_dz(self, kind: int, lse, c, scale):
+        def write(dz: torch.Tensor, v0: int, vc: int) -> None:
+            _pair_dz_kernel[dz_grid(self.num_rows, vc)](
+                *self.operands(), lse, c, scale, dz, self.num_rows, *self.dims(), self.vocab_size,
+                self.mask_col, v0, vc, *self.strides(), dz.stride(0), self.inv_tau, *self._beta_args(),
+                KIND=kind, GROUP_M=8, **self.common(),
+            )  # fmt: skip
+
+        return write
+
+
+class LinearDivergenceFunction(torch.autograd.Function):
+    """Per-row divergence D(q_student, p_teacher) of two fused linears; grads for the student linear only."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, vocab_size, mask_col, kind, beta, inv_tau):
+        pair = _Pair(hs, ws, bs, ht, wt, bt, vocab_size, mask_col, inv_tau, beta)
+        code = KINDS[kind]
+        st = pair.stats()
+        if code in (0, 1):
+            loss = st[kind]
+            c = loss.float()
+        else:
+            loss, c = pair.rowsum(code, st["lse"])
+            c = c.float()
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, st["lse"], c)
+        ctx.args = (vocab_size, mask_col, inv_tau, beta, code)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hs, ws, bs, ht, wt, bt, lse, c = ctx.saved_tensors
+        vocab_size, mask_col, inv_tau, beta, code = ctx.args
+        pair = _Pair(hs, ws, bs, ht, wt, bt, vocab_size, mask_col, inv_tau, beta)
+        scale = (grad_rows.float() * inv_tau).contiguous()
+        grads = chunked_linear_backward(
+            pair.write_dz(code, lse, c, scale), hs, ws, bs is not None, vocab_size, *ctx.needs_input_grad[:3]
+        )
+        grad_bias = grads[2].to(bs.dtype) if grads[2] is not None else None
+        return grads[0], grads[1], grad_bias, None, None, None, None, None, None, None, None
+
+
+class DimoSurrogateFunction(torch.autograd.Function):
+    """Per-row ½‖p_aux − p_teacher‖²; backward sends (p_aux − p_teacher)·grad through the generator linear."""
+
+    @staticmethod
+    def forward(ctx, hg, wg, bg, ha, wa, ba, ht, wt, bt, vocab_size, mask_col):
+        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, 0.5)
+        st = pair.stats()
+        value, _ = pair.rowsum(_DIMO, st["lse"])
+        ctx.save_for_backward(hg, wg, bg, ha, wa, ba, ht, wt, bt, st["lse"])
+        ctx.args = (vocab_size, mask_col)
+        return value.float()
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hg, wg, bg, ha, wa, ba, ht, wt, bt, lse = ctx.saved_tensors
+        vocab_size, mask_col = ctx.args
+        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, 0.5)
+        scale = grad_rows.float().contiguous()
+        write = pair.write_dz(KINDS["kl_fwd"], lse, torch.zeros_like(scale), scale)  # q − p with q = p_aux
+        grads = chunked_linear_backward(write, hg, wg, bg is not None, vocab_size, *ctx.needs_input_grad[:3])
+        grad_bias = grads[2].to(bg.dtype) if grads[2] is not None else None
+        return (grads[0], grads[1], grad_bias) + (None,) * 8
+
+
+def _select_rows(row_mask, num_rows, *tensors):
+    if row_mask is None:
+        return tensors
+    if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
+        raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
+    idx = row_mask.nonzero().squeeze(1)
+    return tuple(t[idx] for t in tensors)
+
+
+def _check_rows(name: str, hidden: torch.Tensor, num_rows: int) -> None:
+    if hidden.shape[0] != num_rows:
+        raise ValueError(f"{name}: expected {num_rows} rows, got {hidden.shape[0]}")
+
+
+@torch.compiler.disable
+def _distill_loss_triton(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, beta, temperature, mask_id, row_mask, normalizer):
+    check_device(hs)
+    hs, ws, bs = prepare_linear(hs, ws, bs, vocab_size, "student")
+    ht, wt, bt = prepare_linear(ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab_size, "teacher")
+    if ht.dtype != hs.dtype:
+        ht, wt = ht.to(hs.dtype), wt.to(hs.dtype)
+    num_rows = hs.shape[0]
+    _check_rows("teacher_hidden", ht, num_rows)
+    w = as_row_tensor(row_weight, num_rows, hs.device, "row_weight")
+    hs, ht, w = _select_rows(row_mask, num_rows, hs, ht, w)
+    rows = LinearDivergenceFunction.apply(
+        hs, ws, bs, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size), kind, beta, 1.0 / temperature
+    )
+    return weighted_sum(rows, w, normalizer)
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    row_weight: torch.Tensor | float,
+    vocab_size: int,
+    *,
+    kind: str = "kl_rev",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask_id: int | None = None,
+    row_mask: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float = 1.0,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """Σ_{r in row_mask} w_r D_kind(softmax(s_r) ‖ softmax(t_r)) / normalizer, logits never materialised.
+
+    ``kind`` ∈ {"kl_fwd", "kl_rev", "jsd", "tvd"} (see module docstring; kl_rev = KL(student‖teacher), SDTT/DUO's
+    ``kl-bwd``). The teacher side is detached. ``mask_id`` (if < vocab_size) is excluded from both softmaxes (SUBS).
+    """
+    check_impl(impl)
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {tuple(KINDS)}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta={beta!r}: the generalized JSD needs 0 < beta < 1 (use kl_fwd / kl_rev for the ends)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight, vocab_size)
+    if impl == "torch":
+        return reference.distill_loss_reference(
+            *args, kind=kind, beta=beta, temperature=temperature, mask_id=mask_id, row_mask=row_mask, normalizer=normalizer
+        )
+    return _distill_loss_triton(*args, kind, beta, temperature, mask_id, row_mask, normalizer)
+
+
+@torch.compiler.disable
+def _dimo_triton(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, mask_id, row_mask, normalizer):
+    check_device(hg)
+    hg, wg, bg = prepare_linear(hg, wg, bg, vocab_size, "generator")
+    ha, wa, ba = prepare_linear(ha.detach(), wa.detach(), None if ba is None else ba.detach(), vocab_size, "aux")
+    ht, wt, bt = prepare_linear(ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab_size, "teacher")
+    if ht.dtype != ha.dtype:
+        ht, wt = ht.to(ha.dtype), wt.to(ha.dtype)
+    num_rows = hg.shape[0]
+    _check_rows("aux_hidden", ha, num_rows)
+    _check_rows("teacher_hidden", ht, num_rows)
+    w = as_row_tensor(row_weight, num_rows, hg.device, "row_weight")
+    hg, ha, ht, w = _select_rows(row_mask, num_rows, hg, ha, ht, w)
+    rows = DimoSurrogateFunction.apply(
+        hg, wg, bg, ha.contiguous(), wa, ba, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size)
+    )
+    return weighted_sum(rows, w, normalizer)
+
+
+def dimo_generator_loss(
+    gen_hidden: torch.Tensor,
+    gen_weight: torch.Tensor,
+    gen_bias: torch.Tensor | None,
+    aux_hidden: torch.Tensor,
+    aux_weight: torch.Tensor,
+    aux_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    row_weight: torch.Tensor | float,
+    vocab_size: int,
+    *,
+    mask_id: int | None = None,
+    row_mask: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float = 1.0,
+    impl: str = "triton",
+) -> torch.Tensor:
+    """DiMO generator surrogate: value Σ w_r ½‖g_r‖²/normalizer, ∂/∂z_gen = w_r g_r/normalizer, g = p_aux − p_teacher.
+
+    ``row_mask`` selects the rows masked in x̃_t (others get zero gradient); ``mask_id`` is excluded from the aux
+    and teacher softmaxes (SUBS), so the generator's mask column receives zero gradient.
+    """
+    check_impl(impl)
+    args = (gen_hidden, gen_weight, gen_bias, aux_hidden, aux_weight, aux_bias, teacher_hidden, teacher_weight,
+            teacher_bias, row_weight, vocab_size)  # fmt: skip
+    if impl == "torch":
+        return reference.dimo_generator_loss_reference(*args, mask_id=mask_id, row_mask=row_mask, normalizer=normalizer)
+    return _dimo_triton(*args, mask_id, row_mask, normalizer)

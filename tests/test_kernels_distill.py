@@ -1,0 +1,162 @@
+"""Fused distillation divergences and the DiMO surrogate vs float64 references (values; student/generator grads).
+
+Tolerance rule (CCE-style): |ours − gt64| ≤ |torch_same_dtype − gt64| + tol·max|gt64|, elementwise,
+tol = 5e-4 (fp32), 1e-3 (fp16), 1e-2 (bf16, GPU only).
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # one block configuration instead of autotuning every (kernel, dtype, D) variant of the suite
+    os.environ.setdefault("DDISTILL_KERNEL_BLOCKS", "64,128,64,4,3")
+
+from ddistill.kernels import dimo_generator_loss, distill_loss  # noqa: E402
+from ddistill.kernels.reference import linear_logits  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+KINDS = ["kl_fwd", "kl_rev", "jsd", "tvd"]
+N, D, D_T, V, VP = 37, 48, 40, 1001, 1024
+
+
+def _run(fn, grad_args, const_args, dtype, grad_output):
+    leaves = [None if t is None else t.detach().to(DEVICE, dtype, copy=True).requires_grad_(True) for t in grad_args]
+    consts = [c.to(DEVICE, dtype) if torch.is_tensor(c) and c.is_floating_point() else c for c in const_args]
+    consts = [c.to(DEVICE) if torch.is_tensor(c) else c for c in consts]
+    loss = fn(*leaves, *consts)
+    loss.backward(torch.tensor(grad_output, device=loss.device, dtype=loss.dtype))
+    return [loss.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def check(fn, grad_args, const_args, dtype, grad_output=1.0):
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("bf16 is unsupported by the Triton interpreter (gpu only)")
+    gt = _run(lambda *a: fn("torch", *a), grad_args, const_args, torch.float64, grad_output)
+    ref = _run(lambda *a: fn("torch", *a), grad_args, const_args, dtype, grad_output)
+    ours = _run(lambda *a: fn("triton", *a), grad_args, const_args, dtype, grad_output)
+    for name, o, r, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], ours, ref, gt):
+        g = g.double()
+        excess = (o.double() - g).abs() - (r.double() - g).abs() - TOL[dtype] * g.abs().max().item()
+        assert torch.isfinite(o).all(), name
+        assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
+    return ours, gt
+
+
+def make_problem(seed=0, teacher_noise=None):
+    """Student (h_s, W_s, b_s) and teacher (h_t, W_t, b_t); teacher_noise: teacher = student + noise (p ≈ q)."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, D, generator=g)
+    ws = torch.randn(VP, D, generator=g) * 0.3
+    bs = torch.randn(VP, generator=g) * 0.5
+    if teacher_noise is None:
+        ht = torch.randn(N, D_T, generator=g)
+        wt = torch.randn(VP, D_T, generator=g) * 0.3
+        bt = torch.randn(VP, generator=g) * 0.5
+    else:
+        ht = hs.clone()
+        wt = ws + teacher_noise * torch.randn(VP, D, generator=g)
+        bt = bs + teacher_noise * torch.randn(VP, generator=g)
+    row_mask = torch.rand(N, generator=g) < 0.6
+    row_weight = torch.rand(N, generator=g) * 3 + 0.5
+    return (hs, ws, bs), (ht, wt, bt), row_mask, row_weight
+
+
+def divergence(kind, beta=0.5, temperature=1.0, mask_id=V - 1, normalizer=float(N)):
+    def fn(impl, hs, ws, bs, ht, wt, bt, row_mask, row_weight):
+        return distill_loss(hs, ws, bs, ht, wt, bt, row_weight, V, kind=kind, beta=beta, temperature=temperature,
+                            mask_id=mask_id, row_mask=row_mask, normalizer=normalizer, impl=impl)  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_divergences(kind, dtype):
+    student, teacher, m, rw = make_problem(seed=KINDS.index(kind))
+    check(divergence(kind), list(student), [*teacher, m, rw], dtype)
+
+
+@pytest.mark.parametrize("kind", ["kl_fwd", "kl_rev", "jsd"])  # TVD's gradient jumps where q = p: no stable oracle
+def test_teacher_close_to_student(kind):
+    """p ≈ q (teacher = student + 1e-3 noise): the gradient is a small difference of nearly equal softmaxes."""
+    student, teacher, m, rw = make_problem(seed=10, teacher_noise=1e-3)
+    ours, gt = check(divergence(kind), list(student), [*teacher, m, rw], torch.float32)
+    rel = (ours[2].double() - gt[2]).norm() / gt[2].norm()
+    assert rel < 1e-3, rel
+
+
+def test_temperature_beta_grad_output_no_mask_column():
+    student, teacher, m, rw = make_problem(seed=11)
+    check(divergence("jsd", beta=0.2, temperature=2.0, mask_id=None), list(student), [*teacher, m, rw],
+          torch.float32, grad_output=-1.7)  # fmt: skip
+
+
+def test_large_row_weights_no_bias():
+    (hs, ws, _), (ht, wt, _), m, _ = make_problem(seed=12)
+    rw = torch.logspace(0, 3, N)
+
+    def fn(impl, hs, ws, ht, wt, row_mask, row_weight):
+        return distill_loss(hs, ws, None, ht, wt, None, row_weight, V, kind="kl_rev", mask_id=V - 1,
+                            row_mask=row_mask, normalizer=torch.tensor(5.0), impl=impl)  # fmt: skip
+
+    check(fn, [hs, ws], [ht, wt, m, rw], torch.float32)
+
+
+def test_zero_rows_gives_exact_zeros():
+    student, teacher, _, rw = make_problem(seed=13)
+    ours, _ = check(divergence("kl_fwd"), list(student), [*teacher, torch.zeros(N, dtype=torch.bool), rw], torch.float32)
+    assert all((t == 0).all() for t in ours)
+
+
+def _dev(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+def test_identical_models_give_zero_divergence():
+    student, _, m, rw = make_problem(seed=14)
+    student, (m, rw) = _dev(*student), _dev(m, rw)
+    for kind in KINDS:
+        value = distill_loss(*student, *student, rw, V, kind=kind, mask_id=V - 1, row_mask=m)
+        assert abs(value.item()) < 1e-5, kind
+
+
+def dimo(mask_id=V - 1):
+    def fn(impl, hg, wg, bg, ha, wa, ba, ht, wt, bt, row_mask, row_weight):
+        return dimo_generator_loss(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, V, mask_id=mask_id,
+                                   row_mask=row_mask, normalizer=3.0, impl=impl)  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dimo_surrogate(dtype):
+    gen, teacher, m, rw = make_problem(seed=20)
+    aux, _, _, _ = make_problem(seed=21)
+    aux = (aux[0][:, :D], aux[1], aux[2])
+    check(dimo(), list(gen), [*aux, *teacher, m, rw], dtype)
+
+
+def test_dimo_gradient_is_paux_minus_pteacher():
+    """∂loss/∂z_gen must be w_r (p_aux − p_teacher)/normalizer at selected rows (zero on the mask column)."""
+    gen, teacher, m, rw = make_problem(seed=22)
+    aux, _, _, _ = make_problem(seed=23)
+    (hg, wg, bg), aux, teacher, (m, rw) = _dev(*gen), _dev(*aux), _dev(*teacher), _dev(m, rw)
+    hg = hg.clone().requires_grad_(True)
+    loss = dimo_generator_loss(hg, wg, bg, *aux, *teacher, rw, V, mask_id=V - 1, row_mask=m, normalizer=3.0)
+    loss.backward()
+    with torch.no_grad():
+        za = linear_logits(*aux, V).double()
+        zt = linear_logits(*teacher, V).double()
+        za[:, V - 1] = zt[:, V - 1] = float("-inf")
+        g = torch.softmax(za, -1) - torch.softmax(zt, -1)
+        scale = (rw * m / 3.0).double()
+        expected_grad = (g * scale[:, None]) @ wg[:V].double()  # chain rule through z = h W[:V]ᵀ + b
+        expected_value = (scale * 0.5 * (g**2).sum(-1)).sum()
+    torch.testing.assert_close(hg.grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+    assert loss.item() == pytest.approx(expected_value.item(), rel=1e-4)
