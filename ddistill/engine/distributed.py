@@ -1,0 +1,179 @@
+"""Process-group setup for every way ddistill is launched, and cross-rank agreement helpers.
+
+Launchers and the environment they leave behind:
+
+* ``torchrun`` / the ``deepspeed`` launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are set
+  (the deepspeed launcher also appends ``--local_rank=N`` to argv; the CLI accepts and ignores it).
+* ``srun`` (SLURM, one task per GPU, as submitit does): only SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID /
+  SLURM_JOB_NODELIST are set; we map them to the torch names, MASTER_ADDR = first host of the nodelist and
+  MASTER_PORT = a port derived from the job id (identical on every rank and after a requeue).
+* a plain ``python`` process: we set RANK=0, WORLD_SIZE=1, MASTER_ADDR=127.0.0.1 and a free port ourselves,
+  because ``deepspeed.init_distributed`` otherwise falls into MPI discovery (mpi4py).
+
+NCCL on GPU, gloo on CPU. On the CPU accelerator DeepSpeed's constructor JIT-compiles a shared-memory all-reduce op
+(27-46 s of g++ on a fresh machine) that only AutoTP inference uses; we mark it incompatible before init.
+Exit with ``barrier(); destroy_process_group()`` back to back (gloo aborts ~5 % of exits otherwise).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "torch_env_from_slurm",
+    "expand_nodelist",
+    "init_distributed",
+    "shutdown_distributed",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "broadcast_object",
+    "barrier",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM nodelist such as ``gpu[01-03,7],login-a`` into host names (no scontrol needed)."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for value in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(value).zfill(len(lo)))
+    return hosts
+
+
+def _job_port(job_id: str) -> int:
+    return random.Random(job_id).randint(20000, 60000)
+
+
+def torch_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables implied by an srun task's SLURM_* environment (already-set ones win)."""
+    out: dict[str, str] = {}
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return out
+    ntasks = environ.get("SLURM_NTASKS") or environ.get("SLURM_NPROCS")
+    if ntasks is None:
+        raise ValueError("SLURM_PROCID is set but SLURM_NTASKS is not; launch with srun --ntasks")
+    out["RANK"] = environ["SLURM_PROCID"]
+    out["WORLD_SIZE"] = ntasks
+    out["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+        out["MASTER_ADDR"] = expand_nodelist(nodelist)[0] if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        out["MASTER_PORT"] = str(_job_port(environ.get("SLURM_JOB_ID", "0")))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fill_environment() -> None:
+    os.environ.update(torch_env_from_slurm(os.environ))
+    if "RANK" not in os.environ:  # a plain single process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def init_distributed(*, timeout_minutes: float = 30.0, device: str = "auto") -> DistEnv:
+    """Initialise (or join the already initialised) process group; returns this rank's DistEnv.
+
+    ``device``: "auto" (CUDA when available), "cuda" or "cpu".
+    """
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device={device!r}; allowed values: ['auto', 'cuda', 'cpu']")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' requested but CUDA is not available")
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _fill_environment()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    if get_accelerator()._name == "cpu":  # never probe this on the GPU box
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistEnv(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev, backend=backend
+    )
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _reduce(values: list[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise max over ranks (used to agree on flags: any rank set it => all see it)."""
+    return _reduce(values, dist.ReduceOp.MAX, device)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    return _reduce(values, dist.ReduceOp.SUM, device)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s Python object on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,227 @@
+"""A method's networks as DeepSpeed engines.
+
+* Trained network -> one ZeRO-2 (or 1) engine: torch AdamW client optimizer (DeepSpeed's config-driven "AdamW" is
+  FusedAdam, a 73 s JIT on CPU), global-norm gradient clipping, gradient accumulation, learning rate set by the
+  trainer before every step, optional fp32 EMA (see ema.py).
+* Frozen network -> ZeRO-3 inference engine (no optimizer): parameters larger than the persistence threshold are
+  partitioned over ranks (each holds ~1/N), gathered layer by layer during the forward, optionally offloaded to
+  CPU. Its forward is a collective: every rank must call it equally often. Always run under no_grad, eval mode.
+
+Precision: the DeepSpeed engines hold fp32 weights. On CUDA with bf16 on, the DiT runs its own bf16 autocast
+(`ModelConfig.autocast_dtype`), as the MDLM/DUO references (Lightning "bf16-mixed"). DeepSpeed's `bf16` section is
+not used: it casts the weights to bf16 and the DiT's fp32 σ-embedding then fails on mixed dtypes (deepspeed.md §8).
+
+`Network` is what methods receive as `nets[name]`: call it as `net(x, sigma) -> logits`, or use `hidden_states`,
+`output_weight`, `output_bias` for the fused kernels. Both go through the engine's forward (hooks stay intact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ddistill.engine.ema import EMA
+from ddistill.methods.base import NetworkSpec
+
+__all__ = ["DiTEntry", "Network", "trained_ds_config", "frozen_ds_config", "build_trained", "build_frozen", "copy_into",
+           "full_state", "gathered", "reset_optimizer_state"]
+
+
+class DiTEntry(nn.Module):
+    """Root module handed to DeepSpeed: one forward for logits or hidden states, so both pass the engine's hooks."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None, hidden: bool = False) -> torch.Tensor:
+        return self.net.hidden_states(x, sigma) if hidden else self.net(x, sigma)
+
+
+def trained_ds_config(
+    *, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float, zero_stage: int, overlap_comm: bool
+) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap_comm, "contiguous_gradients": True},
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def frozen_ds_config(*, micro_batch_size: int, world_size: int, zero_stage: int, persistence_threshold: int,
+                     cpu_offload: bool) -> dict:
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
+        if cpu_offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Network:
+    name: str
+    spec: NetworkSpec
+    engine: object  # deepspeed.DeepSpeedEngine
+    ema: EMA | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.spec.role == "trained"
+
+    @property
+    def module(self) -> nn.Module:
+        """The DiT inside the engine (for ZeRO-3 its parameters are partitioned: gather before reading)."""
+        return self.engine.module.net
+
+    @property
+    def vocab_size(self) -> int:
+        return self.module.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.module.padded_vocab_size
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        if self.trained:
+            return self.engine(x, sigma)
+        with torch.no_grad():
+            return self.engine(x, sigma)
+
+    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        if self.trained:
+            return self.engine(x, sigma, hidden=True)
+        with torch.no_grad():
+            return self.engine(x, sigma, hidden=True)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        self._require_replicated("output_weight")
+        return self.module.output_weight
+
+    @property
+    def output_bias(self) -> torch.Tensor:
+        self._require_replicated("output_bias")
+        return self.module.output_bias
+
+    def _require_replicated(self, what: str) -> None:
+        if not self.trained and _is_partitioned(self.module):
+            raise RuntimeError(
+                f"{self.name}.{what}: the frozen network's parameters are ZeRO-3 partitioned; use "
+                f"`with {self.name}.gathered_output() as (weight, bias):` to read them"
+            )
+
+    @contextlib.contextmanager
+    def gathered_output(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The full output weight and bias (a collective under ZeRO-3: every rank must enter)."""
+        layer = self.module.output_layer.linear
+        with gathered(list(layer.parameters())):
+            yield self.module.output_weight, self.module.output_bias
+
+
+def _is_partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """deepspeed.zero.GatheredParameters for partitioned params; a no-op for plain ones."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict, lr: float,
+                  betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None) -> Network:
+    import deepspeed
+
+    entry = DiTEntry(model)
+    optimizer = torch.optim.AdamW(entry.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    engine, *_ = deepspeed.initialize(model=entry, optimizer=optimizer, config=ds_config)
+    engine.train()  # returns None (deepspeed.md P2): never chain
+    ema = EMA(engine.module.net, ema_decay) if spec.ema else None
+    return Network(name=name, spec=spec, engine=engine, ema=ema)
+
+
+def build_frozen(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict) -> Network:
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=DiTEntry(model), config=ds_config)
+    engine.eval()
+    return Network(name=name, spec=spec, engine=engine)
+
+
+@torch.no_grad()
+def copy_into(dst: Network, source: dict[str, torch.Tensor]) -> None:
+    """Overwrite dst's weights with `source` (full tensors by parameter name, identical on every rank).
+
+    Frozen ZeRO-3 dst: gather one parameter at a time (bounded memory), rank 0 writes, DeepSpeed re-partitions on
+    exit. Trained ZeRO-2 dst: write the replicated module weights, then refresh the optimizer's fp32 partitions.
+    """
+    params = dict(dst.module.named_parameters())
+    if set(params) != set(source):
+        raise ValueError(
+            f"cannot copy weights into {dst.name!r}: missing {sorted(set(params) - set(source))}, "
+            f"unexpected {sorted(set(source) - set(params))}"
+        )
+    for pname, param in params.items():
+        with gathered([param], modifier_rank=0):
+            if param.shape != source[pname].shape:
+                raise ValueError(f"{dst.name}.{pname}: shape {tuple(param.shape)} != {tuple(source[pname].shape)}")
+            param.copy_(source[pname].to(device=param.device, dtype=param.dtype))
+    if dst.trained:
+        optimizer = dst.engine.optimizer
+        if hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
+        if dst.ema is not None:
+            dst.ema.reset_to(dst.module)
+
+
+@torch.no_grad()
+def full_state(net: Network, *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32/param-dtype tensors by name, on CPU, identical on every rank (a collective for ZeRO-3)."""
+    if use_ema:
+        if net.ema is None:
+            raise ValueError(f"network {net.name!r} has no EMA (NetworkSpec.ema=False)")
+        return {n: t.detach().cpu().clone() for n, t in net.ema.shadow.items()}
+    out = {}
+    for pname, param in net.module.named_parameters():
+        with gathered([param]):
+            out[pname] = param.detach().cpu().clone()
+    return out
+
+
+def reset_optimizer_state(net: Network) -> None:
+    """Zero AdamW's moments and step counts in place (the state structure stays, so checkpoints keep working)."""
+    if not net.trained:
+        raise ValueError(f"network {net.name!r} is frozen and has no optimizer")
+    inner = getattr(net.engine.optimizer, "optimizer", net.engine.optimizer)
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                value.zero_()

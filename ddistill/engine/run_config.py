@@ -1,0 +1,196 @@
+"""The typed configuration of one training run, composed of every component's config.
+
+YAML layout (see configs/experiments/*.yaml)::
+
+    model:     ModelConfig (ddistill.models.dit)          data: DataConfig (ddistill.data)
+    method:    {name: <registered method>, ...its Config fields}
+    optim:     OptimConfig        train: TrainConfig        deepspeed: DeepSpeedConfig
+    logging:   LoggingConfig      init_from: checkpoint path or null
+
+`load_run_config(path, overrides)` merges `base:` files, applies dotted `key=value` overrides and validates:
+unknown keys and bad values raise `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from ddistill.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ddistill.data.corpora import DataConfig
+from ddistill.methods import available_methods, get_method
+from ddistill.models.dit import ModelConfig, resolve_model_config
+
+__all__ = [
+    "OptimConfig",
+    "TrainConfig",
+    "DeepSpeedConfig",
+    "LoggingConfig",
+    "MethodSection",
+    "RunConfig",
+    "load_run_config",
+    "run_config_from_dict",
+]
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """torch AdamW + LR schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine to
+    `min_lr` at train.max_steps. `grad_clip` <= 0 disables clipping (global L2 norm over all ranks)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    seed: int = 0
+    out_dir: str
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    eval_every: int = 0  # 0 = no periodic validation loss
+    eval_batches: int = 8
+    max_consecutive_nonfinite: int = 20
+    ema_decay: float = 0.9999
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    stop_after_steps: int | None = None  # test/preemption hook: checkpoint and stop once this step count is reached
+    export_final: bool = True  # write the EMA student in the public HF layout at the end
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "global_batch_size", "micro_batch_size", "ckpt_every", "keep_last", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"train.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """bf16: "auto" = bf16 mixed precision on CUDA (fp32 master weights in the engine, the DiT's own bf16 autocast),
+    fp32 on CPU. Trained networks use ZeRO `trained_zero_stage` (1 or 2); frozen networks ZeRO-3 inference
+    (`frozen_zero_stage` 3, or 0 = replicated) with parameters above `frozen_persistence_threshold` elements
+    partitioned, optionally offloaded to CPU."""
+
+    bf16: bool | Literal["auto"] = "auto"
+    trained_zero_stage: Literal[1, 2] = 2
+    frozen_zero_stage: Literal[0, 3] = 3
+    frozen_cpu_offload: bool = False
+    frozen_persistence_threshold: int = 10_000
+    timeout_minutes: float = 30.0
+    overlap_comm: bool = False
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "ddistill"
+    run_name: str | None = None
+    jsonl: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class MethodSection:
+    name: str
+    config: Any  # the registered method's Config dataclass
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    method: MethodSection
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_from: str | None = None
+    init_from_ema: bool = False  # load the checkpoint's EMA weights (True) or raw weights (False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["method"] = {"name": self.method.name, **to_dict(self.method.config)}
+        return out
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedConfig,
+    "logging": LoggingConfig,
+}
+_TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema"}
+
+
+def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    unknown = sorted(set(data) - _TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {sorted(_TOP_LEVEL)}")
+    for required in ("method", "train"):
+        if required not in data:
+            raise ConfigError(f"missing required config section {required!r}")
+    sections: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        value = data.get(key, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a section, got {value!r}")
+        sections[key] = from_dict(cls, value, key)
+    try:
+        sections["model"] = resolve_model_config(sections["model"])
+    except ValueError as err:
+        raise ConfigError(str(err) if "model." in str(err) else f"model: {err}") from err
+    method = dict(data["method"]) if isinstance(data["method"], Mapping) else None
+    if method is None or "name" not in method:
+        raise ConfigError(f"method.name is required; available methods: {available_methods()}")
+    name = method.pop("name")
+    try:
+        method_cls = get_method(name)
+    except ValueError as err:
+        raise ConfigError(f"method.name: {err}") from err
+    method_cfg = from_dict(method_cls.Config, method, "method")
+    init_from = data.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        raise ConfigError(f"init_from: expected a path string or null, got {init_from!r}")
+    init_from_ema = data.get("init_from_ema", False)
+    if not isinstance(init_from_ema, bool):
+        raise ConfigError(f"init_from_ema: expected true or false, got {init_from_ema!r}")
+    return RunConfig(
+        method=MethodSection(name=name, config=method_cfg), init_from=init_from, init_from_ema=init_from_ema, **sections
+    )
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """YAML file (with `base:` merging; None = start empty) + dotted overrides -> validated RunConfig."""
+    data = load_yaml(path) if path is not None else {}
+    return run_config_from_dict(apply_overrides(data, list(overrides)))

@@ -1,0 +1,558 @@
+"""The training loop: one `Trainer` for every method of the registry, on any number of ranks.
+
+    python -m ddistill.engine CONFIG.yaml key=value ...                         # 1 process (CPU or 1 GPU)
+    torchrun --standalone --nproc_per_node 2 -m ddistill.engine CONFIG.yaml ... # 2 ranks (NCCL on GPU, gloo on CPU)
+
+One optimizer step = `grad_accum` micro-batches per rank, grad_accum = global_batch / (micro_batch · world_size).
+Micro-batch k of rank r holds rows [(k·W + r)·B, (k·W + r + 1)·B) of the step's global batch; the method's
+randomness comes from a generator seeded from (seed, step), identical on all ranks and micro-batches (methods draw
+for the whole global batch and slice their rows, so results do not depend on the split), and the global torch RNG
+(dropout) is reseeded from (seed, step, k, rank) before each micro-batch. Nothing depends on the RNG history, so a
+resumed run repeats the uninterrupted one bit for bit (on CPU; cuDNN/atomics may differ on GPU).
+
+Agreement: after each micro-batch's forward, the ranks all-reduce (error, non-finite loss). An error anywhere
+raises on every rank (with the failing rank's message where it happened); a non-finite loss anywhere makes every
+rank back-propagate NaN, so DeepSpeed's ZeRO overflow check (forced on) skips the step on all ranks consistently —
+no parameter, moment or EMA update. `train.max_consecutive_nonfinite` skipped steps in a row stop the run with a
+checkpoint of the last good state. A preemption signal (SIGUSR2 from SLURM/submitit, SIGTERM) sets a flag that is
+all-reduced at the next step boundary; all ranks then checkpoint and return with `summary["preempted"] = True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ddistill.config import ConfigError, dump_yaml
+from ddistill.engine import checkpoint as ckpt
+from ddistill.engine.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
+from ddistill.engine.networks import (
+    Network,
+    build_frozen,
+    build_trained,
+    copy_into,
+    frozen_ds_config,
+    full_state,
+    reset_optimizer_state,
+    trained_ds_config,
+)
+from ddistill.engine.observe import MetricsLogger, peak_memory_gib
+from ddistill.engine.run_config import RunConfig, load_run_config
+from ddistill.methods import StepContext, get_method
+
+__all__ = ["Trainer", "run_training", "train_main", "RankFailure", "derive_seed", "lr_at"]
+
+log = logging.getLogger(__name__)
+
+PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# Handlers that were installed before ours (e.g. submitit's requeue handler); launchers.slurm hands them the signal
+# once every rank has checkpointed.
+PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+class RankFailure(RuntimeError):
+    """Raised on every rank when any rank failed during a step."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, schedule: str, min_lr: float, max_steps: int) -> float:
+    """Linear warm-up 0 -> lr over warmup_steps (step 0 uses lr/warmup), then constant or cosine to min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + np.cos(np.pi * progress))
+
+
+class Trainer:
+    """Builds the method's networks as DeepSpeed engines, runs steps, checkpoints, resumes, logs."""
+
+    def __init__(self, cfg: RunConfig, *, train_blocks: Sequence | None = None,
+                 valid_blocks: Sequence | None = None, dist_env: DistEnv | None = None):
+        self.cfg = cfg
+        self.dist = dist_env or init_distributed(timeout_minutes=cfg.deepspeed.timeout_minutes,
+                                                 device=cfg.train.device)
+        tc = cfg.train
+        per_pass = tc.micro_batch_size * self.dist.world_size
+        if tc.global_batch_size % per_pass:
+            raise ConfigError(
+                f"train.global_batch_size={tc.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{tc.micro_batch_size} x world_size={self.dist.world_size}"
+            )
+        self.grad_accum = tc.global_batch_size // per_pass
+        self.device = self.dist.device
+        self.bf16 = self.device.type == "cuda" if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+        self.out_dir = Path(tc.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        vocab = cfg.model.vocab_size
+        # The last id of the vocabulary is the absorbing [MASK] (GPT-2: 50257 = ddistill.data.tokenizer.MASK_ID).
+        self.method = get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
+        self.nets = self._build_networks()
+        self.trained = {n: net for n, net in self.nets.items() if net.trained}
+        if not self.trained:
+            raise ValueError(f"method {cfg.method.name!r} declares no trained network")
+        self.train_blocks = train_blocks if train_blocks is not None else self._blocks("train")
+        self.valid_blocks = valid_blocks
+        if self.valid_blocks is None and tc.eval_every > 0:
+            self.valid_blocks = self._blocks("validation")
+        from ddistill.data.loader import BlockLoader
+
+        self.loader = BlockLoader(self.train_blocks, micro_batch_size=tc.micro_batch_size, rank=self.dist.rank,
+                                  world_size=self.dist.world_size, seed=tc.seed)
+        self.step = 0
+        self.consecutive_nonfinite = 0
+        self.total_nonfinite = 0
+        self.resumed_from: str | None = None
+        self.damaged_checkpoints: list[str] = []
+        self._preempt = threading.Event()
+        self._resume()
+
+    # ------------------------------------------------------------------ construction
+    def _blocks(self, split: str):
+        from ddistill.data.packing import build_token_blocks
+
+        if self.dist.is_main:  # tokenise once; the other ranks then read the cache
+            blocks = build_token_blocks(self.cfg.data, split)
+        barrier()
+        return blocks if self.dist.is_main else build_token_blocks(self.cfg.data, split)
+
+    def _model_cfg(self, overrides: dict):
+        import dataclasses
+
+        from ddistill.models.dit import resolve_model_config
+
+        fields = {"autocast_dtype": "bfloat16" if self.bf16 else "float32", **overrides}
+        try:
+            return resolve_model_config(dataclasses.replace(self.cfg.model, **fields))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model overrides {overrides} of method {self.cfg.method.name!r}: {err}") from err
+
+    def _initial_module(self, name: str, spec, built: dict):
+        from ddistill.models.dit import build_model
+
+        if spec.init == "config":
+            torch.manual_seed(derive_seed(self.cfg.train.seed, 0xC0F16, sorted(self.method.networks()).index(name)))
+            return build_model(self._model_cfg(spec.model_overrides))
+        if spec.init == "pretrained":
+            if not self.cfg.init_from:
+                raise ConfigError(f"network {name!r} has init='pretrained' but init_from is not set")
+            from ddistill.models.checkpoints import load_pretrained
+
+            overrides = {"autocast_dtype": "bfloat16" if self.bf16 else "float32", **spec.model_overrides}
+            model, _ = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
+            return model
+        source = spec.init.removeprefix("copy:")
+        if source not in built:
+            raise ValueError(f"network {name!r}: init={spec.init!r} but {source!r} is not a network built before it")
+        import copy
+
+        model = copy.deepcopy(built[source])
+        model_cfg = self._model_cfg(spec.model_overrides)
+        if model_cfg != model.config:
+            fresh = type(model)(model_cfg)
+            fresh.load_state_dict(model.state_dict(), strict=True)
+            model = fresh
+        return model
+
+    def _build_networks(self) -> dict[str, Network]:
+        specs = self.method.networks()
+        order = sorted(specs, key=lambda n: specs[n].init.startswith("copy:"))
+        modules: dict[str, torch.nn.Module] = {}
+        for name in order:
+            modules[name] = self._initial_module(name, specs[name], modules)
+        tc, ds, oc = self.cfg.train, self.cfg.deepspeed, self.cfg.optim
+        nets: dict[str, Network] = {}
+        for name in sorted(specs, key=lambda n: specs[n].role != "frozen"):  # frozen engines first
+            spec, model = specs[name], modules[name]
+            if spec.role == "frozen":
+                conf = frozen_ds_config(micro_batch_size=tc.micro_batch_size, world_size=self.dist.world_size,
+                                        zero_stage=ds.frozen_zero_stage,
+                                        persistence_threshold=ds.frozen_persistence_threshold,
+                                        cpu_offload=ds.frozen_cpu_offload)
+                nets[name] = build_frozen(name, spec, model, ds_config=conf)
+            else:
+                conf = trained_ds_config(micro_batch_size=tc.micro_batch_size, grad_accum=self.grad_accum,
+                                         world_size=self.dist.world_size, grad_clip=oc.grad_clip,
+                                         zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm)
+                net = build_trained(name, spec, model, ds_config=conf, lr=oc.lr, betas=tuple(oc.betas),
+                                    eps=oc.eps, weight_decay=oc.weight_decay, ema_decay=tc.ema_decay)
+                # Skipping a step on non-finite gradients must not depend on the precision or on clipping.
+                net.engine.optimizer.check_grad_overflow = True
+                nets[name] = net
+        return nets
+
+    # ------------------------------------------------------------------ NetworkControl
+    def copy_weights(self, dst: str, src: str, *, use_ema: bool = False) -> None:
+        """dst <- src (raw or EMA weights); collective, call on every rank."""
+        copy_into(self.nets[dst], full_state(self.nets[src], use_ema=use_ema))
+
+    def reset_optimizer(self, name: str) -> None:
+        reset_optimizer_state(self.nets[name])
+
+    # ------------------------------------------------------------------ one step
+    def _seed_micro(self, step: int, micro: int) -> None:
+        seed = derive_seed(self.cfg.train.seed, step, micro, self.dist.rank)
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
+    def _set_lr(self) -> float:
+        oc = self.cfg.optim
+        lr = lr_at(self.step, lr=oc.lr, warmup_steps=oc.warmup_steps, schedule=oc.schedule, min_lr=oc.min_lr,
+                   max_steps=self.cfg.train.max_steps)
+        for net in self.trained.values():
+            inner = getattr(net.engine.optimizer, "optimizer", net.engine.optimizer)
+            for group in inner.param_groups:
+                group["lr"] = lr
+        return lr
+
+    def _agree(self, error: BaseException | None, nonfinite: bool) -> bool:
+        """All-reduce (error, non-finite); raise on every rank on error; return whether any loss was non-finite."""
+        any_error, any_nonfinite = all_reduce_max([float(error is not None), float(nonfinite)], self.device)
+        if any_error:
+            if error is not None:
+                raise error
+            raise RankFailure(f"another rank failed during step {self.step} (see its log); stopping all ranks")
+        return bool(any_nonfinite)
+
+    def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """One optimizer step over this rank's `grad_accum` micro-batches; returns local metrics."""
+        assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
+        tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
+        lr = self._set_lr()
+        nonfinite = False
+        loss_sums = {name: 0.0 for name in self.trained}
+        metric_sums: dict[str, float] = {}
+        num_tokens = 0
+        for micro, batch in enumerate(micro_batches):
+            self._seed_micro(self.step, micro)
+            generator = torch.Generator(device=self.device)  # same state on every rank AND micro-batch of the step
+            generator.manual_seed(derive_seed(tc.seed, self.step))
+            ctx = StepContext(step=self.step, micro_step=micro, global_offset=(micro * ws + rank) * tc.micro_batch_size,
+                              global_batch_size=tc.global_batch_size, generator=generator, device=self.device,
+                              rank=rank, world_size=ws)
+            error, local_bad, out = None, False, None
+            try:
+                out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
+                if set(out.losses) != set(self.trained):
+                    raise ValueError(f"method {self.cfg.method.name!r} returned losses for {sorted(out.losses)}, "
+                                     f"expected one per trained network {sorted(self.trained)}")
+                local_bad = not all(bool(torch.isfinite(loss.detach())) for loss in out.losses.values())
+            except Exception as err:  # agreed below, then re-raised on every rank
+                error = err
+            nonfinite |= self._agree(error, local_bad)
+            for name, loss in out.losses.items():
+                # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring).
+                self.nets[name].engine.backward(loss * float("nan") if nonfinite else loss)
+                loss_sums[name] += float(loss.detach())
+            for key, value in out.metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+            num_tokens += out.num_tokens
+            for net in self.trained.values():
+                net.engine.step()
+        applied = [net.engine.was_step_applied() for net in self.trained.values()]
+        assert len(set(applied)) == 1, f"networks disagree on whether the step was applied: {applied}"
+        skipped = not applied[0]
+        assert skipped or not nonfinite, "a non-finite loss was agreed but DeepSpeed applied the step"
+        if not skipped:
+            for net in self.trained.values():
+                if net.ema is not None:
+                    net.ema.update(net.module)
+        self.step += 1
+        metrics: dict[str, Any] = {f"loss/{n}": s / self.grad_accum for n, s in loss_sums.items()}
+        metrics.update({k: v / self.grad_accum for k, v in metric_sums.items()})
+        metrics.update(lr=lr, skipped=float(skipped), tokens=num_tokens)
+        for name, net in self.trained.items():
+            norm = net.engine.get_global_grad_norm()
+            if norm is not None and not skipped:
+                metrics[f"grad_norm/{name}"] = float(norm)
+        metrics.update(self.method.on_step_end(self.step - 1, self))
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        from ddistill.data.loader import BlockLoader
+
+        tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
+        loader = BlockLoader(self.valid_blocks, micro_batch_size=tc.micro_batch_size, rank=rank, world_size=ws,
+                             seed=tc.seed)
+        for net in self.trained.values():
+            net.engine.eval()
+        sums: dict[str, float] = {}
+        for i in range(tc.eval_batches):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(derive_seed(tc.seed, 0xE7A1, i))
+            torch.manual_seed(derive_seed(tc.seed, 0xE7A1, i, rank))
+            ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
+                              global_batch_size=tc.micro_batch_size * ws, generator=generator, device=self.device,
+                              rank=rank, world_size=ws)
+            out = self.method.step(self.nets, next(loader).to(self.device), ctx)
+            for name, loss in out.losses.items():
+                sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
+        for net in self.trained.values():
+            net.engine.train()
+        keys = sorted(sums)
+        totals = all_reduce_sum([sums[k] for k in keys], self.device)
+        return {k: v / (tc.eval_batches * ws) for k, v in zip(keys, totals)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Collective: every rank writes its part; rank 0 finalises (manifest last, atomic rename) and prunes."""
+        final = ckpt.checkpoint_dir(self.ckpt_root, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.is_main:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            (tmp / "ema").mkdir(parents=True)
+            (tmp / "frozen").mkdir()
+        barrier()
+        for name, net in self.trained.items():
+            net.engine.save_checkpoint(str(tmp / "ds" / name), tag="state", save_latest=False)
+        frozen = {name: full_state(net) for name, net in self.nets.items() if not net.trained}  # collective
+        rank_state = {
+            "loader": self.loader.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+        torch.save(rank_state, tmp / f"rank_{self.dist.rank:05d}.pt")
+        if self.dist.is_main:
+            for name, state in frozen.items():
+                torch.save(state, tmp / "frozen" / f"{name}.pt")
+            for name, net in self.trained.items():
+                if net.ema is not None:
+                    torch.save(net.ema.state_dict(), tmp / "ema" / f"{name}.pt")
+            torch.save({"step": self.step, "consecutive_nonfinite": self.consecutive_nonfinite,
+                        "total_nonfinite": self.total_nonfinite, "world_size": self.dist.world_size,
+                        "method": self.method.state_dict()}, tmp / "trainer.pt")
+            dump_yaml(self.cfg.to_dict(), tmp / "config.yaml")
+        barrier()
+        if self.dist.is_main:
+            ckpt.finalize(tmp, final, self.step)
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
+        barrier()
+        return final
+
+    def _resume(self) -> None:
+        found = None
+        if self.dist.is_main:
+            path, problems = ckpt.find_latest_valid(self.ckpt_root)
+            found = (str(path) if path else None, problems)
+        path, self.damaged_checkpoints = broadcast_object(found)
+        if path is None:
+            return
+        self.load_checkpoint(Path(path))
+
+    def load_checkpoint(self, path: Path) -> None:
+        trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        if trainer_state["world_size"] != self.dist.world_size:
+            raise RuntimeError(f"checkpoint {path.name} was written with world_size={trainer_state['world_size']}; "
+                               f"this run has {self.dist.world_size} (ZeRO partitions depend on it)")
+        for name, net in self.trained.items():
+            load_path, _ = net.engine.load_checkpoint(str(path / "ds" / name), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+            if load_path is None:
+                raise ckpt.CorruptCheckpointError(f"{path.name}: DeepSpeed could not load network {name!r}")
+            if net.ema is not None:
+                net.ema.load_state_dict(torch.load(path / "ema" / f"{name}.pt", map_location=self.device))
+        for name, net in self.nets.items():
+            if not net.trained:
+                copy_into(net, torch.load(path / "frozen" / f"{name}.pt", map_location="cpu"))
+        rank_state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", map_location="cpu", weights_only=False)
+        self.loader.load_state_dict(rank_state["loader"])
+        rng = rank_state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.method.load_state_dict(trainer_state["method"])
+        self.step = int(trainer_state["step"])
+        self.consecutive_nonfinite = int(trainer_state["consecutive_nonfinite"])
+        self.total_nonfinite = int(trainer_state["total_nonfinite"])
+        self.resumed_from = str(path)
+
+    def export(self, out: Path | None = None) -> Path:
+        """Rank 0 writes the EMA (else raw) weights of the first trained network in the public HF layout."""
+        from ddistill.models.checkpoints import save_pretrained
+
+        name = next(iter(self.trained))
+        net = self.trained[name]
+        state = full_state(net, use_ema=net.ema is not None)
+        out = out or self.out_dir / "export" / name
+        if self.dist.is_main:
+            import copy
+
+            model = copy.deepcopy(net.module).cpu().float()
+            with torch.no_grad():
+                for pname, param in model.named_parameters():
+                    param.copy_(state[pname])
+            flavor = "mdlm" if self.method.sampler_spec().get("process") == "absorbing" else "duo"
+            save_pretrained(model, out, flavor=flavor)
+        barrier()
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in PREEMPT_SIGNALS:
+            PREVIOUS_HANDLERS[sig] = signal.signal(sig, lambda signum, frame: self._preempt.set())
+
+    def fit(self) -> dict[str, Any]:
+        tc, lc = self.cfg.train, self.cfg.logging
+        logger = MetricsLogger(out_dir=self.out_dir, enabled=self.dist.is_main, jsonl=lc.jsonl, wandb_mode=lc.wandb,
+                               project=lc.project, run_name=lc.run_name, config=self.cfg.to_dict(),
+                               total_steps=tc.max_steps, start_step=self.step, progress_bar=lc.progress_bar)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(self.cfg.to_dict(), self.out_dir / "config.yaml")
+        for problem in self.damaged_checkpoints:
+            logger.message(f"damaged checkpoint skipped: {problem}")
+        if self.resumed_from:
+            logger.message(f"resumed from {self.resumed_from} at step {self.step}")
+        self._install_signal_handlers()
+        start_step, stop_reason, last = self.step, "max_steps", {}
+        window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+        tokens_per_s = 0.0
+        try:
+            while self.step < tc.max_steps:
+                t0 = time.perf_counter()
+                batches = [next(self.loader) for _ in range(self.grad_accum)]
+                metrics = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                window_time += time.perf_counter() - t0
+                window_tokens += metrics["tokens"]
+                skipped = bool(metrics["skipped"])
+                self.total_nonfinite += skipped
+                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+                main_loss = metrics[f"loss/{next(iter(self.trained))}"]
+                if not skipped:
+                    window_loss += main_loss
+                    window_steps += 1
+                (preempt,) = all_reduce_max([float(self._preempt.is_set())], self.device)
+                if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                    loss_sum, steps_sum = all_reduce_sum([window_loss, window_steps], self.device)
+                    tokens_per_s = window_tokens / max(window_time, 1e-9)
+                    last = {**metrics, "loss": loss_sum / max(steps_sum, 1), "tokens_per_s_per_rank": tokens_per_s,
+                            "peak_mem_gib": peak_memory_gib(self.device), "nonfinite_total": self.total_nonfinite}
+                    logger.log(self.step, last)
+                    logger.progress(self.step, last["loss"], tokens_per_s)
+                    window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.valid_blocks is not None:
+                    val = self.evaluate()
+                    logger.log(self.step, val)
+                    last.update(val)
+                if self.consecutive_nonfinite >= tc.max_consecutive_nonfinite:
+                    stop_reason = "nonfinite"
+                    logger.message(
+                        f"stopping: {self.consecutive_nonfinite} consecutive steps with a non-finite loss or "
+                        f"gradient (last at step {self.step - 1}); checkpointing the last good state (the skipped "
+                        "steps changed nothing). Lower optim.lr, check the data, or raise optim.grad_clip.")
+                    self.save_checkpoint()
+                    break
+                if preempt:
+                    stop_reason = "preempted"
+                    logger.message(f"preemption signal: checkpointing at step {self.step} and stopping")
+                    self.save_checkpoint()
+                    break
+                if self.step % tc.ckpt_every == 0 or self.step == tc.max_steps:
+                    self.save_checkpoint()
+                if tc.stop_after_steps is not None and self.step >= tc.stop_after_steps and self.step < tc.max_steps:
+                    stop_reason = "stop_after_steps"
+                    if self.step % tc.ckpt_every:
+                        self.save_checkpoint()
+                    break
+            export = None
+            if stop_reason == "max_steps" and tc.export_final:
+                export = str(self.export())
+            peaks = self._gather_peaks()
+        finally:
+            logger.close()
+        latest = ckpt.list_checkpoints(self.ckpt_root)
+        return {
+            "start_step": start_step,
+            "step": self.step,
+            "stop_reason": stop_reason,
+            "preempted": stop_reason == "preempted",
+            "resumed_from": self.resumed_from,
+            "damaged_checkpoints": self.damaged_checkpoints,
+            "nonfinite_total": self.total_nonfinite,
+            "last_metrics": {k: (float(v) if torch.is_tensor(v) else v) for k, v in last.items()},
+            "tokens_per_s_per_rank": tokens_per_s,
+            "peak_mem_gib_per_rank": peaks,
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "grad_accum": self.grad_accum,
+            "latest_checkpoint": str(latest[-1][1]) if latest else None,
+            "export": export,
+        }
+
+    def _gather_peaks(self) -> list[float]:
+        values = [0.0] * self.dist.world_size
+        values[self.dist.rank] = peak_memory_gib(self.device)
+        return all_reduce_sum(values, self.device)
+
+
+def run_training(cfg: RunConfig, *, train_blocks: Sequence | None = None,
+                 valid_blocks: Sequence | None = None) -> dict[str, Any]:
+    """Initialise distributed, train to completion/preemption/stop, tear down; returns the summary dict."""
+    ok = False
+    try:
+        trainer = Trainer(cfg, train_blocks=train_blocks, valid_blocks=valid_blocks)
+        summary = trainer.fit()
+        ok = True
+        return summary
+    finally:
+        if ok:
+            shutdown_distributed()  # barrier + destroy back to back (deepspeed.md P5)
+        elif torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no barrier: a peer may be gone
+
+
+def train_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`ddistill train CONFIG.yaml key=value ...` (ignores the `--local_rank=N` the deepspeed launcher appends)."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: ddistill train CONFIG.yaml [dotted.key=value ...]", file=sys.stderr)
+        raise SystemExit(0 if args else 2)
+    logging.basicConfig(level=os.environ.get("DDISTILL_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_run_config(args[0], args[1:])
+    summary = run_training(cfg)
+    if summary is not None and int(os.environ.get("RANK", "0")) == 0:
+        import json
+
+        print("SUMMARY " + json.dumps(summary), flush=True)
+    return summary

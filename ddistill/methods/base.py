@@ -1,0 +1,128 @@
+"""The contract between the training engine and a training method (base training or distillation).
+
+A method declares its networks by role (trained ones get a ZeRO-2 engine with an optimizer, frozen ones a ZeRO-3
+inference engine) and computes, for one micro-batch, one normalised scalar loss per trained network. The engine
+owns everything distributed: backward, optimizer steps, EMA, checkpoints. Round logic (teacher <- student, step
+halving, ...) lives in `Method.on_step_end`, which acts on the networks through `NetworkControl`.
+
+Randomness: `StepContext.generator` is seeded identically on every rank and every micro-batch of a step from
+(seed, step) (deliberately not from micro_step, see below). Methods draw
+per-sequence randomness for the whole *global* batch and slice their rows [global_offset, global_offset + B), so
+a step's result does not depend on how the global batch is split over ranks and micro-batches
+(`global_uniform`, `global_randint`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol
+
+import torch
+
+__all__ = [
+    "NetworkSpec",
+    "StepContext",
+    "StepOutput",
+    "Method",
+    "NetworkControl",
+    "global_uniform",
+    "global_randint",
+]
+
+
+@dataclass(kw_only=True)
+class NetworkSpec:
+    """One network of a method.
+
+    init: "config" (fresh DiT from the run's model config, seeded), "pretrained" (the run's `init_from`
+    checkpoint), or "copy:<name>" (the weights of another network of this method at start).
+    """
+
+    role: Literal["trained", "frozen"]
+    init: str = "config"
+    model_overrides: dict = field(default_factory=dict)
+    ema: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ("trained", "frozen"):
+            raise ValueError(f"NetworkSpec.role={self.role!r}; allowed values: ['trained', 'frozen']")
+        if not (self.init in ("config", "pretrained") or self.init.startswith("copy:")):
+            raise ValueError(f"NetworkSpec.init={self.init!r}; allowed: 'config', 'pretrained', 'copy:<name>'")
+        if self.ema and self.role != "trained":
+            raise ValueError("NetworkSpec.ema=True needs role='trained'")
+
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What the engine hands to `Method.step` for one micro-batch."""
+
+    step: int  # optimizer step about to be taken (0-based)
+    micro_step: int  # index of the micro-batch within the gradient accumulation
+    global_offset: int  # index of this micro-batch's first sequence in the global batch
+    global_batch_size: int
+    generator: torch.Generator  # on `device`; the same state on all ranks and micro-batches of the step
+    device: torch.device
+    rank: int
+    world_size: int
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]  # one scalar per trained network, already normalised
+    metrics: dict[str, float | torch.Tensor]
+    num_tokens: int
+
+
+class NetworkControl(Protocol):
+    """Implemented by the engine; lets a method change networks at a round boundary (collective: all ranks call)."""
+
+    def copy_weights(self, dst: str, src: str, *, use_ema: bool = False) -> None: ...
+
+    def reset_optimizer(self, name: str) -> None: ...
+
+
+class Method(abc.ABC):
+    """A training rule. Subclasses set `name`, `Config` and implement `networks` and `step`."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: Any, *, vocab_size: int, mask_id: int):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.mask_id = mask_id
+
+    @abc.abstractmethod
+    def networks(self) -> dict[str, NetworkSpec]:
+        """Name -> spec, e.g. {"student": trained with EMA, "teacher": frozen}."""
+
+    @abc.abstractmethod
+    def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
+        """Losses for one micro-batch `batch` (B, L) of clean token ids."""
+
+    def on_step_end(self, step: int, control: NetworkControl) -> dict:
+        """Called on every rank after optimizer step `step` was taken; returns metrics to log."""
+        return {}
+
+    def sampler_spec(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state but the checkpoint holds {sorted(state)}")
+
+
+def global_uniform(ctx: StepContext, num_rows: int, tail: tuple[int, ...]) -> torch.Tensor:
+    """U[0,1) of shape (num_rows, *tail): rows [global_offset, global_offset+num_rows) of a global draw."""
+    u = torch.rand((ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device)
+    return u[ctx.global_offset : ctx.global_offset + num_rows]
+
+
+def global_randint(ctx: StepContext, high: int, num_rows: int, tail: tuple[int, ...]) -> torch.Tensor:
+    """Uniform ids in [0, high) of shape (num_rows, *tail), sliced from a global draw like `global_uniform`."""
+    ids = torch.randint(high, (ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device)
+    return ids[ctx.global_offset : ctx.global_offset + num_rows]
