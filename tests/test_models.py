@@ -138,6 +138,17 @@ def test_padded_output_matches_float64_unpadded_matmul():
     torch.testing.assert_close(logits.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_selected_rows_equal_the_full_logits_at_those_positions():
+    model = _random_model().eval()
+    x, sigma = torch.randint(0, V, (3, 11)), torch.rand(3)
+    rows = torch.rand(3, 11, generator=torch.Generator().manual_seed(3)) < 0.4
+    selected = model(x, sigma, rows)
+    assert selected.shape == (int(rows.sum()), V)
+    torch.testing.assert_close(selected, model(x, sigma)[rows], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="rows must have shape"):
+        model(x, sigma, rows[:, :5])
+
+
 def test_padded_rows_get_zero_gradient():
     model = _random_model()
     x, sigma = torch.randint(0, V, (2, 8)), torch.rand(2)

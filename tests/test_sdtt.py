@@ -287,7 +287,7 @@ def test_step_loss_is_mean_over_masked_tokens(kind, precision):
     t_logits = torch.randn(vocab, generator=g, dtype=torch.float64)
     student_param = torch.nn.Parameter(s_logits.clone().float())
     nets = {
-        "student": lambda x, sigma: student_param.expand(*x.shape, vocab),
+        "student": lambda x, sigma, rows=None: student_param.expand(*x.shape, vocab)[rows],
         "teacher": lambda x, sigma: t_logits.float().expand(*x.shape, vocab),
     }
     cfg = SDTTConfig(divergence=kind, loss_precision=precision, initial_teacher_steps=16, num_rounds=3)
@@ -311,8 +311,9 @@ def test_step_is_split_invariant():
     vocab, mask = 5, 4
     model = torch.nn.Embedding(vocab, vocab)
 
-    def net(x, sigma):
-        return model(x) + sigma[:, None, None]
+    def net(x, sigma, rows=None):
+        logits = model(x) + sigma[:, None, None]
+        return logits if rows is None else logits[rows]
 
     nets = {"student": net, "teacher": lambda x, s: net(x, s).detach()}
     method = SDTT(SDTTConfig(initial_teacher_steps=8, num_rounds=2), vocab_size=vocab, mask_id=mask)
@@ -412,8 +413,8 @@ class _Net:
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, x, sigma):
-        return self.model(x, sigma)
+    def __call__(self, x, sigma, rows=None):
+        return self.model(x, sigma, rows)
 
     def hidden_states(self, x, sigma):
         return self.model.hidden_states(x, sigma)

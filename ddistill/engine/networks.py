@@ -38,8 +38,9 @@ class DiTEntry(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None, hidden: bool = False) -> torch.Tensor:
-        return self.net.hidden_states(x, sigma) if hidden else self.net(x, sigma)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None, hidden: bool = False,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net.hidden_states(x, sigma) if hidden else self.net(x, sigma, rows)
 
 
 def trained_ds_config(
@@ -101,11 +102,13 @@ class Network:
     def padded_vocab_size(self) -> int:
         return self.module.padded_vocab_size
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (num_selected, V) for the positions selected by the bool mask `rows`."""
         if self.trained:
-            return self.engine(x, sigma)
+            return self.engine(x, sigma, rows=rows)
         with torch.no_grad():
-            return self.engine(x, sigma)
+            return self.engine(x, sigma, rows=rows)
 
     def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         if self.trained:

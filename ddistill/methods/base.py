@@ -99,7 +99,11 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
-        """Losses for one micro-batch `batch` (B, L) of clean token ids."""
+        """Losses for one micro-batch `batch` (B, L) of clean token ids.
+
+        `nets[name](x, sigma)` gives logits (B, L, V), `nets[name](x, sigma, rows=mask)` those of the positions
+        selected by a (B, L) bool mask only, `nets[name].hidden_states(x, sigma)` the input of the output layer.
+        """
 
     def on_step_end(self, step: int, control: NetworkControl) -> dict:
         """Called on every rank after optimizer step `step` was taken; returns metrics to log."""

@@ -17,7 +17,7 @@ from typing import Callable, ClassVar, Literal, Mapping
 
 import torch
 
-from ddistill.diffusion.absorbing import mdlm_loss_per_token
+from ddistill.diffusion.absorbing import masked_target_log_prob
 from ddistill.diffusion.schedules import build_schedule, sample_times
 from ddistill.methods import register
 from ddistill.methods.base import Method, NetworkSpec, StepContext, StepOutput, global_uniform
@@ -79,8 +79,11 @@ class MDLM(Method):
         xt = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         student = nets["student"]
         if self._fused is None:
-            logits = student(xt, sigma)
-            loss = mdlm_loss_per_token(logits, x0, xt, alpha, alpha_prime, self.mask_id).sum() / x0.numel()
+            # Only masked positions contribute (SUBS carry-over), so the output layer runs on those rows alone.
+            logits = student(xt, sigma, rows=masked)
+            row_weight = (alpha_prime / (1.0 - alpha))[:, None].expand(num_rows, length)[masked].float()
+            log_p = masked_target_log_prob(logits, x0[masked], self.mask_id)
+            loss = (row_weight * log_p).sum() / x0.numel()
         else:
             hidden = student.hidden_states(xt, sigma)
             row_weight = (-alpha_prime / (1.0 - alpha))[:, None].expand(num_rows, length)

@@ -390,8 +390,8 @@ class SDTT(Method):
             global_batch=ctx.global_batch_size,
             offset=ctx.global_offset,
         )
-        logits = nets["student"](xt, self.schedule.sigma(t).to(torch.float32))
-        student_lp = masked_row_log_probs(logits[masked], self.mask_id, LOSS_DTYPES[self.cfg.loss_precision])
+        logits = nets["student"](xt, self.schedule.sigma(t).to(torch.float32), rows=masked)
+        student_lp = masked_row_log_probs(logits, self.mask_id, LOSS_DTYPES[self.cfg.loss_precision])
         per_token = divergence_per_token(student_lp, targets.log_probs[masked], self.cfg.divergence)
         return (per_token.sum() / num_masked.clamp_min(1)).to(torch.float32), targets.reveal_step
 

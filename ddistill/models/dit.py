@@ -367,9 +367,20 @@ class DiT(nn.Module):
                 h = block(h, c, cos, sin)
             return self.output_layer.hidden(h, c)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU."""
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU.
+
+        `rows` (a (B, L) bool mask) applies the output layer to the selected positions only and returns
+        (num_selected, vocab_size): the masked-diffusion losses read masked positions only, and the output layer is
+        most of the cost of a small model at V = 50258.
+        """
         h = self.hidden_states(x, sigma)
+        if rows is not None:
+            if rows.shape != x.shape[:2]:
+                raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")
+            h = h[rows]
         with self._autocast(x.device):
             return self.output_layer.linear(h)[..., : self.vocab_size]
 
