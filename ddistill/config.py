@@ -131,7 +131,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_tp, value_tp = args if args else (Any, Any)
+        return {_convert(k, key_tp, where): _convert(v, value_tp, _join(where, str(k))) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -21,6 +21,7 @@ class Run:
     steps: int = 10
     bf16: bool | None = None
     optim: Optim = field(default_factory=Optim)
+    extra: dict[str, Optim] = field(default_factory=dict)
 
 
 def test_round_trip_and_overrides():
@@ -68,3 +69,10 @@ def test_yaml_base_merge(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_yaml(tmp_path / "list.yaml")
+
+
+def test_mapping_of_sections_is_typed():
+    run = from_dict(Run, {"name": "a", "extra": {"x": {"lr": 0.5}}})
+    assert run.extra == {"x": Optim(lr=0.5)}
+    with pytest.raises(ConfigError, match="extra.x.schedule: 'step' is not allowed"):
+        from_dict(Run, {"name": "a", "extra": {"x": {"schedule": "step"}}})

@@ -130,3 +130,15 @@ def global_randint(ctx: StepContext, high: int, num_rows: int, tail: tuple[int, 
     """Uniform ids in [0, high) of shape (num_rows, *tail), sliced from a global draw like `global_uniform`."""
     ids = torch.randint(high, (ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device)
     return ids[ctx.global_offset : ctx.global_offset + num_rows]
+
+
+def fused_kernel(name: str) -> Callable:
+    """The Triton fused loss `ddistill.kernels.<name>` for `method.loss_impl=triton`, or an error naming the fix."""
+    try:
+        import ddistill.kernels as kernels
+    except ImportError as err:
+        raise ValueError(
+            f"method.loss_impl='triton' needs ddistill.kernels.{name}, which cannot be imported ({err}); "
+            "use method.loss_impl=torch"
+        ) from err
+    return getattr(kernels, name)

@@ -20,7 +20,7 @@ import torch
 from ddistill.diffusion.absorbing import masked_target_log_prob
 from ddistill.diffusion.schedules import build_schedule, sample_times
 from ddistill.methods import register
-from ddistill.methods.base import Method, NetworkSpec, StepContext, StepOutput, global_uniform
+from ddistill.methods.base import Method, NetworkSpec, StepContext, StepOutput, fused_kernel, global_uniform
 
 
 @dataclass(kw_only=True)
@@ -33,17 +33,6 @@ class MDLMConfig:
     loss_impl: Literal["torch", "triton"] = "torch"
 
 
-def fused_masked_loss_fn() -> Callable:
-    """The Triton fused linear + masked-diffusion loss, or a clear error if the kernels are not available."""
-    try:
-        from ddistill.kernels import masked_diffusion_loss
-    except ImportError as err:
-        raise ValueError(
-            "method.loss_impl='triton' needs ddistill.kernels.masked_diffusion_loss, which cannot be "
-            f"imported ({err}); use method.loss_impl=torch"
-        ) from err
-    return masked_diffusion_loss
-
 
 @register
 class MDLM(Method):
@@ -53,7 +42,7 @@ class MDLM(Method):
     def __init__(self, cfg: MDLMConfig, *, vocab_size: int, mask_id: int):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.schedule = build_schedule(cfg.schedule, eps=cfg.schedule_eps)
-        self._fused = fused_masked_loss_fn() if cfg.loss_impl == "triton" else None
+        self._fused = fused_kernel("masked_diffusion_loss") if cfg.loss_impl == "triton" else None
 
     def networks(self) -> dict[str, NetworkSpec]:
         return {

@@ -19,7 +19,15 @@ import torch
 from ddistill.diffusion.schedules import build_schedule, sample_times
 from ddistill.diffusion.uniform import duo_elbo_per_token
 from ddistill.methods import register
-from ddistill.methods.base import Method, NetworkSpec, StepContext, StepOutput, global_randint, global_uniform
+from ddistill.methods.base import (
+    Method,
+    NetworkSpec,
+    StepContext,
+    StepOutput,
+    fused_kernel,
+    global_randint,
+    global_uniform,
+)
 
 
 @dataclass(kw_only=True)
@@ -32,17 +40,6 @@ class USDMConfig:
     loss_impl: Literal["torch", "triton"] = "torch"
 
 
-def fused_uniform_loss_fn() -> Callable:
-    """The Triton fused linear + DUO ELBO, or a clear error if the kernels are not available."""
-    try:
-        from ddistill.kernels import uniform_elbo_loss
-    except ImportError as err:
-        raise ValueError(
-            "method.loss_impl='triton' needs ddistill.kernels.uniform_elbo_loss, which cannot be imported "
-            f"({err}); use method.loss_impl=torch"
-        ) from err
-    return uniform_elbo_loss
-
 
 @register
 class USDM(Method):
@@ -52,7 +49,7 @@ class USDM(Method):
     def __init__(self, cfg: USDMConfig, *, vocab_size: int, mask_id: int):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.schedule = build_schedule(cfg.schedule, eps=cfg.schedule_eps)
-        self._fused = fused_uniform_loss_fn() if cfg.loss_impl == "triton" else None
+        self._fused = fused_kernel("uniform_elbo_loss") if cfg.loss_impl == "triton" else None
 
     def networks(self) -> dict[str, NetworkSpec]:
         return {
