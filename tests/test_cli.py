@@ -62,3 +62,39 @@ def test_bad_inputs_get_clear_errors(mdlm_checkpoint, tmp_path):
     assert proc.returncode != 0 and "unknown command 'frobnicate'" in proc.stderr
     proc = run_cli("prepare", "dataset=imagenet")
     assert proc.returncode != 0 and "imagenet" in proc.stderr
+
+
+def test_submit_validates_the_config_then_builds_the_launch(tmp_path):
+    config = "configs/experiments/classics_mdlm_tiny.yaml"
+    proc = run_cli("submit", config, "train.max_steps=7", "--launcher", "torchrun", "--gpus-per-node", "2",
+                   "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "--standalone --nproc_per_node=2 -m ddistill.engine" in proc.stdout
+    assert proc.stdout.strip().endswith(f"{config} train.max_steps=7")
+    proc = run_cli("submit", config, "--launcher", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--dry-run",
+                   "--folder", str(tmp_path / "slurm"))
+    assert proc.returncode == 0, proc.stderr
+    params = json.loads(proc.stdout)
+    assert params["nodes"] == 2 and params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4
+    proc = run_cli("submit", config, "train.max_stpes=7", "--launcher", "torchrun", "--dry-run")
+    assert proc.returncode != 0 and "train.max_stpes" in proc.stderr and "max_steps" in proc.stderr
+    proc = run_cli("submit", config, "--launcher", "deepspeed", "--dry-run")
+    assert proc.returncode != 0 and "--hostfile" in proc.stderr
+
+
+def test_eval_writes_table_and_plot(mdlm_checkpoint, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ddistill.data.tokenizer import EOS_ID, VOCAB_SIZE, get_tokenizer
+
+    torch.manual_seed(0)
+    judge = tmp_path / "judge"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=EOS_ID, eos_token_id=EOS_ID)).save_pretrained(judge)
+    get_tokenizer().save_pretrained(judge)
+    proc = run_cli("eval", str(mdlm_checkpoint), "--steps", "2", "4", "--num-samples", "2", "--batch-size", "2",
+                   "--judge", str(judge), "--device", "cpu", "--label", "tiny", "--out-dir", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ev" / "sample_eval.png").stat().st_size > 0
+    table = (tmp_path / "ev" / "sample_eval.md").read_text()
+    assert table.count("| tiny |") == 2
