@@ -118,23 +118,27 @@ def sample_mdlm(
     alphas = schedule.alpha(ts)
     mask_col = torch.tensor([mask_id], device=device)
     nfe = 0
-    probs = None  # x_θ(x) for the current x when valid
+    probs = None  # x_θ(x) at the masked positions of the current x (row-major order), when valid
+    masked_at_denoise = None  # those positions, (B, L) bool
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # SUBS without the carry-over: only rows that are masked in x are ever read.
-        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size).to(dtype)
-        return torch.softmax(logits.index_fill(-1, mask_col, float("-inf")), dim=-1)
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # SUBS without the carry-over: only rows that are masked in x are ever read, so only they are converted
+        # to `dtype` and normalised (the float64 softmax over V dominates the sampler's cost otherwise).
+        masked = x == mask_id
+        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size)[masked].to(dtype)
+        return masked, torch.softmax(logits.index_fill(-1, mask_col, float("-inf")), dim=-1)
 
     def draw(probs: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        # Nucleus and the categorical draw only on the rows that take a new token (row-wise, so caching-safe).
-        p = nucleus_filter(probs[rows], nucleus_p)
+        # Nucleus and the categorical draw only on the rows that take a new token (row-wise, so caching-safe);
+        # `rows` ⊆ masked_at_denoise, and both enumerate positions in row-major order.
+        p = nucleus_filter(probs[rows[masked_at_denoise]], nucleus_p)
         return p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows])
 
     for k in range(num_steps):
         u_unmask = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         if probs is None or not cached:
-            probs = denoise(x, ts[k])
+            masked_at_denoise, probs = denoise(x, ts[k])
             nfe += 1
         p_unmask = (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
         unmask = (x == mask_id) & (u_unmask < p_unmask)
@@ -145,7 +149,7 @@ def sample_mdlm(
     still_masked = x == mask_id
     if bool(still_masked.any()):
         if probs is None or not cached:
-            probs = denoise(x, ts[-1])
+            masked_at_denoise, probs = denoise(x, ts[-1])
             nfe += 1
         x = x.masked_scatter(still_masked, draw(probs, still_masked, u_token, greedy=greedy_tail))
     return SampleResult(tokens=x, nfe=nfe)
