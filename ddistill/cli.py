@@ -255,12 +255,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise SystemExit(f"ddistill: unknown command {command!r}; choose one of {list(COMMANDS)}")
+    import os
+
     from ddistill.config import ConfigError
 
     try:
         globals()[f"cmd_{command}"](rest)
     except ConfigError as err:
         raise SystemExit(f"ddistill {command}: configuration error: {err}") from None
+    except (ValueError, FileNotFoundError) as err:
+        # Bad arguments, paths or checkpoints: the message names the problem; DDISTILL_DEBUG=1 keeps the traceback.
+        if os.environ.get("DDISTILL_DEBUG"):
+            raise
+        raise SystemExit(f"ddistill {command}: {type(err).__name__}: {err}") from None
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ def test_bad_inputs_get_clear_errors(mdlm_checkpoint, tmp_path):
     assert "cannot tell whether" in proc.stderr or "does not exist" in proc.stderr
     proc = run_cli("sample", str(tmp_path / "nope"), "--process", "absorbing")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
+    proc = run_cli("sample", str(mdlm_checkpoint), "--steps", "0", "--device", "cpu")
+    assert proc.returncode != 0 and "num_steps=0 must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("frobnicate")
     assert proc.returncode != 0 and "unknown command 'frobnicate'" in proc.stderr
     proc = run_cli("prepare", "dataset=imagenet")
