@@ -145,3 +145,30 @@ def test_prepare_builds_both_splits(tmp_path, capsys):
     assert out["train"].meta["num_documents"] == 8 and out["validation"].meta["num_documents"] == 2
     assert "text/validation" in capsys.readouterr().out
     assert prepare(cfg, progress=False)["train"].path == out["train"].path
+
+
+def test_classics_token_cache_is_reused_after_a_move(tmp_path, monkeypatch):
+    """A classics token cache copied to another cache root (an offline node) loads without re-tokenising."""
+    import shutil
+
+    from ddistill.data import assets, classics
+
+    cfg = DataConfig(dataset="classics", block_size=128)
+    built = build_token_blocks(cfg, "validation")
+    expected = built[:]
+    moved = tmp_path / "moved"
+    for sub in ("corpora/" + classics.classics_dir().name, "assets/" + assets.gpt2_tiktoken_path().parent.name):
+        shutil.copytree(assets.cache_dir() / sub, moved / sub)
+    (moved / "tokens").mkdir()
+    for suffix in (".npy", ".json"):
+        shutil.copy2(built.path.with_suffix(suffix), moved / "tokens" / built.path.with_suffix(suffix).name)
+    del built
+
+    monkeypatch.setenv("DDISTILL_CACHE", str(moved))
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("the moved cache was not reused")
+
+    monkeypatch.setattr(packing, "load_documents", no_tokenising)
+    reused = build_token_blocks(cfg, "validation")
+    assert reused.path.parent == moved / "tokens" and (reused[:] == expected).all()

@@ -137,6 +137,26 @@ def _file_stats(files: list[str]) -> list[tuple[str, int, int]]:
     return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
 
 
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_key(cfg: DataConfig, files: list[str]) -> dict:
+    """What identifies a split's local source in the token-cache key.
+
+    The embedded classics corpus is keyed by content (a sha256 of a ~13 MB file), so a cache directory copied to
+    another machine or path (``DDISTILL_CACHE``, e.g. an offline compute node) is reused as is. User files are keyed
+    by absolute path, size and mtime: cheap for large corpora, and a changed file is re-tokenised.
+    """
+    if cfg.dataset == "classics":
+        return {"classics_sha256": [_file_digest(f) for f in files]}
+    return {"files": _file_stats(files)}
+
+
 def _cache_key(cfg: DataConfig, split: str, source: object) -> dict:
     return {"format": _FORMAT_VERSION, "dataset": cfg.dataset, "split": split, "tokenizer": cfg.tokenizer,
             "tokenizer_fingerprint": tokenizer_fingerprint(), "block_size": cfg.block_size, "wrap": cfg.wrap,
@@ -173,7 +193,7 @@ def build_token_blocks(cfg: DataConfig, split: str, *, progress: bool = False) -
     files = local_source_files(cfg, split)
     ds = None
     if files is not None:
-        source = {"files": _file_stats(files)}
+        source = _source_key(cfg, files)
     else:  # HF hub dataset: its fingerprint identifies the cached arrow data
         ds = load_documents(cfg, split)
         source = {"hf_fingerprint": ds._fingerprint, "rows": len(ds)}
