@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from harness import git_revision
 
 from ddistill.diffusion import LogLinearSchedule, mask_tokens, mdlm_loss, sample_duo, sample_mdlm, sample_times
 from ddistill.models import ModelConfig, build_model
@@ -30,14 +31,6 @@ from ddistill.models import ModelConfig, build_model
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["device", "torch", "git", "size", "params", "batch", "length", "what", "steps", "nfe", "ms", "tokens_per_s",
           "peak_mem_gb"]
-
-
-def git_revision() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(device: torch.device) -> str:

@@ -146,7 +146,7 @@ def main() -> None:
         for impl in ("torch", "triton"):
             row = {"timestamp": stamp, **env, **bench(impl, kind, args)}
             rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            print({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / "e2e.csv"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import os
 import subprocess
 import sys
 import traceback
@@ -51,22 +52,25 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def git_revision() -> str:
+    """Short git revision (``+dirty`` when ddistill/ has uncommitted changes); ``$DDISTILL_GIT_REV`` in a copy of the
+    tree without ``.git`` (e.g. a GPU machine that receives only the files)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "ddistill"], cwd=ROOT, capture_output=True, text=True)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DDISTILL_GIT_REV", "unknown")
+
+
 def environment() -> dict[str, str]:
     import triton
 
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        git_rev = rev.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "ddistill/kernels"], cwd=ROOT, capture_output=True, text=True)
-        if dirty.stdout.strip():
-            git_rev += "+dirty"
-    except (OSError, subprocess.CalledProcessError):
-        git_rev = "unknown"
     return dict(
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         torch=torch.__version__,
         triton=triton.__version__,
-        git_rev=git_rev,
+        git_rev=git_revision(),
     )
 
 
@@ -156,16 +160,17 @@ def run_cases(cases: list[Case], args: argparse.Namespace) -> list[dict]:
     wanted = None if args.methods is None else set(args.methods.split(","))
     rows = []
     for case in cases:
+        case_rows = []
         for name, fn in case.methods.items():
             if wanted is not None and name not in wanted:
                 continue
             row = measure(case, name, fn, check_error=not args.no_error)
-            row = {"timestamp": stamp, **env, **row}
-            rows.append(row)
-            print(format_row(row), flush=True)
-    if not args.no_save:
-        append_csv(rows)
-        write_markdown()
+            case_rows.append({"timestamp": stamp, **env, **row})
+            print(format_row(case_rows[-1]), flush=True)
+        if not args.no_save:  # saved shape by shape: a sweep cut short keeps what it measured
+            append_csv(case_rows)
+            write_markdown()
+        rows += case_rows
     return rows
 
 

@@ -1,0 +1,46 @@
+"""The benchmark scripts' CPU smoke modes: they run end to end, and the kernel and torch paths of the end-to-end
+training-step benchmark train the same model to the same loss (a second, independent path through both losses)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--no-save"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _field(line: str, key: str) -> str:
+    match = re.search(rf"'{key}': '?([^,'}}]+)", line)
+    assert match, (key, line)
+    return match.group(1)
+
+
+def test_bench_dit_cpu_smoke():
+    lines = _run("bench_dit.py", "--size", "test", "--batch", "2", "--length", "32", "--vocab", "1001",
+                 "--sampler-steps", "3", "--iters", "1", "--warmup", "0", "--device", "cpu").splitlines()
+    whats = [_field(line, "what") for line in lines]
+    assert whats == ["train fwd+bwd (MDLM loss)", "sample mdlm", "sample duo"]
+    assert all(float(_field(line, "tokens_per_s")) > 0 for line in lines)
+    assert int(_field(lines[1], "nfe")) <= 3  # cached MDLM sampler: at most one call per step
+    assert int(_field(lines[2], "nfe")) == 4  # DUO: 3 steps + the greedy tail
+
+
+@pytest.mark.parametrize("loss", ["mdlm", "sdtt"])
+def test_bench_e2e_kernel_and_torch_paths_train_alike(loss):
+    lines = _run("bench_e2e_step.py", "--device", "cpu", "--size", "test", "--vocab-size", "1001", "--batch", "2",
+                 "--length", "32", "--steps", "2", "--warmup", "0", "--loss", loss).splitlines()
+    rows = {_field(line, "impl"): line for line in lines if line.startswith("{")}
+    assert set(rows) == {"torch", "triton"} and all(_field(r, "status") == "ok" for r in rows.values())
+    torch_loss, kernel_loss = (float(_field(rows[k], "final_loss")) for k in ("torch", "triton"))
+    assert kernel_loss == pytest.approx(torch_loss, rel=2e-3, abs=1e-4)  # after one AdamW step on each path's grads
