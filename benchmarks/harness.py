@@ -235,7 +235,7 @@ def write_markdown() -> None:
 
 def ratio_report(rows: list[dict], loss: str, n: int, d: int, targets: list[tuple[str, str, float]]) -> list[str]:
     """Check target ratios at one shape. targets: (kind, method, value) with kind in {full_ms, speedup, mem_gb}."""
-    at = {r["method"]: r for r in rows if r["loss"] == loss and int(r["N"]) == n and int(r["d"]) == d and r.get("status") == "ok"}
+    at = {r["method"]: r for r in rows if r["loss"] == loss and int(r["N"]) == n and int(r["d"]) == d and str(r.get("status", "")).startswith("ok")}
     ours = at.get("triton")
     out = [f"targets for {loss} at N={n}, d={d}:"]
     if ours is None:

@@ -109,21 +109,42 @@ def _pair_stats_kernel(
 
 
 @triton.jit
-def _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok):
-    """log q, log p (natural, finite everywhere) and q, p (0 outside the valid columns); lse = hi + lo per row."""
-    log_q = (zs - hi_s[:, None]) - lo_s[:, None]
-    log_p = (zt - hi_t[:, None]) - lo_t[:, None]
-    q = tl.where(ok, tl.exp2(log_q * LOG2E), 0.0)
-    p = tl.where(ok, tl.exp2(log_p * LOG2E), 0.0)
-    return log_q, log_p, q, p
+def _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok):
+    """Per tile: q, p (0 outside the valid columns) and a = log q − log p (finite everywhere).
+
+    ``lse_ptr`` holds (5, M) fp32 rows hi_s, lo_s, hi_t, lo_t, gap with lse = hi + lo and gap = lse_s − lse_t taken
+    in fp64. ``a = (z_s − z_t) − gap`` subtracts the nearly equal logits first, so when p ≈ q (a distilled student)
+    it keeps the digits that ``log q − log p`` of two ≈ −10 numbers would lose.
+    """
+    hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
+    hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
+    lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
+    gap = tl.load(lse_ptr + 4 * M + rows, mask=row_ok, other=0.0)
+    q = tl.where(ok, tl.exp2(((zs - hi_s[:, None]) - lo_s[:, None]) * LOG2E), 0.0)
+    p = tl.where(ok, tl.exp2(((zt - hi_t[:, None]) - lo_t[:, None]) * LOG2E), 0.0)
+    a = (zs - zt) - gap[:, None]
+    return q, p, a
 
 
 @triton.jit
-def _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA):
-    a = log_p + LOG_BETA
-    b = log_q + LOG_1M_BETA
-    mx = tl.maximum(a, b)
-    return mx + tl.log2(tl.exp2((a - mx) * LOG2E) + tl.exp2((b - mx) * LOG2E)) / LOG2E
+def _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA):
+    """log q − log m for m = βp + (1−β)q, from a = log q − log p: −log(1 + β·(e^{−a} − 1)).
+
+    For |a| < 0.1 (p ≈ q, where the generic form cancels) it is evaluated by the series of expm1 (to a⁶) and of
+    log1p(y) = 2·atanh(y/(2+y)) (to s⁹, |s| < 0.06) — additions and products only, so the GPU's approximate
+    exp2/log2 cannot spoil it; elsewhere −logaddexp(log β − a, log(1−β)).
+    """
+    x = -a
+    em1 = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
+    y = BETA * em1
+    u = y / (2.0 + y)
+    u2 = u * u
+    series = -2.0 * u * (1.0 + u2 * (1.0 / 3.0 + u2 * (1.0 / 5.0 + u2 * (1.0 / 7.0 + u2 * (1.0 / 9.0)))))
+    b1 = LOG_BETA - a
+    mx = tl.maximum(b1, LOG_1M_BETA)
+    generic = -(mx + tl.log2(tl.exp2((b1 - mx) * LOG2E) + tl.exp2((LOG_1M_BETA - mx) * LOG2E)) / LOG2E)
+    return tl.where(tl.abs(a) < 0.1, series, generic)
 
 
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
@@ -139,10 +160,6 @@ def _pair_rowsum_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # lse_ptr: (4, M) = hi_s, lo_s, hi_t, lo_t
-    lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
-    hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
-    lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     c = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v_begin = pid_s * COLS_PER_SPLIT
@@ -155,15 +172,15 @@ def _pair_rowsum_kernel(
         zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
                          HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
         ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
-        log_q, log_p, q, p = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok)
+        q, p, a = _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok)
         if KIND == 2:
-            log_m = _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA)
-            qa = q * (log_q - log_m)
-            elem = BETA * p * (log_p - log_m) + (1.0 - BETA) * qa
+            q_m = _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA)  # log q − log m
+            qa = q * q_m
+            elem = BETA * p * (q_m - a) + (1.0 - BETA) * qa
             c += tl.sum(tl.where(ok, qa, 0.0), axis=1)
         elif KIND == 3:
             elem = 0.5 * tl.abs(q - p)
-            c += tl.sum(q * tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0)), axis=1)
+            c += tl.sum(q * tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0)), axis=1)
         else:
             elem = 0.5 * (q - p) * (q - p)
         loss += tl.sum(tl.where(ok, elem, 0.0), axis=1)
@@ -191,22 +208,18 @@ def _pair_dz_kernel(
                      HAS_BS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
     zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
                      HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
-    hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)  # lse_ptr: (4, M) = hi_s, lo_s, hi_t, lo_t
-    lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
-    hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
-    lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
-    log_q, log_p, q, p = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, ok)
+    q, p, a = _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok)
     if KIND == 0:
         g = q - p
     elif KIND == 1:
-        g = q * ((log_q - log_p) - c[:, None])
+        g = q * (a - c[:, None])
     elif KIND == 2:
-        g = (1.0 - BETA) * q * ((log_q - _log_mixture(log_p, log_q, LOG_BETA, LOG_1M_BETA)) - c[:, None])
+        g = (1.0 - BETA) * q * (_log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA) - c[:, None])
     else:
-        g = 0.5 * q * (tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0)) - c[:, None])
+        g = 0.5 * q * (tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0)) - c[:, None])
     g = tl.where(ok, g, 0.0) * scale[:, None]
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, g.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -242,7 +255,7 @@ class _Pair:
         return beta, float(torch.tensor(beta).log()), float(torch.tensor(1.0 - beta).log())
 
     def stats(self) -> dict[str, torch.Tensor]:
-        """Per-row (4, M) fp32 [hi_s, lo_s, hi_t, lo_t] (lse = hi + lo) and the one-pass forward / reverse KL (fp64)."""
+        """Per-row (5, M) fp32 [hi_s, lo_s, hi_t, lo_t, lse_s − lse_t] (lse = hi + lo) and the one-pass forward / reverse KL (fp64)."""
         num_rows = self.num_rows
         splits, cols = vocab_splits(num_rows, self.vocab_size)
         parts = torch.empty(6, num_rows, splits, device=self.hs.device, dtype=torch.float32)
@@ -262,7 +275,7 @@ class _Pair:
         lse_gap = (hi_s - hi_t) + (lo_s - lo_t)  # lse_s − lse_t
         kl_fwd = mean_under(m_t, s_t, a_f) + lse_gap
         kl_rev = mean_under(m_s, s_s, a_r) - lse_gap
-        lse = torch.stack([hi_s, lo_s, hi_t, lo_t]).float().contiguous()
+        lse = torch.stack([hi_s, lo_s, hi_t, lo_t, lse_gap]).float().contiguous()
         return dict(lse=lse, kl_fwd=kl_fwd, kl_rev=kl_rev)
 
     def rowsum(self, kind: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
