@@ -53,14 +53,16 @@ class Case:
 
 
 def git_revision() -> str:
-    """Short git revision (``+dirty`` when ddistill/ has uncommitted changes); ``$DDISTILL_GIT_REV`` in a copy of the
-    tree without ``.git`` (e.g. a GPU machine that receives only the files)."""
+    """``$DDISTILL_GIT_REV`` when set (a copy of the tree sent to a GPU machine, whose .git may be stale or absent),
+    else the short git revision, ``+dirty`` when ddistill/ has uncommitted changes."""
+    if os.environ.get("DDISTILL_GIT_REV"):
+        return os.environ["DDISTILL_GIT_REV"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "ddistill"], cwd=ROOT, capture_output=True, text=True)
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DDISTILL_GIT_REV", "unknown")
+        return "unknown"
 
 
 def environment() -> dict[str, str]:

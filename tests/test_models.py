@@ -337,3 +337,12 @@ def test_dropout_only_in_train_mode():
     torch.testing.assert_close(drop(x, sigma), model(x, sigma), rtol=0, atol=0)
     drop.train()
     assert not torch.allclose(drop(x, sigma), model(x, sigma), atol=1e-4)
+
+
+def test_head_dtype_is_the_output_linear_dtype():
+    """Fused losses take hidden states in the dtype `forward`'s output linear computes in."""
+    bf16 = build_model(ModelConfig(size="test"))
+    fp32 = build_model(ModelConfig(size="test", autocast_dtype="float32"))
+    assert bf16.head_dtype(torch.device("cpu")) == torch.float32  # no autocast on CPU
+    assert bf16.head_dtype(torch.device("cuda")) == torch.bfloat16
+    assert fp32.head_dtype(torch.device("cuda")) == torch.float32

@@ -419,6 +419,9 @@ class _Net:
     def hidden_states(self, x, sigma):
         return self.model.hidden_states(x, sigma)
 
+    def head_dtype(self, device):
+        return self.model.head_dtype(device)
+
     @property
     def output_weight(self):
         return self.model.output_weight

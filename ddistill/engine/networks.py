@@ -116,6 +116,9 @@ class Network:
         with torch.no_grad():
             return self.engine(x, sigma, hidden=True)
 
+    def head_dtype(self, device: torch.device) -> torch.dtype:
+        return self.module.head_dtype(device)
+
     @property
     def output_weight(self) -> torch.Tensor:
         self._require_replicated("output_weight")

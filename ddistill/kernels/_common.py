@@ -41,6 +41,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LANGUAGE_INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
 IMPLS = ("triton", "torch")
 
+# Integer kernel arguments that change from call to call (compacted row count, vocabulary splits, chunk offset and
+# width). Triton specialises integer arguments on divisibility by 16, so without this a training step whose masked-row
+# count hits a new pattern would stall on a JIT compile of every kernel (seconds each, in the middle of training).
+STATS_ARGS = ["M", "NUM_SPLITS"]
+DZ_ARGS = ["M", "V_START", "VC"]
+
 
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:

@@ -32,7 +32,9 @@ import triton.language as tl
 
 from ddistill.kernels import reference
 from ddistill.kernels._common import (
+    DZ_ARGS,
     LOG2E,
+    STATS_ARGS,
     as_row_tensor,
     check_device,
     check_impl,
@@ -55,7 +57,7 @@ _DIMO = 4  # row-sum kind of the DiMO value ½‖q − p‖²
 
 
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
-@triton.jit
+@triton.jit(do_not_specialize=STATS_ARGS)
 def _pair_stats_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
     ms_ptr, ss_ptr, mt_ptr, st_ptr, af_ptr, ar_ptr,
@@ -148,7 +150,7 @@ def _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA):
 
 
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
-@triton.jit
+@triton.jit(do_not_specialize=STATS_ARGS)
 def _pair_rowsum_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, loss_ptr, c_ptr,
     M, DS, DT, V_VALID, MASK_COL, COLS_PER_SPLIT, NUM_SPLITS,
@@ -190,7 +192,7 @@ def _pair_rowsum_kernel(
 
 
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
-@triton.jit
+@triton.jit(do_not_specialize=DZ_ARGS)
 def _pair_dz_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, c_ptr, scale_ptr, dz_ptr,
     M, DS, DT, V_VALID, MASK_COL, V_START, VC,

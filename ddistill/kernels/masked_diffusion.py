@@ -23,7 +23,9 @@ import triton.language as tl
 
 from ddistill.kernels import reference
 from ddistill.kernels._common import (
+    DZ_ARGS,
     LOG2E,
+    STATS_ARGS,
     as_row_tensor,
     check_device,
     check_impl,
@@ -43,7 +45,7 @@ from ddistill.kernels._common import (
 
 
 @triton.autotune(configs=kernel_configs("stats"), key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=STATS_ARGS)
 def _ce_stats_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, zy_ptr,
     M, D, V_VALID, MASK_COL, COLS_PER_SPLIT, NUM_SPLITS, stride_h, stride_w,
@@ -78,7 +80,7 @@ def _ce_stats_kernel(
 
 
 @triton.autotune(configs=kernel_configs("dz"), key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=DZ_ARGS)
 def _ce_dz_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, hi_ptr, lo_ptr, scale_ptr, dz_ptr,
     M, D, V_VALID, MASK_COL, V_START, VC, stride_h, stride_w, stride_dz,

@@ -29,7 +29,9 @@ import triton.language as tl
 
 from ddistill.kernels import reference
 from ddistill.kernels._common import (
+    DZ_ARGS,
     LOG2E,
+    STATS_ARGS,
     as_row_tensor,
     check_device,
     check_impl,
@@ -56,7 +58,7 @@ def _log1p(x):
 
 
 @triton.autotune(configs=kernel_configs("stats"), key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=STATS_ARGS)
 def _elbo_stats_kernel(
     h_ptr, w_ptr, b_ptr, xt_ptr, x0_ptr, m_ptr, s_ptr, zt_ptr, z0_ptr,
     M, D, V_VALID, COLS_PER_SPLIT, NUM_SPLITS, stride_h, stride_w,
@@ -94,7 +96,7 @@ def _elbo_stats_kernel(
 
 
 @triton.autotune(configs=kernel_configs("stats"), key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=STATS_ARGS)
 def _elbo_sums_kernel(
     h_ptr, w_ptr, b_ptr, hi_ptr, lo_ptr, u_ptr, sum_log_ptr, sum_r_ptr,
     M, D, V_VALID, COLS_PER_SPLIT, NUM_SPLITS, stride_h, stride_w,
@@ -127,7 +129,7 @@ def _elbo_sums_kernel(
 
 
 @triton.autotune(configs=kernel_configs("dz"), key=["D"])
-@triton.jit
+@triton.jit(do_not_specialize=DZ_ARGS)
 def _elbo_dz_kernel(
     h_ptr, w_ptr, b_ptr, xt_ptr, x0_ptr, hi_ptr, lo_ptr, u_ptr, cr_ptr, cp_ptr, a_ptr, b2_ptr, dz_ptr,
     M, D, V_VALID, V_START, VC, stride_h, stride_w, stride_dz,

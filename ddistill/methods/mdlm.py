@@ -77,7 +77,7 @@ class MDLM(Method):
             hidden = student.hidden_states(xt, sigma)
             row_weight = (-alpha_prime / (1.0 - alpha))[:, None].expand(num_rows, length)
             loss = self._fused(
-                hidden.reshape(-1, hidden.shape[-1]),
+                hidden.reshape(-1, hidden.shape[-1]).to(student.head_dtype(hidden.device)),
                 student.output_weight,
                 student.output_bias,
                 x0.reshape(-1),

@@ -402,10 +402,11 @@ class SDTT(Method):
 
         teacher, student = nets["teacher"], nets["student"]
         vocab = self.vocab_size
+        dtype_t, dtype_s = teacher.head_dtype(xt.device), student.head_dtype(xt.device)
         with teacher.gathered_output() as (weight_t, bias_t):
 
-            def revealed_log_probs(hidden: torch.Tensor) -> torch.Tensor:
-                logits = F.linear(hidden.float(), weight_t[:vocab].float(), bias_t[:vocab].float())
+            def revealed_log_probs(hidden: torch.Tensor) -> torch.Tensor:  # the teacher's own head precision
+                logits = F.linear(hidden.to(dtype_t), weight_t[:vocab].to(dtype_t), bias_t[:vocab].to(dtype_t))
                 return masked_row_log_probs(logits, self.mask_id, torch.float32)
 
             hidden_t, reveal_step, _ = teacher_rollout(
@@ -415,8 +416,8 @@ class SDTT(Method):
             )  # fmt: skip
             hidden_s = student.hidden_states(xt, self.schedule.sigma(t).to(torch.float32))
             loss = distill_loss(
-                hidden_s[masked], student.output_weight, student.output_bias,
-                hidden_t[masked], weight_t, bias_t, 1.0, vocab,
+                hidden_s[masked].to(dtype_s), student.output_weight, student.output_bias,
+                hidden_t[masked].to(dtype_t), weight_t, bias_t, 1.0, vocab,
                 kind=self.cfg.divergence, mask_id=self.mask_id, normalizer=num_masked.clamp_min(1), impl="triton",
             )  # fmt: skip
         return loss.to(torch.float32), reveal_step

@@ -81,7 +81,7 @@ class USDM(Method):
         else:
             hidden = student.hidden_states(xt, sigma)
             loss = self._fused(
-                hidden.reshape(-1, hidden.shape[-1]),
+                hidden.reshape(-1, hidden.shape[-1]).to(student.head_dtype(hidden.device)),
                 student.output_weight,
                 student.output_bias,
                 xt.reshape(-1),

@@ -337,6 +337,13 @@ class DiT(nn.Module):
             total -= pad * (self.config.hidden_size + 1)
         return total
 
+    def head_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the output linear computes in on ``device``: the autocast dtype on CUDA (bf16 by default), else
+        fp32. Fused losses take the hidden states in this dtype, so their logits have `forward`'s precision (fp32
+        hidden states would send the Triton kernels down their exact-fp32 path, several times slower)."""
+        dtype = AUTOCAST_DTYPES[self.config.autocast_dtype]
+        return dtype if device.type == "cuda" and dtype is not None else torch.float32
+
     def _autocast(self, device: torch.device) -> torch.autocast:
         dtype = AUTOCAST_DTYPES[self.config.autocast_dtype]
         enabled = device.type == "cuda" and dtype is not None
