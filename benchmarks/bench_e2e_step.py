@@ -101,6 +101,8 @@ def bench(impl: str, kind: str, args) -> dict:
         return loss
 
     row = dict(loss=kind, impl=impl, size=args.size, batch=args.batch, length=length)
+    if args.profile:
+        return profile_steps(step, args, f"{kind} / {impl}")
     try:
         cuda = DEVICE == "cuda"
         for _ in range(args.warmup):
@@ -125,6 +127,24 @@ def bench(impl: str, kind: str, args) -> dict:
     return row
 
 
+def profile_steps(step, args, title: str) -> dict:
+    """Print torch.profiler's table (CPU ops and GPU kernels by total time) for ``args.steps`` steps after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(max(args.warmup, 1)):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    print(f"== {title}: {args.steps} steps ==\n" + prof.key_averages().table(sort_by=sort, row_limit=25,
+                                                                           max_name_column_width=60), flush=True)
+    return {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="small")
@@ -136,6 +156,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=50258)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton interpreter; use --size test)")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path; no results saved")
+    parser.add_argument("--impl", choices=["torch", "triton", "both"], default="both")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -143,11 +165,14 @@ def main() -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
     for kind in (["mdlm", "sdtt"] if args.loss == "both" else [args.loss]):
-        for impl in ("torch", "triton"):
-            row = {"timestamp": stamp, **env, **bench(impl, kind, args)}
+        for impl in (["torch", "triton"] if args.impl == "both" else [args.impl]):
+            result = bench(impl, kind, args)
+            if args.profile:
+                continue
+            row = {"timestamp": stamp, **env, **result}
             rows.append(row)
             print({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    if not args.no_save:
+    if not args.no_save and not args.profile:
         RESULTS.mkdir(parents=True, exist_ok=True)
         path = RESULTS / "e2e.csv"
         fields = ["timestamp", "gpu", "torch", "triton", "git_rev", "loss", "impl", "size", "batch", "length",
