@@ -365,7 +365,8 @@ def _select_rows(row_mask, num_rows, *tensors):
     if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
         raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
     idx = row_mask.nonzero().squeeze(1)
-    return tuple(t[idx] for t in tensors)
+    # index_select: its backward is a scatter (index_add), not the sort-based index_put of advanced indexing
+    return tuple(t.index_select(0, idx) for t in tensors)
 
 
 def _check_rows(name: str, hidden: torch.Tensor, num_rows: int) -> None:

@@ -174,7 +174,8 @@ def _masked_diffusion_loss_triton(hidden, weight, bias, targets, row_weight, voc
         if is_masked.shape != (num_rows,) or is_masked.dtype != torch.bool:
             raise ValueError(f"is_masked: expected a bool tensor of shape ({num_rows},)")
         idx = is_masked.nonzero().squeeze(1)
-        hidden, targets, row_weight = hidden[idx], targets[idx], row_weight[idx]
+        # index_select: its backward is a scatter (index_add), not the sort-based index_put of advanced indexing
+        hidden, targets, row_weight = (t.index_select(0, idx) for t in (hidden, targets, row_weight))
     rows = LinearCrossEntropyFunction.apply(
         hidden, weight, bias, targets.to(torch.int32).contiguous(), vocab_size, _mask_col(mask_id, vocab_size)
     )

@@ -415,10 +415,11 @@ class SDTT(Method):
                 offset=ctx.global_offset,
             )  # fmt: skip
             hidden_s = student.hidden_states(xt, self.schedule.sigma(t).to(torch.float32))
-            loss = distill_loss(
-                hidden_s[masked].to(dtype_s), student.output_weight, student.output_bias,
-                hidden_t[masked].to(dtype_t), weight_t, bias_t, 1.0, vocab,
-                kind=self.cfg.divergence, mask_id=self.mask_id, normalizer=num_masked.clamp_min(1), impl="triton",
+            dim = hidden_s.shape[-1]
+            loss = distill_loss(  # row_mask: the kernel gathers the masked rows itself
+                hidden_s.reshape(-1, dim).to(dtype_s), student.output_weight, student.output_bias,
+                hidden_t.reshape(-1, dim).to(dtype_t), weight_t, bias_t, 1.0, vocab, kind=self.cfg.divergence,
+                mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=num_masked.clamp_min(1), impl="triton",
             )  # fmt: skip
         return loss.to(torch.float32), reveal_step
 
