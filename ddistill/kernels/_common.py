@@ -281,6 +281,12 @@ def prepare_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
+def separate_buffers(count: int, *shape: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``count`` separately allocated kernel buffers, never rows of one block: a view at an offset that is not a
+    multiple of 16 bytes is another Triton specialisation (a JIT compile in the middle of training, see STATS_ARGS)."""
+    return [torch.empty(*shape, device=device, dtype=dtype) for _ in range(count)]
+
+
 def as_row_tensor(value: torch.Tensor | float, num_rows: int, device: torch.device, name: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if t.dim() == 0:

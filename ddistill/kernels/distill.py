@@ -47,6 +47,7 @@ from ddistill.kernels._common import (
     logits_tile,
     prepare_linear,
     row_blocks_grid,
+    separate_buffers,
     valid_columns,
     vocab_splits,
     weighted_sum,
@@ -260,13 +261,13 @@ class _Pair:
         """Per-row (5, M) fp32 [hi_s, lo_s, hi_t, lo_t, lse_s − lse_t] (lse = hi + lo) and the one-pass forward / reverse KL (fp64)."""
         num_rows = self.num_rows
         splits, cols = vocab_splits(num_rows, self.vocab_size)
-        parts = torch.empty(6, num_rows, splits, device=self.hs.device, dtype=torch.float32)
+        parts = separate_buffers(6, num_rows, splits, device=self.hs.device, dtype=torch.float32)
         if num_rows > 0:
             _pair_stats_kernel[row_blocks_grid(num_rows, splits)](
                 *self.operands(), *parts, num_rows, *self.dims(), self.vocab_size, self.mask_col, cols, splits,
                 *self.strides(), self.inv_tau, **self.common(),
             )  # fmt: skip
-        m_s, s_s, m_t, s_t, a_f, a_r = parts.double()
+        m_s, s_s, m_t, s_t, a_f, a_r = (p.double() for p in parts)
         hi_s, lo_s = combine_lse(m_s, s_s)
         hi_t, lo_t = combine_lse(m_t, s_t)
 

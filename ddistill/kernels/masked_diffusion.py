@@ -113,7 +113,12 @@ def _mask_col(mask_id: int | None, vocab_size: int) -> int:
 def linear_cross_entropy_rows(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, vocab_size: int, mask_col: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward stats: per-row ``lse' − z_y`` (fp32) and lse' = hi + lo as two fp32 rows, for compacted rows."""
+    """Forward stats: per-row ``lse' − z_y`` (fp32) and lse' = hi + lo as two fp32 vectors, for compacted rows.
+
+    hi and lo are separate allocations, never two rows of one (2, M) tensor: a row view at offset 4·M bytes is
+    16-byte aligned only when 4 | M, and Triton compiles one kernel variant per argument alignment, so a new
+    masked-row count could trigger a JIT compile in the middle of training.
+    """
     num_rows, dim = hidden.shape
     splits, cols = vocab_splits(num_rows, vocab_size)
     m = torch.empty(num_rows, splits, device=hidden.device, dtype=torch.float32)
@@ -127,7 +132,7 @@ def linear_cross_entropy_rows(
         )  # fmt: skip
     hi, lo = combine_lse(m, s)
     loss = ((hi - zy.double().sum(dim=1)) + lo).float()
-    return loss, torch.stack([hi, lo]).float()
+    return loss, (hi.float(), lo.float())
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -135,15 +140,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, vocab_size, mask_col):
-        loss, lse = linear_cross_entropy_rows(hidden, weight, bias, targets, vocab_size, mask_col)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        loss, (hi, lo) = linear_cross_entropy_rows(hidden, weight, bias, targets, vocab_size, mask_col)
+        ctx.save_for_backward(hidden, weight, bias, targets, hi, lo)
         ctx.vocab_size = vocab_size
         ctx.mask_col = mask_col
         return loss
 
     @staticmethod
     def backward(ctx, grad_rows):
-        hidden, weight, bias, targets, (hi, lo) = ctx.saved_tensors
+        hidden, weight, bias, targets, hi, lo = ctx.saved_tensors
         scale = grad_rows.float().contiguous()
         num_rows, dim = hidden.shape
 

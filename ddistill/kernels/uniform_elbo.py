@@ -44,6 +44,7 @@ from ddistill.kernels._common import (
     logits_tile,
     prepare_linear,
     row_blocks_grid,
+    separate_buffers,
     vocab_splits,
     weighted_sum,
 )
@@ -204,8 +205,8 @@ class LinearUniformElboFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, xt, x0, alpha, dalpha, vocab_size):
         num_rows, dim = hidden.shape
         splits, cols = vocab_splits(num_rows, vocab_size)
-        parts = torch.empty(4, num_rows, splits, device=hidden.device, dtype=torch.float32)
-        sums = torch.empty(2, num_rows, splits, device=hidden.device, dtype=torch.float64)
+        parts = separate_buffers(4, num_rows, splits, device=hidden.device, dtype=torch.float32)
+        sums = separate_buffers(2, num_rows, splits, device=hidden.device, dtype=torch.float64)
         b_arg = bias if bias is not None else hidden
         common = dict(HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype))
         grid = row_blocks_grid(num_rows, splits)
@@ -215,24 +216,24 @@ class LinearUniformElboFunction(torch.autograd.Function):
                 hidden.stride(0), weight.stride(0), **common,
             )  # fmt: skip
         hi, lo = combine_lse(parts[0], parts[1])
-        lse32 = torch.stack([hi, lo]).float()
+        hi32, lo32 = hi.float(), lo.float()
         u = (vocab_size * alpha.double() / (1.0 - alpha.double())).float()
         if num_rows > 0:
             _elbo_sums_kernel[grid](
-                hidden, weight, b_arg, lse32[0], lse32[1], u, sums[0], sums[1], num_rows, dim, vocab_size, cols, splits,
+                hidden, weight, b_arg, hi32, lo32, u, sums[0], sums[1], num_rows, dim, vocab_size, cols, splits,
                 hidden.stride(0), weight.stride(0), **common,
             )  # fmt: skip
         loss, consts = _row_terms(
             hi, lo, parts[2].double().sum(1), parts[3].double().sum(1), sums[0].sum(1), sums[1].sum(1),
             xt, x0, alpha, dalpha, vocab_size,
         )  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, xt, x0, lse32, *(consts[k] for k in ("u", "cr", "a", "b", "sum_r")))
+        ctx.save_for_backward(hidden, weight, bias, xt, x0, hi32, lo32, *(consts[k] for k in ("u", "cr", "a", "b", "sum_r")))
         ctx.vocab_size = vocab_size
         return loss.float()
 
     @staticmethod
     def backward(ctx, grad_rows):
-        hidden, weight, bias, xt, x0, lse, u, cr, a, b, sum_r = ctx.saved_tensors
+        hidden, weight, bias, xt, x0, hi32, lo32, u, cr, a, b, sum_r = ctx.saved_tensors
         g = grad_rows.double()
         cr, a, b = cr * g, a * g, b * g
         cp = cr * sum_r + a + b
@@ -241,7 +242,7 @@ class LinearUniformElboFunction(torch.autograd.Function):
 
         def write_dz(dz: torch.Tensor, v0: int, vc: int) -> None:
             _elbo_dz_kernel[dz_grid(num_rows, vc)](
-                hidden, weight, bias if bias is not None else hidden, xt, x0, lse[0], lse[1], u32, cr32, cp32, a32, b32, dz,
+                hidden, weight, bias if bias is not None else hidden, xt, x0, hi32, lo32, u32, cr32, cp32, a32, b32, dz,
                 num_rows, dim, ctx.vocab_size, v0, vc, hidden.stride(0), weight.stride(0), dz.stride(0),
                 HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype), GROUP_M=8,
             )  # fmt: skip
