@@ -39,6 +39,7 @@ __all__ = [
     "kjv_jsonl_path",
     "shakespeare_dir",
     "janeausten_data_dir",
+    "sha256_file",
     "smollm2_gguf_path",
 ]
 
@@ -66,7 +67,8 @@ def cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "ddistill"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +102,7 @@ def _ensure(name: str, build: Callable[[Path], dict]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
     try:
         provenance = build(tmp)
-        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / _STAMP).write_text(json.dumps({"provenance": provenance, "files": files}, indent=1))
         if final.exists():  # incomplete leftover (a complete one returned above) or a racing winner
@@ -150,7 +152,7 @@ def _tar_members(archive: Path, want: Callable[[str], bool]) -> dict[str, bytes]
 
 
 def _check_sha(data_or_path: bytes | Path, expected: str, what: str) -> None:
-    got = (_sha256(data_or_path) if isinstance(data_or_path, Path)
+    got = (sha256_file(data_or_path) if isinstance(data_or_path, Path)
            else hashlib.sha256(data_or_path).hexdigest())
     if got != expected:
         raise AssetError(f"{what}: sha256 {got} != expected {expected}; the registry artifact changed "

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ddistill.data.assets import cache_dir as default_cache_dir
+from ddistill.data.assets import sha256_file
 from ddistill.data.corpora import DataConfig, load_documents, local_source_files
 from ddistill.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, get_encoding, tokenizer_fingerprint
 
@@ -137,14 +138,6 @@ def _file_stats(files: list[str]) -> list[tuple[str, int, int]]:
     return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _source_key(cfg: DataConfig, files: list[str]) -> dict:
     """What identifies a split's local source in the token-cache key.
 
@@ -153,7 +146,7 @@ def _source_key(cfg: DataConfig, files: list[str]) -> dict:
     by absolute path, size and mtime: cheap for large corpora, and a changed file is re-tokenised.
     """
     if cfg.dataset == "classics":
-        return {"classics_sha256": [_file_digest(f) for f in files]}
+        return {"classics_sha256": [sha256_file(f) for f in files]}
     return {"files": _file_stats(files)}
 
 

@@ -17,13 +17,14 @@ name and skipped. The directory must be on a filesystem shared by all ranks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+from ddistill.data.assets import sha256_file
 
 __all__ = ["MANIFEST", "checkpoint_dir", "list_checkpoints", "verify_checkpoint", "find_latest_valid",
            "write_manifest", "finalize", "prune", "CorruptCheckpointError"]
@@ -51,17 +52,9 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path, step: int) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(directory)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    entries = {str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
     tmp = directory / (MANIFEST + ".part")
     tmp.write_text(json.dumps({"step": step, "files": entries}, indent=1))
     os.replace(tmp, directory / MANIFEST)
@@ -82,7 +75,7 @@ def verify_checkpoint(directory: Path) -> int:
         path = directory / rel
         if not path.is_file():
             raise CorruptCheckpointError(f"{directory.name}: missing file {rel}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise CorruptCheckpointError(f"{directory.name}: checksum mismatch for {rel}")
     return int(data["step"])
 
