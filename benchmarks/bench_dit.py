@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-from harness import git_revision
+from harness import RESULTS, append_csv, git_revision
 
 from ddistill.diffusion import LogLinearSchedule, mask_tokens, mdlm_loss, sample_duo, sample_mdlm, sample_times
 from ddistill.models import ModelConfig, build_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = ["device", "torch", "git", "size", "params", "batch", "length", "what", "steps", "nfe", "ms", "tokens_per_s",
           "peak_mem_gb"]
 
@@ -153,15 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     if args.no_save:
         return
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "dit.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path} and {write_table()}", file=sys.stderr)
+    append_csv(rows, RESULTS / "dit.csv", FIELDS)
+    print(f"wrote {RESULTS / 'dit.csv'} and {write_table()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

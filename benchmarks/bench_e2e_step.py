@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import time
 
 import torch
 
-from harness import RESULTS, environment
+from harness import RESULTS, append_csv, environment
 
 from ddistill.diffusion.absorbing import mdlm_loss_per_token
 from ddistill.kernels import distill_loss, masked_diffusion_loss
@@ -173,17 +172,9 @@ def main() -> None:
             rows.append(row)
             print({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     if not args.no_save and not args.profile:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / "e2e.csv"
         fields = ["timestamp", "gpu", "torch", "triton", "git_rev", "loss", "impl", "size", "batch", "length",
                   "tokens_per_s", "step_ms", "peak_mem_gb", "final_loss", "status"]  # fmt: skip
-        new = not path.exists()
-        with path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k, "") for k in fields})
+        append_csv(rows, RESULTS / "e2e.csv", fields)
 
 
 if __name__ == "__main__":

@@ -89,13 +89,18 @@ def parse_args(description: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"NxD"`` -> (N, D); anything else stops the script with a message naming the item."""
+    try:
+        n, d = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"shape {text!r}: expected NxD with two integers, e.g. 16384x768") from None
+    return n, d
+
+
 def shapes_from(args: argparse.Namespace) -> list[tuple[int, int]]:
     if args.shapes:
-        out = []
-        for item in args.shapes.split(","):
-            n, d = item.lower().split("x")
-            out.append((int(n), int(d)))
-        return out
+        return [parse_shape(item) for item in args.shapes.split(",")]
     return QUICK_SHAPES if args.quick else DEFAULT_SHAPES
 
 
@@ -188,15 +193,16 @@ def format_row(row: dict) -> str:
     )
 
 
-def append_csv(rows: list[dict]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    new = not CSV_PATH.exists()
-    with CSV_PATH.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+def append_csv(rows: list[dict], path: Path = CSV_PATH, fields: list[str] = FIELDS) -> None:
+    """Append ``rows`` (missing fields left empty) to a results CSV, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") for k in FIELDS})
+            writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def read_csv() -> list[dict]:

@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 import bench_distill_loss
 import bench_mdlm_loss
 import bench_uniform_elbo
+from harness import parse_shape
 
 CASES = {
     "mdlm": lambda shape: bench_mdlm_loss.cases([shape], False)[0],
@@ -58,7 +59,7 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA GPU")
-    n, d = (int(v) for v in args.shape.lower().split("x"))
+    n, d = parse_shape(args.shape)
     for loss in CASES if args.loss == "all" else [args.loss]:
         print(profile_case(loss, (n, d), args.method, args.steps, args.rows), flush=True)
 

@@ -44,3 +44,22 @@ def test_bench_e2e_kernel_and_torch_paths_train_alike(loss):
     assert set(rows) == {"torch", "triton"} and all(_field(r, "status") == "ok" for r in rows.values())
     torch_loss, kernel_loss = (float(_field(rows[k], "final_loss")) for k in ("torch", "triton"))
     assert kernel_loss == pytest.approx(torch_loss, rel=2e-3, abs=1e-4)  # after one AdamW step on each path's grads
+
+
+def test_bench_e2e_profile_prints_the_kernel_table():
+    out = _run("bench_e2e_step.py", "--device", "cpu", "--size", "test", "--vocab-size", "1001", "--batch", "2",
+               "--length", "32", "--steps", "1", "--warmup", "1", "--loss", "mdlm", "--impl", "triton", "--profile")
+    assert "== mdlm / triton: 1 steps ==" in out and "LinearCrossEntropyFunction" in out
+    assert "'impl'" not in out  # profiling prints tables, not result rows
+
+
+def test_shape_arguments(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    assert harness.parse_shape("16384x768") == (16384, 768)
+    with pytest.raises(SystemExit, match="'16384-768': expected NxD"):
+        harness.parse_shape("16384-768")
+    harness.append_csv([{"a": 1}, {"b": 2}], tmp_path / "r.csv", ["a", "b"])
+    harness.append_csv([{"a": 3, "b": 4}], tmp_path / "r.csv", ["a", "b"])
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["a,b", "1,", ",2", "3,4"]
