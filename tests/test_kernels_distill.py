@@ -1,61 +1,21 @@
 """Fused distillation divergences and the DiMO surrogate vs float64 references (values; student/generator grads).
 
-Tolerance rule (CCE-style): |ours − gt64| ≤ |torch_same_dtype − gt64| + tol·max|gt64|, elementwise,
-tol = 5e-4 (fp32), 1e-3 (fp16), 1e-2 (bf16, GPU only).
+The tolerance rule and the CPU/GPU set-up are in tests/kernel_rule.py.
 """
 
-import os
+import functools
 
+import kernel_rule
 import pytest
 import torch
+from kernel_rule import DEVICE, DTYPES
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-else:  # one block configuration instead of autotuning every (kernel, dtype, D) variant of the suite
-    os.environ.setdefault("DDISTILL_KERNEL_BLOCKS", "64,128,64,4,3")
+from ddistill.kernels import dimo_generator_loss, distill_loss
+from ddistill.kernels.reference import linear_logits
 
-from ddistill.kernels import dimo_generator_loss, distill_loss  # noqa: E402
-from ddistill.kernels.reference import linear_logits  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 KINDS = ["kl_fwd", "kl_rev", "jsd", "tvd"]
 N, D, D_T, V, VP = 37, 48, 40, 1001, 1024
-
-
-def _run(fn, grad_args, const_args, dtype, grad_output):
-    leaves = [None if t is None else t.detach().to(DEVICE, dtype, copy=True).requires_grad_(True) for t in grad_args]
-    consts = [c.to(DEVICE, dtype) if torch.is_tensor(c) and c.is_floating_point() else c for c in const_args]
-    consts = [c.to(DEVICE) if torch.is_tensor(c) else c for c in consts]
-    loss = fn(*leaves, *consts)
-    loss.backward(torch.tensor(grad_output, device=loss.device, dtype=loss.dtype))
-    return [loss.detach()] + [t.grad for t in leaves if t is not None]
-
-
-def _rounded(tensors, dtype):
-    return [t.to(dtype).double() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors]
-
-
-def check(fn, grad_args, const_args, dtype, grad_output=1.0, oracle_on_rounded_inputs=False):
-    """oracle_on_rounded_inputs: the float64 oracle sees the inputs rounded to ``dtype`` (for TVD, whose gradient
-    jumps where q = p: rounding the inputs moves those jumps, which no kernel can undo)."""
-    if dtype == torch.bfloat16 and not HAS_CUDA:
-        pytest.skip("bf16 is unsupported by the Triton interpreter (gpu only)")
-    if oracle_on_rounded_inputs:
-        gt = _run(lambda *a: fn("torch", *a), _rounded(grad_args, dtype), _rounded(const_args, dtype),
-                  torch.float64, grad_output)
-    else:
-        gt = _run(lambda *a: fn("torch", *a), grad_args, const_args, torch.float64, grad_output)
-    ref = _run(lambda *a: fn("torch", *a), grad_args, const_args, dtype, grad_output)
-    ours = _run(lambda *a: fn("triton", *a), grad_args, const_args, dtype, grad_output)
-    for name, o, r, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], ours, ref, gt):
-        g = g.double()
-        excess = (o.double() - g).abs() - (r.double() - g).abs() - TOL[dtype] * g.abs().max().item()
-        assert torch.isfinite(o).all(), name
-        assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
-    return ours, gt
+check = functools.partial(kernel_rule.check, oracle="torch")
 
 
 def make_problem(seed=0, teacher_noise=None):

@@ -6,16 +6,14 @@ row-count-dependent integers `do_not_specialize` and keep per-row buffers as sep
 counts the compiled variants in Triton's per-device kernel cache across row counts of every residue mod 16.
 """
 
-import os
-
+import kernel_rule  # noqa: F401  (before ddistill.kernels: one block config, so no autotuning in the count)
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-os.environ.setdefault("DDISTILL_KERNEL_BLOCKS", "64,128,64,4,3")  # one config: no autotuning in the count
+from ddistill.kernels import distill, distill_loss, masked_diffusion, masked_diffusion_loss
+from ddistill.kernels import uniform_elbo, uniform_elbo_loss
 
-from ddistill.kernels import distill, distill_loss, masked_diffusion, masked_diffusion_loss  # noqa: E402
-from ddistill.kernels import uniform_elbo, uniform_elbo_loss  # noqa: E402
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 N, D, V, VP = 640, 64, 1001, 1024
 ROW_COUNTS = [64, 37, 38, 41, 48, 50, 129, 200, 257, 301, 333, 400, 513, 517, 601, 640]

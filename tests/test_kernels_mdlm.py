@@ -1,59 +1,16 @@
 """Fused MDLM (SUBS) loss vs float64 references: values and gradients of hidden, weight and bias.
 
-Tolerance rule (CCE-style): |ours − gt64| ≤ |torch_same_dtype − gt64| + tol·max|gt64|, elementwise,
-tol = 5e-4 (fp32), 1e-3 (fp16), 1e-2 (bf16). On CPU the kernels run in Triton's interpreter (fp32/fp16 only);
-with CUDA the bf16 cases run too.
+The tolerance rule and the CPU/GPU set-up are in tests/kernel_rule.py.
 """
-
-import os
 
 import pytest
 import torch
+from kernel_rule import DTYPES, HAS_CUDA, TOL, check, run, skip_bf16_on_cpu
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-else:  # one block configuration instead of autotuning every (kernel, dtype, D) variant of the suite
-    os.environ.setdefault("DDISTILL_KERNEL_BLOCKS", "64,128,64,4,3")
+from ddistill.kernels import masked_diffusion_loss
+from ddistill.kernels.reference import masked_diffusion_loss_oracle, mdlm_nll_rows
 
-from ddistill.kernels import masked_diffusion_loss  # noqa: E402
-from ddistill.kernels.reference import masked_diffusion_loss_oracle, mdlm_nll_rows  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 N, D, V, VP = 37, 48, 1001, 1024
-
-
-def _skip_bf16_on_cpu(dtype):
-    if dtype == torch.bfloat16 and not HAS_CUDA:
-        pytest.skip("bf16 is unsupported by the Triton interpreter (gpu only)")
-
-
-def _run(fn, grad_args, const_args, dtype, grad_output):
-    leaves = [None if t is None else t.detach().to(DEVICE, dtype, copy=True).requires_grad_(True) for t in grad_args]
-    consts = [c.to(DEVICE, dtype) if torch.is_tensor(c) and c.is_floating_point() else c for c in const_args]
-    consts = [c.to(DEVICE) if torch.is_tensor(c) else c for c in consts]
-    loss = fn(*leaves, *consts)
-    loss.backward(torch.tensor(grad_output, device=loss.device, dtype=loss.dtype))
-    return [loss.detach()] + [t.grad for t in leaves if t is not None]
-
-
-def check(fn, grad_args, const_args, dtype, grad_output=1.0):
-    """fn(impl, *grad_args, *const_args) -> scalar; asserts the tolerance rule for the value and every gradient.
-
-    impl: "triton" (ours), "torch" (reference in the same dtype), "oracle" (float64 ground truth).
-    """
-    _skip_bf16_on_cpu(dtype)
-    gt = _run(lambda *a: fn("oracle", *a), grad_args, const_args, torch.float64, grad_output)
-    ref = _run(lambda *a: fn("torch", *a), grad_args, const_args, dtype, grad_output)
-    ours = _run(lambda *a: fn("triton", *a), grad_args, const_args, dtype, grad_output)
-    for name, o, r, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], ours, ref, gt):
-        g = g.double()
-        excess = (o.double() - g).abs() - (r.double() - g).abs() - TOL[dtype] * g.abs().max().item()
-        assert torch.isfinite(o).all(), name
-        assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
-    return ours, gt
 
 
 def make_problem(seed=0, n=N, d=D, scale=0.3, bias=True):
@@ -87,10 +44,10 @@ def test_values_and_grads(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_output_no_bias(dtype):
     h, w, _, y, m, rw = make_problem(seed=1, bias=False)
-    _skip_bf16_on_cpu(dtype)
-    gt = _run(lambda *a: mdlm()("oracle", *a), [h, w], [None, y, m, rw], torch.float64, 2.5)
-    ref = _run(lambda *a: mdlm()("torch", *a), [h, w], [None, y, m, rw], dtype, 2.5)
-    ours = _run(lambda *a: mdlm()("triton", *a), [h, w], [None, y, m, rw], dtype, 2.5)
+    skip_bf16_on_cpu(dtype)
+    gt = run(lambda *a: mdlm()("oracle", *a), [h, w], [None, y, m, rw], torch.float64, 2.5)
+    ref = run(lambda *a: mdlm()("torch", *a), [h, w], [None, y, m, rw], dtype, 2.5)
+    ours = run(lambda *a: mdlm()("triton", *a), [h, w], [None, y, m, rw], dtype, 2.5)
     for o, r, g in zip(ours, ref, gt):
         g = g.double()
         assert ((o.double() - g).abs() <= (r.double() - g).abs() + TOL[dtype] * g.abs().max().item()).all()
@@ -176,12 +133,12 @@ def test_gpu_bf16_production_vocab_deterministic():
             return masked_diffusion_loss_oracle(*args, is_masked=is_masked, normalizer=float(n))
         return masked_diffusion_loss(*args, is_masked=is_masked, normalizer=float(n), impl=impl)
 
-    first = _run(lambda *a: fn("triton", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
-    second = _run(lambda *a: fn("triton", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
+    first = run(lambda *a: fn("triton", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
+    second = run(lambda *a: fn("triton", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
-    gt = _run(lambda *a: fn("oracle", *a), [h, w, b], [y, m, rw], torch.float64, 1.0)
-    ref = _run(lambda *a: fn("torch", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
+    gt = run(lambda *a: fn("oracle", *a), [h, w, b], [y, m, rw], torch.float64, 1.0)
+    ref = run(lambda *a: fn("torch", *a), [h, w, b], [y, m, rw], torch.bfloat16, 1.0)
     for o, r, t in zip(first, ref, gt):
         t = t.double()
         assert ((o.double() - t).abs() <= (r.double() - t).abs() + 1e-2 * max(1.0, t.abs().max().item())).all()

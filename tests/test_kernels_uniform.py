@@ -1,49 +1,20 @@
 """Fused uniform-state (DUO/UDLM) ELBO vs float64 references: values and gradients of hidden, weight and bias.
 
-Tolerance rule (CCE-style): |ours − gt64| ≤ |torch_same_dtype − gt64| + tol·max|gt64|, elementwise,
-tol = 5e-4 (fp32), 1e-3 (fp16), 1e-2 (bf16, GPU only).
+The tolerance rule and the CPU/GPU set-up are in tests/kernel_rule.py.
 """
 
-import os
+import functools
 
+import kernel_rule
 import pytest
 import torch
+from kernel_rule import DEVICE, DTYPES
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-else:  # one block configuration instead of autotuning every (kernel, dtype, D) variant of the suite
-    os.environ.setdefault("DDISTILL_KERNEL_BLOCKS", "64,128,64,4,3")
+from ddistill.kernels import uniform_elbo_loss
+from ddistill.kernels.reference import duo_elbo_rows, udlm_elbo_rows_bruteforce, uniform_elbo_loss_oracle
 
-from ddistill.kernels import uniform_elbo_loss  # noqa: E402
-from ddistill.kernels.reference import duo_elbo_rows, udlm_elbo_rows_bruteforce, uniform_elbo_loss_oracle  # noqa: E402
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-TOL = {torch.float32: 5e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 N, D, V, VP = 37, 48, 1001, 1024
-
-
-def _run(fn, grad_args, const_args, dtype, grad_output):
-    leaves = [None if t is None else t.detach().to(DEVICE, dtype, copy=True).requires_grad_(True) for t in grad_args]
-    consts = [c.to(DEVICE) if torch.is_tensor(c) else c for c in const_args]
-    loss = fn(*leaves, *consts)
-    loss.backward(torch.tensor(grad_output, device=loss.device, dtype=loss.dtype))
-    return [loss.detach()] + [t.grad for t in leaves if t is not None]
-
-
-def check(fn, grad_args, const_args, dtype, grad_output=1.0):
-    if dtype == torch.bfloat16 and not HAS_CUDA:
-        pytest.skip("bf16 is unsupported by the Triton interpreter (gpu only)")
-    gt = _run(lambda *a: fn("oracle", *a), grad_args, const_args, torch.float64, grad_output)
-    ref = _run(lambda *a: fn("torch", *a), grad_args, const_args, dtype, grad_output)
-    ours = _run(lambda *a: fn("triton", *a), grad_args, const_args, dtype, grad_output)
-    for name, o, r, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], ours, ref, gt):
-        g = g.double()
-        excess = (o.double() - g).abs() - (r.double() - g).abs() - TOL[dtype] * g.abs().max().item()
-        assert torch.isfinite(o).all(), name
-        assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
-    return ours, gt
+check = functools.partial(kernel_rule.check, cast_consts=False)
 
 
 def make_problem(seed=0, scale=0.3, n=N):
