@@ -112,18 +112,24 @@ def _pair_stats_kernel(
 
 
 @triton.jit
-def _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok):
-    """Per tile: q, p (0 outside the valid columns) and a = log q − log p (finite everywhere).
-
-    ``lse_ptr`` holds (5, M) fp32 rows hi_s, lo_s, hi_t, lo_t, gap with lse = hi + lo and gap = lse_s − lse_t taken
-    in fp64. ``a = (z_s − z_t) − gap`` subtracts the nearly equal logits first, so when p ≈ q (a distilled student)
-    it keeps the digits that ``log q − log p`` of two ≈ −10 numbers would lose.
-    """
+def _row_stats(lse_ptr, rows, row_ok, M):
+    """The per-row statistics of a row block, loaded once per program: ``lse_ptr`` holds (5, M) fp32 rows hi_s, lo_s,
+    hi_t, lo_t, gap with lse = hi + lo and gap = lse_s − lse_t taken in fp64."""
     hi_s = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     lo_s = tl.load(lse_ptr + M + rows, mask=row_ok, other=0.0)
     hi_t = tl.load(lse_ptr + 2 * M + rows, mask=row_ok, other=0.0)
     lo_t = tl.load(lse_ptr + 3 * M + rows, mask=row_ok, other=0.0)
     gap = tl.load(lse_ptr + 4 * M + rows, mask=row_ok, other=0.0)
+    return hi_s, lo_s, hi_t, lo_t, gap
+
+
+@triton.jit
+def _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, gap, ok):
+    """Per tile: q, p (0 outside the valid columns) and a = log q − log p (finite everywhere).
+
+    ``a = (z_s − z_t) − gap`` subtracts the nearly equal logits first, so when p ≈ q (a distilled student) it keeps
+    the digits that ``log q − log p`` of two ≈ −10 numbers would lose.
+    """
     q = tl.where(ok, tl.exp2(((zs - hi_s[:, None]) - lo_s[:, None]) * LOG2E), 0.0)
     p = tl.where(ok, tl.exp2(((zt - hi_t[:, None]) - lo_t[:, None]) * LOG2E), 0.0)
     a = (zs - zt) - gap[:, None]
@@ -163,6 +169,7 @@ def _pair_rowsum_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
+    hi_s, lo_s, hi_t, lo_t, gap = _row_stats(lse_ptr, rows, row_ok, M)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     c = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v_begin = pid_s * COLS_PER_SPLIT
@@ -175,7 +182,7 @@ def _pair_rowsum_kernel(
         zt = logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, cols, row_ok, col_ok, DT, stride_ht, stride_wt,
                          HAS_BT, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION) * INV_TAU  # fmt: skip
         ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
-        q, p, a = _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok)
+        q, p, a = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, gap, ok)
         if KIND == 2:
             q_m = _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA)  # log q − log m
             qa = q * q_m
@@ -214,7 +221,8 @@ def _pair_dz_kernel(
     c = tl.load(c_ptr + rows, mask=row_ok, other=0.0)
     scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
     ok = (col_ok & valid_columns(cols, V_VALID, MASK_COL))[None, :]
-    q, p, a = _pair_probs(zs, zt, lse_ptr, rows, row_ok, M, ok)
+    hi_s, lo_s, hi_t, lo_t, gap = _row_stats(lse_ptr, rows, row_ok, M)
+    q, p, a = _pair_probs(zs, zt, hi_s, lo_s, hi_t, lo_t, gap, ok)
     if KIND == 0:
         g = q - p
     elif KIND == 1:
