@@ -65,7 +65,7 @@ def loss_kernel(model, teacher, b, kind):
     sigma = -torch.log(b["alpha"])
     h = model.hidden_states(b["xt"], sigma)
     d = h.shape[-1]
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the DiT's linear runs under bf16 autocast on GPU
+    dtype = model.head_dtype(h.device)  # what the DiT's output linear computes in (bf16 autocast on GPU)
     h = h.reshape(-1, d).to(dtype)
     weight, bias = model.output_weight, model.output_bias
     masked = (b["xt"] == b["mask_id"]).reshape(-1)

@@ -266,7 +266,8 @@ class _Pair:
         return beta, float(torch.tensor(beta).log()), float(torch.tensor(1.0 - beta).log())
 
     def stats(self) -> dict[str, torch.Tensor]:
-        """Per-row (5, M) fp32 [hi_s, lo_s, hi_t, lo_t, lse_s − lse_t] (lse = hi + lo) and the one-pass forward / reverse KL (fp64)."""
+        """Per-row (5, M) fp32 [hi_s, lo_s, hi_t, lo_t, lse_s − lse_t] (lse = hi + lo, the gap taken in fp64) and
+        the one-pass forward / reverse KL (fp64)."""
         num_rows = self.num_rows
         splits, cols = vocab_splits(num_rows, self.vocab_size)
         parts = separate_buffers(6, num_rows, splits, device=self.hs.device, dtype=torch.float32)

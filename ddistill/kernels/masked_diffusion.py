@@ -112,7 +112,7 @@ def _mask_col(mask_id: int | None, vocab_size: int) -> int:
 
 def linear_cross_entropy_rows(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, vocab_size: int, mask_col: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Forward stats: per-row ``lse' − z_y`` (fp32) and lse' = hi + lo as two fp32 vectors, for compacted rows.
 
     hi and lo are separate allocations, never two rows of one (2, M) tensor: a row view at offset 4·M bytes is
