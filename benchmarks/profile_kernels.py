@@ -29,6 +29,8 @@ CASES = {
 
 def profile_case(loss: str, shape: tuple[int, int], method: str, steps: int, rows: int) -> str:
     case = CASES[loss](shape)
+    if method not in case.methods:
+        raise SystemExit(f"--method {method!r}: the {loss} benchmark has {sorted(case.methods)}")
     fn = case.methods[method]
     if isinstance(fn, str):
         return f"{loss}/{method}: {fn}"
