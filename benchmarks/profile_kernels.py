@@ -27,13 +27,10 @@ CASES = {
 }
 
 
-def profile_case(loss: str, shape: tuple[int, int], method: str, steps: int, rows: int) -> str:
-    case = CASES[loss](shape)
-    if method not in case.methods:
-        raise SystemExit(f"--method {method!r}: the {loss} benchmark has {sorted(case.methods)}")
+def profile_case(case, method: str, steps: int, rows: int) -> str:
     fn = case.methods[method]
     if isinstance(fn, str):
-        return f"{loss}/{method}: {fn}"
+        return f"{case.loss}/{method}: {fn}"
     leaves, consts = case.make_inputs(None)
 
     def step():
@@ -48,7 +45,7 @@ def profile_case(loss: str, shape: tuple[int, int], method: str, steps: int, row
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
-    return f"== {loss} / {method} at N={shape[0]}, d={shape[1]}, {steps} steps ==\n{table}"
+    return f"== {case.loss} / {method} at N={case.n}, d={case.d}, {steps} steps ==\n{table}"
 
 
 def main() -> None:
@@ -59,11 +56,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=15, help="kernels listed per table")
     args = p.parse_args()
+    shape = parse_shape(args.shape)
+    cases = [CASES[loss](shape) for loss in (CASES if args.loss == "all" else [args.loss])]
+    for case in cases:
+        if args.method not in case.methods:
+            raise SystemExit(f"--method {args.method!r}: the {case.loss} benchmark has {sorted(case.methods)}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_kernels.py needs a CUDA GPU")
-    n, d = parse_shape(args.shape)
-    for loss in CASES if args.loss == "all" else [args.loss]:
-        print(profile_case(loss, (n, d), args.method, args.steps, args.rows), flush=True)
+    for case in cases:
+        print(profile_case(case, args.method, args.steps, args.rows), flush=True)
 
 
 if __name__ == "__main__":

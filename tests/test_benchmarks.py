@@ -63,3 +63,14 @@ def test_shape_arguments(tmp_path):
     harness.append_csv([{"a": 1}, {"b": 2}], tmp_path / "r.csv", ["a", "b"])
     harness.append_csv([{"a": 3, "b": 4}], tmp_path / "r.csv", ["a", "b"])
     assert (tmp_path / "r.csv").read_text().splitlines() == ["a,b", "1,", ",2", "3,4"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "nope"], "--method 'nope': the mdlm benchmark has ['cce', 'compile', 'eager', 'liger', 'triton']"),
+    (["--shape", "12x"], "shape '12x': expected NxD"),
+])
+def test_profile_kernels_rejects_bad_arguments_before_touching_a_gpu(args, message):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_kernels.py"), "--loss", "mdlm", *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr
