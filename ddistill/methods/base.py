@@ -26,6 +26,7 @@ __all__ = [
     "StepOutput",
     "Method",
     "NetworkControl",
+    "EvalStudent",
     "global_uniform",
     "global_randint",
 ]
@@ -74,6 +75,22 @@ class StepOutput:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class EvalStudent:
+    """One model a run of a method produces, for the round eval (`eval/rounds.py`) and the demo.
+
+    step: the training step whose checkpoint holds it (its EMA weights of `network`), or None for the run's final
+    export. sampler: the sampler family that draws from it ("mdlm", "duo" or "dimo", in `diffusion/samplers.py`).
+    trained_steps: the sampling steps it was distilled for, when the method knows them.
+    """
+
+    label: str
+    step: int | None
+    network: str
+    sampler: Literal["mdlm", "duo", "dimo"]
+    trained_steps: int | None = None
+
+
 class NetworkControl(Protocol):
     """Implemented by the engine; lets a method change networks at a round boundary (collective: all ranks call)."""
 
@@ -111,6 +128,14 @@ class Method(abc.ABC):
 
     def sampler_spec(self) -> dict:
         return {}
+
+    def eval_students(self) -> list[EvalStudent]:
+        """The students of a run of this method with this config, in the order they are trained (round 1, 2, ...).
+
+        Evaluation and the demo ask this instead of reading any method's fields. Default: the exported network of
+        the finished run, sampled as its process says."""
+        sampler = "mdlm" if self.sampler_spec().get("process") == "absorbing" else "duo"
+        return [EvalStudent(label=self.name, step=None, network="student", sampler=sampler)]
 
     def state_dict(self) -> dict:
         return {}
