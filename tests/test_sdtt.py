@@ -278,10 +278,12 @@ def _ctx(step, *, offset=0, global_batch=8, seed=0):
 
 @pytest.mark.parametrize("kind", ["kl_rev", "kl_fwd", "tvd", "mse"])
 @pytest.mark.parametrize("precision", ["fp32", "fp64"])
-def test_step_loss_is_mean_over_masked_tokens(kind, precision):
-    """Constant (input-independent) student and teacher: every masked token has the same divergence, so the
-    per-masked-token mean equals the divergence of the two constant rows (a sum or a mean over all tokens would not)."""
-    vocab, mask = 9, 8
+def test_step_loss_is_mean_over_masked_tokens_of_the_global_batch(kind, precision):
+    """Constant (input-independent) student and teacher: every masked token has the same divergence D, so the
+    step's loss — the mean of its micro-batches' losses, as the engine averages them — equals D (a sum, a mean over
+    all tokens, or a mean of per-micro-batch means would not), and each micro-batch's loss is D times its share
+    (masked tokens of the micro-batch / masked tokens of the global batch) · (G / B)."""
+    vocab, mask, micro, total = 9, 8, 4, 8
     g = torch.Generator().manual_seed(5)
     s_logits = torch.randn(vocab, generator=g, dtype=torch.float64)
     t_logits = torch.randn(vocab, generator=g, dtype=torch.float64)
@@ -292,15 +294,21 @@ def test_step_loss_is_mean_over_masked_tokens(kind, precision):
     }
     cfg = SDTTConfig(divergence=kind, loss_precision=precision, initial_teacher_steps=16, num_rounds=3)
     method = SDTT(cfg, vocab_size=vocab, mask_id=mask)
-    batch = torch.randint(0, mask, (4, 32), generator=g)
-    out = method.step(nets, batch, _ctx(0, offset=4))
+    batch = torch.randint(0, mask, (total, 32), generator=g)
+    outs = [method.step(nets, batch[o : o + micro], _ctx(0, offset=o, global_batch=total)) for o in (0, micro)]
     expected = divergence_per_token(
         masked_row_log_probs(s_logits[None], mask, torch.float64),
         masked_row_log_probs(t_logits[None], mask, torch.float64),
         kind,
     )[0]
     tol = 1e-5 if precision == "fp32" else 1e-6
-    torch.testing.assert_close(out.losses["student"].double(), expected, rtol=tol, atol=tol)
+    step_loss = sum(out.losses["student"].double() for out in outs) / len(outs)
+    torch.testing.assert_close(step_loss, expected, rtol=tol, atol=tol)
+    counts = [float(out.metrics["masked_tokens"]) for out in outs]
+    assert counts[0] != counts[1]  # unequal shares: the per-micro-batch mean would differ from the global mean
+    for out, count in zip(outs, counts):
+        share = count / sum(counts) * (total / micro)
+        torch.testing.assert_close(out.losses["student"].double(), expected * share, rtol=tol, atol=tol)
     assert out.losses["student"].dtype == torch.float32 and out.metrics["masked_tokens"] > 0
     out.losses["student"].backward()
     assert student_param.grad is not None and torch.isfinite(student_param.grad).all()

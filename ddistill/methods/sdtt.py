@@ -349,24 +349,31 @@ class SDTT(Method):
                 f"(steps_per_round={self.cfg.steps_per_round}); was the method state restored with the checkpoint?"
             )
         x0 = batch.to(ctx.device)
-        t = sample_times(
-            x0.shape[0],
-            global_batch=ctx.global_batch_size,
-            offset=ctx.global_offset,
+        rows, total = slice(ctx.global_offset, ctx.global_offset + x0.shape[0]), ctx.global_batch_size
+        # The times and masks of the whole global batch (the same draws on every rank), then this micro-batch's rows.
+        t_all = sample_times(
+            total,
+            global_batch=total,
+            offset=0,
             generator=ctx.generator,
             device=ctx.device,
             t_min=self.cfg.t_min,
             antithetic=self.cfg.antithetic,
             dtype=torch.float64,
         )
-        u_mask = global_uniform64(x0.shape, ctx.generator, ctx.device, ctx.global_batch_size, ctx.global_offset)
-        xt = torch.where(u_mask < (1.0 - self.schedule.alpha(t)).unsqueeze(-1), self.mask_id, x0)
-        masked = xt == self.mask_id
+        masked_all = global_uniform64((total, x0.shape[1]), ctx.generator, ctx.device, total, 0) < (
+            1.0 - self.schedule.alpha(t_all)
+        ).unsqueeze(-1)
+        t, masked = t_all[rows], masked_all[rows]
+        xt = torch.where(masked, self.mask_id, x0)
         num_masked = masked.sum()
+        # Σ over this micro-batch / (the global batch's masked count · B/G): the engine's mean over the G/B
+        # micro-batches of the step then gives Σ_global / masked_global, however the global batch is split.
+        normalizer = masked_all.sum().clamp_min(1) * (x0.shape[0] / total)
         if self.cfg.loss_impl == "triton":
-            loss, reveal_step = self._fused_loss(nets, xt, t, masked, num_masked, ctx)
+            loss, reveal_step = self._fused_loss(nets, xt, t, masked, normalizer, ctx)
         else:
-            loss, reveal_step = self._torch_loss(nets, xt, t, masked, num_masked, ctx)
+            loss, reveal_step = self._torch_loss(nets, xt, t, masked, normalizer, ctx)
         revealed_first = (reveal_step == 0).sum()
         metrics: dict[str, float | torch.Tensor] = {
             f"sdtt_{self.cfg.divergence}": loss.detach(),
@@ -377,7 +384,7 @@ class SDTT(Method):
         }
         return StepOutput(losses={"student": loss}, metrics=metrics, num_tokens=x0.numel())
 
-    def _torch_loss(self, nets, xt, t, masked, num_masked, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    def _torch_loss(self, nets, xt, t, masked, normalizer, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         targets = teacher_targets(
             nets["teacher"],
             xt,
@@ -393,9 +400,9 @@ class SDTT(Method):
         logits = nets["student"](xt, self.schedule.sigma(t).to(torch.float32), rows=masked)
         student_lp = masked_row_log_probs(logits, self.mask_id, LOSS_DTYPES[self.cfg.loss_precision])
         per_token = divergence_per_token(student_lp, targets.log_probs[masked], self.cfg.divergence)
-        return (per_token.sum() / num_masked.clamp_min(1)).to(torch.float32), targets.reveal_step
+        return (per_token.sum() / normalizer).to(torch.float32), targets.reveal_step
 
-    def _fused_loss(self, nets, xt, t, masked, num_masked, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_loss(self, nets, xt, t, masked, normalizer, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """The same loss from hidden states: the teacher's target row of a position is its hidden state at the step
         that defines the target, and `distill_loss` applies both output linears, SUBS and the divergence fused."""
         from ddistill.kernels import distill_loss
@@ -419,7 +426,7 @@ class SDTT(Method):
             loss = distill_loss(  # row_mask: the kernel gathers the masked rows itself
                 hidden_s.reshape(-1, dim).to(dtype_s), student.output_weight, student.output_bias,
                 hidden_t.reshape(-1, dim).to(dtype_t), weight_t, bias_t, 1.0, vocab, kind=self.cfg.divergence,
-                mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=num_masked.clamp_min(1), impl="triton",
+                mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=normalizer, impl="triton",
             )  # fmt: skip
         return loss.to(torch.float32), reveal_step
 
