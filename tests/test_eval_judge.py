@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,16 @@ def test_score_texts_matches_brute_force_and_keeps_last_partial_batch(tiny_judge
     assert sum(n for n, _ in singles) == pytest.approx(ref_nll, rel=1e-5)
     # dropping the last partial batch would lose the 5th text
     assert tiny_judge.score_texts(texts[:4], batch_size=2)[1] < ref_count
+
+
+def test_per_sample_scores_are_each_texts_own_brute_force_score(tiny_judge):
+    texts = _texts(5, seed=2)
+    nll, count = tiny_judge.score_texts_per_sample(texts, batch_size=2)
+    assert nll.dtype == np.float64 and count.dtype == np.int64 and nll.shape == count.shape == (5,)
+    for i, text in enumerate(texts):
+        ref_nll, ref_count = _brute_force(tiny_judge, [text], max_length=32)
+        assert count[i] == ref_count
+        assert nll[i] == pytest.approx(ref_nll, rel=1e-5)
 
 
 def test_gen_ppl_is_exp_of_brute_force(tiny_judge):

@@ -89,6 +89,13 @@ def test_evaluate_sampler_rows_match_independent_scoring(tmp_path, judge, model_
     assert [(r.label, r.steps) for r in read_csv(tmp_path / "sample_eval.csv")] == [("teacher", 2), ("teacher", 4)]
     assert (tmp_path / "sample_eval.png").stat().st_size > 0
     assert "| teacher | 4 |" in (tmp_path / "sample_eval.md").read_text()
+    for row in rows:  # a bootstrap interval around each point estimate
+        assert row.gen_ppl_lo <= row.gen_ppl <= row.gen_ppl_hi  # zero width when every sample is the same
+        assert row.entropy_lo <= row.entropy <= row.entropy_hi
+    readable = (tmp_path / "samples.md").read_text()
+    for row in rows:
+        first = " ".join(_read_texts(tmp_path / "samples" / f"teacher_T{row.steps}.jsonl")[0].split())
+        assert f"## {row.steps} steps" in readable and first[:200] in readable
 
 
 def test_sharded_sampling_equals_single_process(tmp_path, judge, model_tokenizer):

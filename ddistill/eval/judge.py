@@ -84,15 +84,24 @@ class CausalJudge:
         self, texts: Sequence[str], batch_size: int = 8, max_length: int | None = None
     ) -> tuple[float, int]:
         """(Σ NLL over valid tokens, # valid tokens) over all texts; the last partial batch is scored too."""
+        nll, tokens = self.score_texts_per_sample(texts, batch_size=batch_size, max_length=max_length)
+        return float(nll.sum()), int(tokens.sum())
+
+    def score_texts_per_sample(
+        self, texts: Sequence[str], batch_size: int = 8, max_length: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per text: (Σ NLL over its valid tokens as float64 (N,), # valid tokens as int64 (N,)); the corpus-level
+        Gen PPL is exp(Σ nll / Σ tokens), and resampling the texts gives its bootstrap interval."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        total_nll = 0.0
-        total_tokens = 0
+        nll_sums, token_counts = [], []
         for start in range(0, len(texts), batch_size):
             nll, valid = self.token_nll(texts[start : start + batch_size], max_length)
-            total_nll += float(nll.double()[valid].sum())
-            total_tokens += int(valid.sum())
-        return total_nll, total_tokens
+            nll_sums.append(torch.where(valid, nll.double(), 0.0).sum(dim=1).cpu().numpy())
+            token_counts.append(valid.sum(dim=1).cpu().numpy().astype(np.int64))
+        if not nll_sums:
+            return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(nll_sums), np.concatenate(token_counts)
 
     @torch.no_grad()
     def featurize(

@@ -4,6 +4,10 @@
   causal judge on retokenised text (see ``judge.py`` for the first-EOS rule).
 * Unigram entropy (DUO ``record_entropy``): for each sample the Shannon entropy (nats) of its token histogram,
   ``H = -Σ_v p_v log p_v`` with ``p_v = count_v / L``, averaged over samples.
+* Confidence intervals: percentile bootstrap over samples (Efron & Tibshirani 1993, §13): resample the N samples
+  with replacement R times, recompute the statistic (Gen PPL = exp(Σ nll / Σ tokens) of the resample, or the mean
+  entropy), and take the (1 − level)/2 and (1 + level)/2 quantiles. The resampling is seeded, so a table is
+  reproducible.
 * MAUVE (Pillutla et al., arXiv 2102.01454; SDTT arXiv 2410.21035 §4): ``mauve.compute_mauve`` on features taken
   from the judge's final hidden layer, so it runs offline with whatever judge is loaded.
 * Validation NLL bound (DUO §5, "val/nll"): the continuous-time NELBO with ONE Monte-Carlo time per sequence,
@@ -19,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ddistill.diffusion.absorbing import mask_tokens, mdlm_loss_per_token
@@ -56,14 +61,55 @@ def gen_ppl(
 
 def unigram_entropy(token_ids: torch.Tensor) -> float:
     """Mean over rows of ``token_ids`` (B, L) of the Shannon entropy (nats) of the row's token histogram."""
+    return float(unigram_entropy_per_sample(token_ids).mean())
+
+
+def unigram_entropy_per_sample(token_ids: torch.Tensor) -> np.ndarray:
+    """float64 (B,): the Shannon entropy (nats) of each row's token histogram."""
     if token_ids.dim() != 2 or token_ids.shape[1] == 0:
         raise ValueError(f"token_ids must be (B, L) with L > 0, got shape {tuple(token_ids.shape)}")
     entropies = []
     for row in token_ids:
         counts = torch.unique(row, return_counts=True)[1].double()
         p = counts / counts.sum()
-        entropies.append(-(p * p.log()).sum())
-    return float(torch.stack(entropies).mean())
+        entropies.append(float(-(p * p.log()).sum()))
+    return np.asarray(entropies, dtype=np.float64)
+
+
+def _bootstrap_indices(num: int, num_resamples: int, seed: int) -> np.ndarray:
+    if num < 1:
+        raise ValueError("a bootstrap interval needs at least one sample")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples={num_resamples} must be >= 1")
+    return np.random.default_rng(seed).integers(0, num, size=(num_resamples, num))
+
+
+def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level} must lie in (0, 1)")
+    lo, hi = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
+def gen_ppl_interval(nll_sums: np.ndarray, token_counts: np.ndarray, *, level: float = 0.95,
+                     num_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the corpus Gen PPL exp(Σ nll / Σ tokens), resampling whole samples."""
+    nll_sums, token_counts = np.asarray(nll_sums, np.float64), np.asarray(token_counts, np.float64)
+    if nll_sums.shape != token_counts.shape or nll_sums.ndim != 1:
+        raise ValueError(f"nll_sums {nll_sums.shape} and token_counts {token_counts.shape} must be equal 1-d shapes")
+    idx = _bootstrap_indices(len(nll_sums), num_resamples, seed)
+    tokens = token_counts[idx].sum(axis=1)
+    ppl = np.exp(nll_sums[idx].sum(axis=1) / np.maximum(tokens, 1.0))
+    return _quantiles(ppl[tokens > 0], level)
+
+
+def mean_interval(values: np.ndarray, *, level: float = 0.95, num_resamples: int = 1000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-sample ``values``."""
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-d, got shape {values.shape}")
+    return _quantiles(values[_bootstrap_indices(len(values), num_resamples, seed)].mean(axis=1), level)
 
 
 def mauve_score(

@@ -2,7 +2,8 @@
 
 One row per (label, steps): label names the model or distillation round (e.g. ``"teacher"``, ``"round 3"``);
 the plot draws one curve per label, Gen PPL on a log y axis and entropy on a linear one, both against the number
-of sampling steps on a log2 x axis (as in DUO arXiv 2506.10892 Table/Fig. of Gen PPL vs T).
+of sampling steps on a log2 x axis (as in DUO arXiv 2506.10892 Table/Fig. of Gen PPL vs T), with the bootstrap
+intervals over samples (``*_lo``/``*_hi``, see ``metrics.gen_ppl_interval``) as error bars where a row has them.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ class EvalRow:
     judge: str
     device: str
     sample_seconds: float | None = None
+    gen_ppl_lo: float | None = None  # 95% bootstrap interval over samples
+    gen_ppl_hi: float | None = None
+    entropy_lo: float | None = None
+    entropy_hi: float | None = None
 
 
 COLUMNS = tuple(f.name for f in fields(EvalRow))
 _INT_COLUMNS = {"steps", "num_samples"}
-_FLOAT_COLUMNS = {"nfe", "gen_ppl", "entropy", "mauve", "sample_seconds"}
+_FLOAT_COLUMNS = {"nfe", "gen_ppl", "entropy", "mauve", "sample_seconds", "gen_ppl_lo", "gen_ppl_hi", "entropy_lo",
+                  "entropy_hi"}
+_INTERVALS = {"gen_ppl": ("gen_ppl_lo", "gen_ppl_hi", ".2f"), "entropy": ("entropy_lo", "entropy_hi", ".3f")}
+_MARKDOWN_COLUMNS = tuple(c for c in COLUMNS if c not in {lo for lo, _, _ in _INTERVALS.values()}
+                          and c not in {hi for _, hi, _ in _INTERVALS.values()})
 
 
 def _format(value) -> str:
@@ -59,7 +68,7 @@ def read_csv(path: str | Path) -> list[EvalRow]:
         for record in csv.DictReader(f):
             values = {}
             for key in COLUMNS:
-                raw = record.get(key, "")
+                raw = record.get(key, "") or ""
                 if key in _INT_COLUMNS:
                     values[key] = int(raw)
                 elif key in _FLOAT_COLUMNS:
@@ -70,22 +79,29 @@ def read_csv(path: str | Path) -> list[EvalRow]:
     return rows
 
 
+def _cell(row: EvalRow, key: str) -> str:
+    value = getattr(row, key)
+    if value is None:
+        return "–"
+    if key in _INTERVALS:
+        lo_key, hi_key, spec = _INTERVALS[key]
+        lo, hi = getattr(row, lo_key), getattr(row, hi_key)
+        text = format(value, spec)
+        return text if lo is None or hi is None else f"{text} [{lo:{spec}}, {hi:{spec}}]"
+    if key == "mauve":
+        return f"{value:.3f}"
+    if key == "sample_seconds":
+        return f"{value:.1f}"
+    return _format(value)
+
+
 def markdown_table(rows: Sequence[EvalRow]) -> str:
-    header = "| " + " | ".join(COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    """One line per row; Gen PPL and entropy carry their 95% bootstrap interval in brackets where known."""
+    header = "| " + " | ".join(_MARKDOWN_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in _MARKDOWN_COLUMNS) + "|"
     lines = [header, rule]
     for row in rows:
-        cells = []
-        for key, value in asdict(row).items():
-            if key == "gen_ppl" and value is not None:
-                cells.append(f"{value:.2f}")
-            elif key in ("entropy", "mauve") and value is not None:
-                cells.append(f"{value:.3f}")
-            elif key == "sample_seconds" and value is not None:
-                cells.append(f"{value:.1f}")
-            else:
-                cells.append(_format(value) if value is not None else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(row, key) for key in _MARKDOWN_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +125,15 @@ def plot_curves(rows: Sequence[EvalRow], path: str | Path, *, title: str | None 
     for label in dict.fromkeys(r.label for r in rows):
         curve = sorted((r for r in rows if r.label == label), key=lambda r: r.steps)
         steps = [r.steps for r in curve]
-        ax_ppl.plot(steps, [r.gen_ppl for r in curve], marker="o", label=label)
-        ax_ent.plot(steps, [r.entropy for r in curve], marker="o", label=label)
+        for ax, key in ((ax_ppl, "gen_ppl"), (ax_ent, "entropy")):
+            values = [getattr(r, key) for r in curve]
+            lo_key, hi_key, _ = _INTERVALS[key]
+            bounds = [(getattr(r, lo_key), getattr(r, hi_key)) for r in curve]
+            if all(lo is not None and hi is not None for lo, hi in bounds):
+                errors = [[v - lo for v, (lo, _) in zip(values, bounds)], [hi - v for v, (_, hi) in zip(values, bounds)]]
+                ax.errorbar(steps, values, yerr=errors, marker="o", capsize=3, label=label)
+            else:
+                ax.plot(steps, values, marker="o", label=label)
     for ax, ylabel in ((ax_ppl, "Gen PPL"), (ax_ent, "unigram entropy (nats)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
@@ -118,6 +141,8 @@ def plot_curves(rows: Sequence[EvalRow], path: str | Path, *, title: str | None 
         ax.grid(True, which="both", alpha=0.3)
     ax_ppl.set_yscale("log")
     ax_ppl.legend()
+    if any(r.gen_ppl_lo is not None for r in rows):
+        ax_ent.set_title("error bars: 95% bootstrap intervals over samples", fontsize=8)
     judges = sorted({r.judge for r in rows})
     devices = sorted({r.device for r in rows})
     fig.suptitle(title or f"judge: {', '.join(judges)}; sampled on {', '.join(devices)}")

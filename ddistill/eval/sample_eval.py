@@ -18,6 +18,7 @@ and returns the rows; other ranks return ``[]``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -29,7 +30,14 @@ from ddistill.diffusion.samplers import SampleResult, sample_duo, sample_mdlm
 from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.eval.decode import decode_samples
 from ddistill.eval.judge import CausalJudge
-from ddistill.eval.metrics import PROCESSES, eval_mode, gen_ppl, mauve_score, unigram_entropy
+from ddistill.eval.metrics import (
+    PROCESSES,
+    eval_mode,
+    gen_ppl_interval,
+    mauve_score,
+    mean_interval,
+    unigram_entropy_per_sample,
+)
 from ddistill.eval.report import EvalRow, write_report
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]
@@ -125,6 +133,30 @@ def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
     with path.open("w") as f:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
+
+
+def write_samples_markdown(out_dir: str | Path, *, per_cell: int = 3, max_chars: int = 600) -> Path:
+    """``out_dir/samples.md``: the first `per_cell` decoded samples of every ``samples/<label>_T<steps>.jsonl``
+    (the files `evaluate_sampler` writes), grouped by step count so that models can be read side by side."""
+    out_dir = Path(out_dir)
+    cells: dict[int, list[tuple[str, list[str]]]] = {}
+    for path in sorted((out_dir / "samples").glob("*_T*.jsonl")):
+        match = re.fullmatch(r"(.+)_T(\d+)", path.stem)
+        if match is None:
+            continue  # e.g. the MAUVE continuations (<label>_T<steps>_mauve.jsonl)
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines()[:per_cell]]
+        cells.setdefault(int(match.group(2)), []).append((match.group(1), texts))
+    lines = ["# Samples", "", f"The first {per_cell} samples of each model at each number of sampling steps.", ""]
+    for steps in sorted(cells):
+        lines += [f"## {steps} steps", ""]
+        for label, texts in cells[steps]:
+            lines += [f"### {label}", ""]
+            for i, text in enumerate(texts):
+                shown = text if len(text) <= max_chars else text[:max_chars] + " …"
+                lines += [f"{i + 1}. " + " ".join(shown.split()), ""]
+    path = out_dir / "samples.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def _safe(label: str) -> str:
@@ -267,12 +299,23 @@ def evaluate_sampler(
                 )
                 if save_texts:
                     _write_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}_mauve.jsonl", continuation_texts)
+            nll_sums, token_counts = judge.score_texts_per_sample(texts, batch_size=judge_batch_size,
+                                                                   max_length=length)
+            if int(token_counts.sum()) == 0:
+                raise ValueError(f"{label} at T={steps}: the judge found no valid tokens in the samples")
+            entropies = unigram_entropy_per_sample(tokens)
+            ppl_lo, ppl_hi = gen_ppl_interval(nll_sums, token_counts, seed=seed)
+            entropy_lo, entropy_hi = mean_interval(entropies, seed=seed)
             row = EvalRow(
                 label=label,
                 steps=steps,
                 nfe=float(nfe.mean()),
-                gen_ppl=gen_ppl(texts, judge, batch_size=judge_batch_size, max_length=length),
-                entropy=unigram_entropy(tokens),
+                gen_ppl=math.exp(float(nll_sums.sum()) / int(token_counts.sum())),
+                entropy=float(entropies.mean()),
+                gen_ppl_lo=ppl_lo,
+                gen_ppl_hi=ppl_hi,
+                entropy_lo=entropy_lo,
+                entropy_hi=entropy_hi,
                 mauve=mauve,
                 num_samples=tokens.shape[0],
                 judge=judge.name,
@@ -284,4 +327,6 @@ def evaluate_sampler(
                 _write_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}.jsonl", texts)
     if rank == 0:
         write_report(rows, out_dir, stem=stem)
+        if save_texts:
+            write_samples_markdown(out_dir)
     return rows

@@ -1,0 +1,97 @@
+"""Bootstrap intervals of Gen PPL and entropy (eval.metrics) and how the report carries them (eval.report)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddistill.eval.metrics import gen_ppl_interval, mean_interval, unigram_entropy, unigram_entropy_per_sample
+from ddistill.eval.report import EvalRow, markdown_table, plot_curves, read_csv, write_csv
+
+
+def test_mean_interval_covers_the_true_mean_at_its_level():
+    """400 data sets of 40 draws of N(1, 1): the 90% interval must cover 1 in 90% ± a binomial 4σ (≈ 6%) of them."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(400):
+        lo, hi = mean_interval(rng.normal(1.0, 1.0, size=40), level=0.9, num_resamples=400, seed=trial)
+        covered += lo <= 1.0 <= hi
+    sigma = math.sqrt(400 * 0.9 * 0.1)
+    assert abs(covered - 360) < 4 * sigma + 8  # the percentile bootstrap under-covers slightly at n = 40
+
+
+def test_gen_ppl_interval_matches_the_exhaustive_bootstrap_of_three_samples():
+    """With 3 samples there are 27 equally likely resamples: the seeded Monte-Carlo quantiles approach the exact
+    quantiles of that finite distribution."""
+    nll = np.array([3.0, 12.0, 40.0])
+    tokens = np.array([2, 5, 9])
+    exact = sorted(
+        math.exp((nll[[a, b, c]].sum()) / tokens[[a, b, c]].sum()) for a in range(3) for b in range(3) for c in range(3)
+    )
+    lo, hi = gen_ppl_interval(nll, tokens, level=0.5, num_resamples=200_000, seed=1)
+    want_lo, want_hi = np.quantile(exact, [0.25, 0.75])
+    # Quantiles of a discrete distribution: the Monte-Carlo quantile is one of the two atoms around the exact one.
+    atoms = sorted(set(exact))
+
+    def bracketed(x, w):
+        below = max(a for a in atoms if a <= w + 1e-12)
+        above = min(a for a in atoms if a >= w - 1e-12)
+        return below - 1e-9 <= x <= above + 1e-9
+
+    assert bracketed(lo, want_lo) and bracketed(hi, want_hi), (lo, hi, want_lo, want_hi)
+    point = math.exp(nll.sum() / tokens.sum())
+    assert lo <= point <= hi
+
+
+def test_intervals_are_seeded_and_shrink_with_more_samples():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(20, 60, size=400)
+    nll = tokens * rng.gamma(4.0, 1.0, size=400)
+    small = gen_ppl_interval(nll[:25], tokens[:25], seed=0)
+    assert small == gen_ppl_interval(nll[:25], tokens[:25], seed=0)
+    large = gen_ppl_interval(nll, tokens, seed=0)
+    assert large[1] - large[0] < 0.6 * (small[1] - small[0])  # ~ 1/sqrt(16) = 0.25 expected
+
+
+def test_bad_interval_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="at least one sample"):
+        mean_interval(np.zeros(0))
+    with pytest.raises(ValueError, match="level"):
+        mean_interval(np.ones(3), level=1.5)
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        gen_ppl_interval(np.ones(3), np.ones(4))
+
+
+def test_entropy_per_sample_is_the_brute_force_histogram_entropy():
+    ids = torch.tensor([[1, 1, 2, 3], [4, 4, 4, 4], [0, 1, 2, 3]])
+    want = [-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)), 0.0, math.log(4)]
+    np.testing.assert_allclose(unigram_entropy_per_sample(ids), want, rtol=1e-12, atol=1e-12)
+    assert unigram_entropy(ids) == pytest.approx(sum(want) / 3, rel=1e-12)
+
+
+def _row(label, steps, ppl, lo=None, hi=None):
+    return EvalRow(label=label, steps=steps, nfe=float(steps), gen_ppl=ppl, entropy=4.0, num_samples=8, judge="j",
+                   device="cpu", gen_ppl_lo=lo, gen_ppl_hi=hi, entropy_lo=None if lo is None else 3.9,
+                   entropy_hi=None if lo is None else 4.1)
+
+
+def test_report_round_trips_intervals_and_shows_them(tmp_path):
+    rows = [_row("teacher", 8, 500.0, 450.0, 560.0), _row("student", 8, 300.0)]
+    path = write_csv(rows, tmp_path / "t.csv")
+    assert read_csv(path) == rows
+    table = markdown_table(rows)
+    assert "500.00 [450.00, 560.00]" in table and "4.000 [3.900, 4.100]" in table
+    assert "gen_ppl_lo" not in table  # the bounds are shown inside the cells, not as columns
+    assert "| 300.00 |" in table
+    assert plot_curves(rows, tmp_path / "t.png").stat().st_size > 0
+
+
+def test_report_reads_a_csv_written_before_the_interval_columns(tmp_path):
+    old = tmp_path / "old.csv"
+    old.write_text("label,steps,nfe,gen_ppl,entropy,mauve,num_samples,judge,device,sample_seconds\n"
+                   "teacher,8,8,500,4.2,,16,smollm2,cpu,1.5\n")
+    (row,) = read_csv(old)
+    assert row.gen_ppl == 500.0 and row.gen_ppl_lo is None and row.entropy_hi is None
