@@ -10,7 +10,8 @@
 #
 #   OUT=runs/duo_study scripts/study_duo_classics.sh                   # profile gpu (judge none)
 #   OUT=runs/duo_study PROFILE=cpu scripts/study_duo_classics.sh train.max_steps=100 method.curriculum_end=50
-# Extra arguments are dotted overrides of both teachers (e.g. a shorter budget); DEMO_ARGS more demo arguments.
+# Extra arguments are dotted overrides of both teachers (e.g. a shorter budget); DEMO_ARGS more demo arguments;
+# VAL_BATCHES=n evaluates the first n batches of 64 validation blocks only (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ PY
 mapfile -t usdm_overrides < <("$PYTHON" -c 'import json,sys; [print(o) for o in json.loads(sys.argv[1]) if not o.startswith("method.curriculum")]' "$teacher_overrides")
 "$PYTHON" -m ddistill.engine configs/experiments/classics_usdm_tiny.yaml "${usdm_overrides[@]}" \
   train.out_dir="$OUT/usdm_teacher" | grep -v '^SUMMARY' || true
-"$PYTHON" - "$OUT" <<'PY'
+"$PYTHON" - "$OUT" "${VAL_BATCHES:-0}" <<'PY'
 import json, sys
 import torch
 from pathlib import Path
@@ -42,7 +43,7 @@ from ddistill.diffusion import LogLinearSchedule
 from ddistill.eval.metrics import val_nll_bound
 from ddistill.models.checkpoints import load_pretrained
 
-out = Path(sys.argv[1])
+out, max_batches = Path(sys.argv[1]), int(sys.argv[2]) or None  # VAL_BATCHES=0: the whole validation split
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 results = {}
 for label, path in (("duo (curriculum)", out / "demo_duo/teacher/export/student"),
@@ -53,7 +54,7 @@ for label, path in (("duo (curriculum)", out / "demo_duo/teacher/export/student"
     data = torch.as_tensor(blocks[: (len(blocks) // 64) * 64], dtype=torch.long)
     batches = [data[i : i + 64] for i in range(0, len(data), 64)]
     nll = val_nll_bound(model, batches, process="uniform", schedule=LogLinearSchedule(), vocab_size=cfg.vocab_size,
-                        seed=0, device=device)
+                        seed=0, device=device, max_batches=max_batches)
     results[label] = {"val_nelbo_per_token": nll.nll, "val_ppl_bound": nll.ppl, "tokens": nll.num_tokens}
     print(f"{label}: validation NELBO {nll.nll:.4f} nats/token (PPL <= {nll.ppl:.1f}) on {nll.num_tokens} tokens")
 results["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
