@@ -9,6 +9,7 @@ tokens/s and peak memory on one GPU.
 Cases (one optimizer step = the method's loss on one micro-batch, backward, AdamW step; the DiT's bf16 autocast):
 * ``duo_full``: `duo` curriculum, latent=full (the reference: ε, w/τ and softmax(w/τ) as (B, L, V) fp32 tensors);
 * ``duo_topk``: `duo` curriculum, latent=topk (top-16 order statistics, embedding_bag; no (B, L, V) latent);
+* ``duo_topk_fused``: the same with loss_impl=triton (the fused uniform-ELBO kernel: no (B, L, V) logits either);
 * ``usdm``: the plain discrete ELBO step of the same DiT (what the curriculum's cost compares with);
 * ``dcd_engine``: a `dcd` step through `ddistill.engine.Trainer` (ZeRO-2 student with EMA, ZeRO-3 frozen teacher).
 Peak memory is `torch.cuda.max_memory_allocated` over the timed steps (weights, AdamW state and activations
@@ -36,7 +37,7 @@ from ddistill.models.dit import ModelConfig, build_model
 CSV_PATH, MD_PATH = RESULTS / "duo.csv", RESULTS / "duo.md"
 FIELDS = ["timestamp", "gpu", "torch", "triton", "git_rev", "case", "size", "batch", "length", "V", "top_k", "steps",
           "step_ms", "tokens_per_s", "peak_mem_gib", "final_loss", "status"]  # fmt: skip
-CASES = ("duo_full", "duo_topk", "usdm", "dcd_engine")
+CASES = ("duo_full", "duo_topk", "duo_topk_fused", "usdm", "dcd_engine")
 
 
 def _sync(device: torch.device) -> None:
@@ -54,7 +55,8 @@ def _method_case(case: str, args, device: torch.device) -> dict:
     if case == "usdm":
         method = get_method("usdm")(get_method("usdm").Config(), vocab_size=args.vocab_size, mask_id=args.vocab_size - 1)
     else:
-        cfg = get_method("duo").Config(latent=case.removeprefix("duo_"), top_k=args.top_k)
+        latent, _, fused = case.removeprefix("duo_").partition("_")
+        cfg = get_method("duo").Config(latent=latent, top_k=args.top_k, loss_impl="triton" if fused else "torch")
         method = get_method("duo")(cfg, vocab_size=args.vocab_size, mask_id=args.vocab_size - 1)
     gen = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randint(0, args.vocab_size, (args.batch, args.length), device=device, generator=gen)
@@ -164,7 +166,7 @@ def main() -> None:
     for case in cases:
         row = dict(timestamp=datetime.datetime.now().isoformat(timespec="seconds"), **env, case=case, size=args.size,
                    batch=args.batch, length=args.length, V=args.vocab_size, steps=args.steps,
-                   top_k=args.top_k if case == "duo_topk" else "")
+                   top_k=args.top_k if case.startswith("duo_topk") else "")
         try:
             row |= _engine_case(args, device) if case == "dcd_engine" else _method_case(case, args, device)
         except torch.OutOfMemoryError:

@@ -41,7 +41,6 @@ import torch
 
 from ddistill.diffusion.duality import DualityTable, TopNoise, gaussian_scales, sample_top_noise
 from ddistill.diffusion.schedules import sample_times
-from ddistill.diffusion.uniform import duo_elbo_per_token
 from ddistill.methods import register
 from ddistill.methods.base import StepContext, StepOutput, row_generators
 from ddistill.methods.usdm import USDM, USDMConfig
@@ -75,8 +74,9 @@ class DUOConfig(USDMConfig):
             )
         if self.top_k < 1:
             raise ValueError(f"method.top_k={self.top_k} must be >= 1")
-        if self.loss_impl != "torch":
-            raise ValueError(f"method.loss_impl={self.loss_impl!r}: the DUO curriculum has the torch loss only")
+        if self.loss_impl == "triton" and self.latent == "full":
+            raise ValueError("method.loss_impl='triton' needs method.latent='topk' (the fused ELBO reads hidden states; "
+                             "latent=full feeds the DiT a (B, L, V) soft input)")
 
     def tau(self, step: int) -> float:
         """τ at optimizer step `step`: 10^{log10 τ}, log10 τ linear between curriculum_start and curriculum_end."""
@@ -153,14 +153,14 @@ class DUO(USDM):
             w = sigma_tilde.float()[:, None, None] * eps
             w.scatter_add_(-1, x0.unsqueeze(-1), alpha_tilde.float()[:, None, None].expand(*x0.shape, 1))
             z_t = w.argmax(dim=-1)
-            logits = student(w / tau, sigma)  # the DiT's soft path: softmax(w/τ) @ E
+            # the DiT's (B, L, V) soft path: softmax(w/τ) @ E
+            loss = self.elbo(student, z_t, x0, alpha, alpha_prime, sigma, net_input=w / tau)
         else:
             noise = [sample_top_noise(x0[r], self.vocab_size, cfg.top_k, g) for r, g in enumerate(gens)]
             noise = TopNoise(*(torch.stack(parts) for parts in zip(*noise)))
             z_t, indices, weights, bound = tempered_topk_inputs(x0, noise, alpha_tilde, sigma_tilde, tau,
                                                                 self.vocab_size)
-            logits = student(z_t, sigma, soft_inputs=(indices, weights.float()))
+            loss = self.elbo(student, z_t, x0, alpha, alpha_prime, sigma, soft_inputs=(indices, weights.float()))
             metrics["tail_bound"] = bound.max()
-        loss = duo_elbo_per_token(logits, z_t, x0, alpha, alpha_prime).sum() / x0.numel()
         metrics.update(nll=loss.detach(), corrupt_rate=(z_t != x0).float().mean())
         return StepOutput(losses={"student": loss}, metrics=metrics, num_tokens=x0.numel())
