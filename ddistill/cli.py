@@ -1,8 +1,9 @@
-"""`ddistill` command line: train | sample | eval | prepare | demo | submit.
+"""`ddistill` command line: train | sample | eval | rounds | prepare | demo | submit.
 
     ddistill train CONFIG.yaml key=value ...        # any registered method, 1 process or under any launcher
     ddistill sample CHECKPOINT --steps 64           # samples from a public-layout checkpoint (dir, .ckpt, hub id)
     ddistill eval CHECKPOINT --steps 8 16 32        # Gen-PPL / entropy (/ MAUVE) table and plot against steps
+    ddistill rounds --run-dir RUN --teacher CKPT    # the same for every student a distillation run produced
     ddistill prepare dataset=classics block_size=128  # fetch, tokenise and cache a corpus
     ddistill demo key=value ...                     # the README's main job (see ddistill.demo)
     ddistill submit CONFIG.yaml key=value ... --launcher slurm|deepspeed|torchrun
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-COMMANDS = ("train", "sample", "eval", "prepare", "demo", "submit")
+COMMANDS = ("train", "sample", "eval", "rounds", "prepare", "demo", "submit")
 
 
 def _process_of(checkpoint: str, requested: str) -> str:
@@ -153,6 +154,100 @@ def cmd_eval(argv: Sequence[str]) -> None:
 
     print(markdown_table(rows))
     print(f"table and plot in {args.out_dir}", file=sys.stderr)
+
+
+def run_method(run_dir: str | Path):
+    """The method object of a training run, from its resolved config (``<run>/config.yaml``, else the newest
+    checkpoint's): what the run's students are is the method's knowledge (`Method.eval_students`)."""
+    from ddistill.config import load_yaml
+    from ddistill.engine.run_config import run_config_from_dict
+    from ddistill.methods import get_method
+
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "config.yaml", *sorted((run_dir / "checkpoints").glob("step_*/config.yaml"))[::-1]]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} is not a training run: no config.yaml in it or its checkpoints")
+    cfg = run_config_from_dict(load_yaml(found))
+    vocab = cfg.model.vocab_size
+    return get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
+
+
+def cmd_rounds(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="ddistill rounds",
+        description="Gen-PPL / entropy (/ MAUVE) of every student of a distillation run (the students its method "
+        "lists: one per round for SDTT and DCD), with an optional teacher, on one table and plot.",
+    )
+    p.add_argument("--run-dir", type=Path, help="training run (train.out_dir) whose students to evaluate")
+    p.add_argument("--student", action="append", default=[], metavar="LABEL=PATH",
+                   help="extra model: a training checkpoint dir or a public checkpoint (repeatable)")
+    p.add_argument("--teacher", help="the initial teacher (public checkpoint / hub id), label 'teacher'")
+    p.add_argument("--sampler", choices=("mdlm", "duo"), default=None,
+                   help="sampler of --teacher / --student models (default: that of the run's students)")
+    p.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 1024])
+    p.add_argument("--rounds", type=int, nargs="*", help="only these rounds (1-based)")
+    p.add_argument("--tails", nargs="+", default=["ancestral"], choices=("ancestral", "greedy"),
+                   help="final sampling step(s): ancestral and/or greedy (Greedy-Tail)")
+    p.add_argument("--out-dir", type=Path, help="default: <run-dir>/eval_rounds")
+    p.add_argument("--judge", default="gpt2-large", help="gpt2-large (the papers'), smollm2 (offline) or a path")
+    p.add_argument("--num-samples", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nucleus-p", type=float, default=1.0)
+    p.add_argument("--mauve-docs", type=int, default=0,
+                   help="MAUVE with this many validation documents of the run's dataset as prompts (0 = off)")
+    args = p.parse_args(argv)
+    import os
+
+    import torch
+
+    from ddistill.eval.rounds import RoundStudent, evaluate_rounds, reference_texts, run_students
+
+    found, stem, sampler = [], "rounds", args.sampler
+    if args.run_dir:
+        method = run_method(args.run_dir)
+        listed = method.eval_students()
+        if args.rounds:
+            wanted = {f"round {r}" for r in args.rounds}
+            listed = [s for s in listed if s.label in wanted]
+        found = run_students(args.run_dir, listed)
+        stem, sampler = f"{method.name}_rounds", sampler or found[0].sampler
+    sampler = sampler or "mdlm"
+    students = [RoundStudent(label="teacher", path=Path(args.teacher), sampler=sampler)] if args.teacher else []
+    students += found
+    for spec in args.student:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"--student {spec!r}: expected LABEL=PATH")
+        students.append(RoundStudent(label=label, path=Path(path), sampler=sampler))
+    if not students:
+        raise SystemExit("nothing to evaluate: give --run-dir, --teacher and/or --student")
+    out_dir = args.out_dir or (args.run_dir / "eval_rounds" if args.run_dir else None)
+    if out_dir is None:
+        raise SystemExit("--out-dir is required without --run-dir")
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    references = reference_texts(args.run_dir, args.mauve_docs) if args.mauve_docs and args.run_dir else None
+    try:
+        rows = evaluate_rounds(
+            students, args.steps, out_dir=out_dir, judge_name=args.judge, num_samples=args.num_samples,
+            batch_size=args.batch_size, length=args.length, seed=args.seed, nucleus_p=args.nucleus_p,
+            tails=args.tails, reference_texts=references, mauve_num_prompts=max(args.mauve_docs, 1), stem=stem,
+        )  # fmt: skip
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rows:
+        for student in students:
+            trained = f" (distilled for {student.trained_steps} steps)" if student.trained_steps else ""
+            print(f"{student.label}: {student.path}{trained}")
+        print(f"report: {out_dir}/{stem}.md, .csv, .png")
 
 
 def _read_references(path: str) -> list[str]:

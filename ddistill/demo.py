@@ -1,18 +1,21 @@
 """`ddistill demo` (what `make demo` runs): the whole pipeline on the embedded "classics" corpus.
 
 1. fetch and tokenise the corpus (Austen, KJV, Shakespeare; one held-out work per source);
-2. train a small MDLM teacher (`mdlm` method) and export its EMA weights in the public HF layout;
-3. distill it with every distillation method that has landed (today: SDTT, round by round; the student of each
-   round is exported);
-4. sample the teacher and every student at several step counts and score Gen-PPL (offline judge SmolLM2-135M,
-   retokenised) and unigram entropy; print the table and save the CSV, Markdown and a plot of Gen-PPL / entropy
-   against steps (one curve per model).
+2. train a small teacher and export its EMA weights in the public HF layout: an MDLM (`mdlm`, the default
+   `method=sdtt` pipeline) or a uniform-state DUO model trained with the Gaussian curriculum (`method=duo`);
+3. distill it with the pipeline's distillation methods (SDTT, or DCD for DUO), round by round: each method lists
+   the students of its run (`Method.eval_students`: one per round boundary) and each is exported;
+4. sample the teacher and every student at several step counts with the sampler its method names (MDLM or DUO
+   ancestral; `tails` adds DUO's greedy tail) and score Gen-PPL (offline judge SmolLM2-135M, retokenised) and
+   unigram entropy; print the table and save the CSV, Markdown and a plot of Gen-PPL / entropy against steps
+   (one curve per model and tail).
 
 Profiles (configs/demo/*.yaml) size the job: `cpu` fits in about 10 minutes on 2 cores, `cpu_long` is the longer CPU
-run reported in the SDTT issue note, `gpu` a larger one for one GPU. `profile=auto` picks `gpu` when CUDA is
-available, else `cpu`. Any field can be overridden:
+run reported in the SDTT issue note, `gpu` a larger one for one GPU; the DUO pipeline reads `duo_<profile>.yaml`.
+`profile=auto` picks `gpu` when CUDA is available, else `cpu`. Any field can be overridden:
 
     ddistill demo                                  # auto profile, writes runs/demo
+    ddistill demo method=duo                       # DUO teacher with curriculum -> DCD rounds, writes runs/demo_duo
     ddistill demo profile=cpu out_dir=/tmp/demo teacher.overrides='[train.max_steps=50]'
     ddistill demo judge=none                       # sample only; score later with `ddistill demo stage=score`
 """
@@ -48,13 +51,20 @@ class RunSpec:
 
 @dataclass(kw_only=True)
 class DistillSpec(RunSpec):
+    """A distillation run; num_rounds and steps_per_round set the shared round schedule (methods/rounds.py)."""
+
     num_rounds: int = 2
     steps_per_round: int = 100
 
 
+PIPELINES = ("sdtt", "duo")  # teacher -> distillation: MDLM -> SDTT (profiles <name>.yaml), DUO -> DCD (duo_<name>)
+TAILS = ("ancestral", "greedy")
+
+
 @dataclass(kw_only=True)
 class DemoConfig:
-    profile: str = "auto"  # auto | the name of a file in configs/demo
+    method: Literal["sdtt", "duo"] = "sdtt"  # the pipeline; picks the profile family
+    profile: str = "auto"  # auto | the name of a profile of the pipeline in configs/demo
     out_dir: str = "runs/demo"
     stage: Literal["all", "train", "sample", "score"] = "all"
     teacher: RunSpec
@@ -65,17 +75,31 @@ class DemoConfig:
     seed: int = 0
     judge: str = "smollm2"  # "none": only sample (e.g. on a GPU box without the judge); score later
     judge_batch_size: int = 8
+    tails: list[str] = field(default_factory=lambda: ["ancestral"])  # final sampling steps; several: one curve each
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.tails) - set(TAILS))
+        if bad or not self.tails:
+            raise ConfigError(f"tails: {list(self.tails)} is not allowed; choose one or more of {list(TAILS)}")
+
+
+def _profile_file(method: str, profile: str) -> str:
+    return profile if method == "sdtt" else f"{method}_{profile}"
 
 
 def resolve_profile(argv: Sequence[str]) -> DemoConfig:
     data = apply_overrides({}, list(argv))
+    method = data.get("method", "sdtt")
+    if method not in PIPELINES:
+        raise ConfigError(f"method: {method!r} is not allowed; choose one of {list(PIPELINES)}")
     profile = data.get("profile", "auto")
-    known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    stems = {p.stem for p in PROFILES_DIR.glob("*.yaml")}
+    known = sorted(n for n in ("cpu", "cpu_long", "gpu", *stems) if _profile_file(method, n) in stems)
     if profile != "auto" and profile not in known:
-        raise ConfigError(f"profile: {profile!r} is not allowed; choose one of {['auto', *known]}")
+        raise ConfigError(f"profile: {profile!r} is not allowed for method={method}; choose one of {['auto', *known]}")
     if profile == "auto":
         profile = "gpu" if torch.cuda.is_available() else "cpu"
-    base = load_yaml(PROFILES_DIR / f"{profile}.yaml")
+    base = load_yaml(PROFILES_DIR / f"{_profile_file(method, profile)}.yaml")
     cfg = from_dict(DemoConfig, apply_overrides(base, list(argv)))
     return dataclasses.replace(cfg, profile=profile)
 
@@ -105,61 +129,84 @@ def _train(spec: RunSpec, out_dir: Path, extra: Sequence[str]) -> dict:
     return summary
 
 
-def train_models(cfg: DemoConfig, out: Path) -> dict[str, Path]:
-    """Teacher, then each distillation method round by round; returns {label: exported public checkpoint}."""
-    models: dict[str, Path] = {}
+def _method_of(spec: RunSpec, extra: Sequence[str]):
+    """The method object of a run (what it trains and which students it produces), from its config."""
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.methods import get_method
+
+    cfg = load_run_config(ROOT / spec.config, [*spec.overrides, "train.out_dir=unused", *extra])
+    vocab = cfg.model.vocab_size
+    return get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
+
+
+def train_models(cfg: DemoConfig, out: Path) -> dict[str, dict]:
+    """Teacher, then each distillation method student by student; returns {label: {path, sampler}} of the exports."""
+    models: dict[str, dict] = {}
     summary = _train(cfg.teacher, out / "teacher", [])
-    models["teacher"] = Path(summary["export"])
+    (teacher,) = _method_of(cfg.teacher, []).eval_students()[-1:]  # the finished run's export
+    models["teacher"] = {"path": summary["export"], "sampler": teacher.sampler}
     print(f"[demo] teacher: {summary['step']} steps, {summary['tokens_per_s_per_rank']:.0f} tokens/s/rank, "
-          f"exported to {models['teacher']}", flush=True)
+          f"exported to {summary['export']}", flush=True)
     for method, spec in cfg.distill.items():
-        for r in range(1, spec.num_rounds + 1):
-            # Each call resumes the same run (same out_dir) and trains to the end of round r, then exports.
-            summary = _train(spec, out / method, [
-                f"init_from={models['teacher']}",
-                f"method.num_rounds={spec.num_rounds}",
-                f"method.steps_per_round={spec.steps_per_round}",
-                f"train.max_steps={r * spec.steps_per_round}",
-                f"train.ckpt_every={spec.steps_per_round}",
-            ])
-            label = f"{method} round {r}"
-            dest = out / "students" / f"{method}_round{r}"
+        rounds = [f"init_from={models['teacher']['path']}", f"method.num_rounds={spec.num_rounds}",
+                  f"method.steps_per_round={spec.steps_per_round}"]
+        for student in _method_of(spec, rounds).eval_students():
+            if student.step is None:
+                raise ValueError(f"demo: method {method!r} lists a student without a training step ({student.label})")
+            # Each call resumes the same run (same out_dir), trains to the student's step, then exports.
+            summary = _train(spec, out / method, [*rounds, f"train.max_steps={student.step}",
+                                                  f"train.ckpt_every={student.step}"])
+            label = f"{method} {student.label}"
+            dest = out / "students" / _safe(label)
             if dest.exists():
                 shutil.rmtree(dest)
             shutil.copytree(summary["export"], dest)
-            models[label] = dest
+            models[label] = {"path": str(dest), "sampler": student.sampler}
             print(f"[demo] {label}: step {summary['step']}, {summary['tokens_per_s_per_rank']:.0f} tokens/s/rank",
                   flush=True)
-    (out / "models.json").write_text(json.dumps({k: str(v) for k, v in models.items()}, indent=1))
+    (out / "models.json").write_text(json.dumps(models, indent=1))
     return models
 
 
-def sample_models(cfg: DemoConfig, out: Path, models: dict[str, Path]) -> None:
-    """Samples of every model at every step count, saved as token ids (samples/<label>/steps_<T>.pt)."""
-    from ddistill.diffusion import LogLinearSchedule, sample_mdlm
+def _curves(cfg: DemoConfig, models: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(curve label, model label, tail) for every model and tail; with one tail the curve is the model's label."""
+    return [(label if len(cfg.tails) == 1 else f"{label} {tail}", label, tail) for label in models
+            for tail in cfg.tails]
+
+
+def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
+    """Samples of every model and tail at every step count, saved as token ids (samples/<curve>/steps_<T>.pt)."""
+    from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
     from ddistill.models.checkpoints import load_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for label, path in models.items():
-        model, mcfg = load_pretrained(path, overrides={"dropout": 0.0})
+    for curve, label, tail in _curves(cfg, models):
+        model, mcfg = load_pretrained(models[label]["path"], overrides={"dropout": 0.0})
         model = model.to(device)
+        sampler = models[label]["sampler"]
         for steps in cfg.steps:
             tokens, nfe, start = [], 0, time.perf_counter()
             for first in range(0, cfg.num_samples, cfg.batch_size):
                 batch = min(cfg.batch_size, cfg.num_samples - first)
                 gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + steps * 10_007 + first)
-                result = sample_mdlm(model, batch_size=batch, length=mcfg.length, num_steps=steps,
-                                     mask_id=mcfg.vocab_size - 1, vocab_size=mcfg.vocab_size,
-                                     schedule=LogLinearSchedule(), cached=not mcfg.time_conditioning,
-                                     time_conditioning=mcfg.time_conditioning, generator=gen, device=device)
+                common = dict(batch_size=batch, length=mcfg.length, num_steps=steps, vocab_size=mcfg.vocab_size,
+                              schedule=LogLinearSchedule(), generator=gen, device=device,
+                              greedy_tail=tail == "greedy")
+                if sampler == "mdlm":
+                    result = sample_mdlm(model, mask_id=mcfg.vocab_size - 1, cached=not mcfg.time_conditioning,
+                                         time_conditioning=mcfg.time_conditioning, **common)
+                elif sampler == "duo":
+                    result = sample_duo(model, **common)
+                else:
+                    raise ValueError(f"demo: {label} names sampler {sampler!r}; the demo samples 'mdlm' and 'duo'")
                 tokens.append(result.tokens.cpu())
                 nfe += result.nfe
             seconds = time.perf_counter() - start
-            target = out / "samples" / _safe(label) / f"steps_{steps}.pt"
+            target = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"label": label, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
+            torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device)}, target)
-        print(f"[demo] sampled {label} at steps {cfg.steps}", flush=True)
+        print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
 
 
 def score_samples(cfg: DemoConfig, out: Path) -> list:
@@ -172,9 +219,9 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
 
     judge = load_judge(cfg.judge)
     tokenizer = get_tokenizer()
-    order = json.loads((out / "models.json").read_text())
+    models = json.loads((out / "models.json").read_text())
     rows = []
-    for label in order:
+    for label, _, _ in _curves(cfg, models):
         for steps in cfg.steps:
             saved = torch.load(out / "samples" / _safe(label) / f"steps_{steps}.pt", weights_only=False)
             texts = decode_samples(saved["tokens"], tokenizer, mask_id=MASK_ID)
@@ -207,7 +254,7 @@ def run_demo(cfg: DemoConfig) -> list:
 
         prepare(DataConfig(dataset="classics", block_size=_block_size(cfg)))
         train_models(cfg, out)
-    models = {k: Path(v) for k, v in json.loads((out / "models.json").read_text()).items()}
+    models = json.loads((out / "models.json").read_text())
     if cfg.stage in ("all", "sample"):
         sample_models(cfg, out, models)
     if cfg.stage in ("all", "score") and cfg.judge != "none":

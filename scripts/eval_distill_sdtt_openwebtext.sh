@@ -9,7 +9,7 @@
 #   RUN_DIR=outputs/sdtt_owt_medium TEACHER=ckpts/sdtt_teacher_md scripts/eval_distill_sdtt_openwebtext.sh
 #   NGPUS=1 MAUVE_DOCS=0 scripts/eval_distill_sdtt_openwebtext.sh --rounds 6 7 --num-samples 256
 #
-# Extra arguments go to `python -m ddistill.eval.rounds` (see --help). The GPT-2 large judge comes from the
+# Extra arguments go to `ddistill rounds` (see --help). The GPT-2 large judge comes from the
 # Hugging Face hub (or its local cache); JUDGE=smollm2 is the offline judge (numbers not comparable to the paper's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,6 @@ if [[ -n "$TEACHER" ]]; then
   teacher_args=(--teacher "$TEACHER")
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" -m ddistill.eval.rounds \
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" -m ddistill.cli rounds \
   --run-dir "$RUN_DIR" "${teacher_args[@]}" --judge "$JUDGE" --mauve-docs "$MAUVE_DOCS" \
   --steps 8 16 32 64 128 256 1024 --num-samples 1024 --batch-size 32 "$@"

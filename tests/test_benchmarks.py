@@ -74,3 +74,12 @@ def test_profile_kernels_rejects_bad_arguments_before_touching_a_gpu(args, messa
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_kernels.py"), "--loss", "mdlm", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and message in out.stderr
+
+
+def test_bench_duo_cpu_smoke():
+    lines = [line for line in _run("bench_duo.py", "--device", "cpu", "--size", "test", "--vocab-size", "1001",
+                                   "--batch", "2", "--length", "32", "--steps", "1", "--warmup", "0").splitlines()
+             if line.startswith("{")]
+    assert [_field(line, "case") for line in lines] == ["duo_full", "duo_topk", "duo_topk_fused", "usdm", "dcd_engine"]
+    assert all(_field(line, "status") == "ok" and float(_field(line, "tokens_per_s")) > 0 for line in lines)
+    assert all(float(_field(line, "final_loss")) > 0 for line in lines[:4])  # ELBOs of a fresh model are positive

@@ -52,7 +52,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # Each round's student is its own export: distillation changed the weights, round 2 differs from round 1.
     from safetensors.torch import load_file
 
-    weights = {k: load_file(f"{v}/model.safetensors") for k, v in models.items()}
+    assert {v["sampler"] for v in models.values()} == {"mdlm"}
+    weights = {k: load_file(f"{v['path']}/model.safetensors") for k, v in models.items()}
     key = "backbone.blocks.0.attn_qkv.weight"
     assert not torch.equal(weights["teacher"][key], weights["sdtt round 1"][key])
     assert not torch.equal(weights["sdtt round 1"][key], weights["sdtt round 2"][key])
@@ -61,8 +62,37 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert any(m.get("student_steps") == 2.0 for m in metrics)
 
 
+@pytest.mark.slow
+def test_duo_pipeline_end_to_end(tmp_path):
+    """method=duo: a DUO teacher trained with the curriculum, DCD rounds, both DUO tails."""
+    teacher = [*COMMON, "train.max_steps=4", "train.ckpt_every=4", "optim.warmup_steps=1", "train.eval_every=0",
+               "method.curriculum_end=2", "train.log_every=1"]
+    dcd = [*COMMON, "optim.warmup_steps=1", "method.base_num_steps=8"]
+    cfg = resolve_profile([
+        "method=duo", "profile=cpu", f"out_dir={tmp_path / 'demo'}", f"teacher.overrides={json.dumps(teacher)}",
+        f"distill.dcd.overrides={json.dumps(dcd)}", "distill.dcd.num_rounds=2", "distill.dcd.steps_per_round=2",
+        "steps=[2]", "num_samples=2", "batch_size=2", f"judge={_judge_dir(tmp_path)}",
+    ])
+    rows = run_demo(cfg)
+    curves = [f"{m} {t}" for m in ("teacher", "dcd round 1", "dcd round 2") for t in ("ancestral", "greedy")]
+    assert [(r.label, r.steps, r.nfe) for r in rows] == [(c, 2, 3.0) for c in curves]
+    models = json.loads((tmp_path / "demo" / "models.json").read_text())
+    assert {k: v["sampler"] for k, v in models.items()} == dict.fromkeys(["teacher", "dcd round 1", "dcd round 2"],
+                                                                          "duo")
+    metrics = [json.loads(line) for line in (tmp_path / "demo" / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["curriculum"] for m in metrics if "curriculum" in m] == [1.0, 1.0, 0.0, 0.0]
+    dcd_metrics = [json.loads(line) for line in (tmp_path / "demo" / "dcd" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("delta") == 2 / 8 for m in dcd_metrics)
+
+
 def test_profile_and_keys_are_validated():
     with pytest.raises(ConfigError, match="profile: 'huge' is not allowed"):
         resolve_profile(["profile=huge"])
+    with pytest.raises(ConfigError, match="method: 'mdlm' is not allowed"):
+        resolve_profile(["method=mdlm"])
+    with pytest.raises(ConfigError, match="profile: 'cpu_long' is not allowed for method=duo"):
+        resolve_profile(["method=duo", "profile=cpu_long"])
+    with pytest.raises(ConfigError, match="tails"):
+        resolve_profile(["profile=cpu", "tails=[nucleus]"])
     with pytest.raises(ConfigError, match="unknown config key 'num_sample'"):
         resolve_profile(["profile=cpu", "num_sample=3"])

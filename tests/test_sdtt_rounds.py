@@ -1,5 +1,6 @@
-"""Round-by-round evaluation (ddistill.eval.rounds): which checkpoints are round students, loading their EMA weights,
-and one report with a curve per round (tiny GPT-2 judge, test-size DiT, CPU)."""
+"""Round-by-round evaluation (ddistill.eval.rounds, `ddistill rounds`): the checkpoints of the students the run's
+method lists, loading their EMA weights, and one report with a curve per round (tiny GPT-2 judge, test-size DiT,
+CPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import yaml
 
 from ddistill.data.tokenizer import VOCAB_SIZE
 from ddistill.eval.report import read_csv
-from ddistill.eval.rounds import RoundStudent, evaluate_rounds, find_round_students, load_checkpoint_student
+from ddistill.cli import run_method
+from ddistill.eval.rounds import RoundStudent, evaluate_rounds, load_checkpoint_student, run_students
+from ddistill.methods.base import EvalStudent
 from ddistill.models.dit import build_model
 
 
@@ -19,10 +22,16 @@ MODEL = {"size": "test", "vocab_size": VOCAB_SIZE, "length": 16, "dropout": 0.0,
 METHOD = {"name": "sdtt", "steps_per_round": 2, "num_rounds": 2, "initial_teacher_steps": 8, "num_teacher_steps": 2}
 
 
+def find_round_students(root):
+    """What `ddistill rounds --run-dir` evaluates: the students the run's method lists, found on disk."""
+    return run_students(root, run_method(root).eval_students())
+
+
 def _write_checkpoint(root, step, seed, *, manifest=True, model=MODEL):
     path = root / "checkpoints" / f"step_{step:08d}"
     (path / "ema").mkdir(parents=True)
-    config = {"model": model, "method": METHOD, "data": {"dataset": "classics"}}
+    config = {"model": model, "method": METHOD, "data": {"dataset": "classics", "block_size": 16},
+              "train": {"max_steps": 4, "global_batch_size": 2, "micro_batch_size": 2, "out_dir": str(root)}}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     torch.manual_seed(seed)
     net = build_model(MODEL)
@@ -70,8 +79,12 @@ def test_find_and_load_round_students(run_dir):
     model = load_checkpoint_student(students[1].path)
     for name, param in model.named_parameters():
         assert torch.equal(param, shadows[4][name])
-    with pytest.raises(FileNotFoundError, match="no complete round-boundary"):
+    with pytest.raises(FileNotFoundError, match="not a training run"):
         find_round_students(root / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="none of the students"):
+        run_students(root, [EvalStudent(label="round 9", step=18, network="student", sampler="mdlm")])
+    with pytest.raises(ValueError, match="sampler 'dimo' has no evaluator"):
+        RoundStudent(label="x", path=root, sampler="dimo")
 
 
 def test_load_rejects_a_mismatched_model(tmp_path):
@@ -93,9 +106,24 @@ def test_evaluate_rounds_writes_one_report_with_a_curve_per_round(run_dir, tmp_p
     assert [(r.label, r.steps) for r in rows] == [
         ("round 1", 2), ("round 1", 4), ("round 2", 2), ("round 2", 4), ("again", 2), ("again", 4),
     ]  # fmt: skip
-    assert [(r.label, r.steps) for r in read_csv(out / "sdtt_rounds.csv")] == [(r.label, r.steps) for r in rows]
-    assert (out / "sdtt_rounds.png").stat().st_size > 0 and "round 2" in (out / "sdtt_rounds.md").read_text()
+    assert [(r.label, r.steps) for r in read_csv(out / "rounds.csv")] == [(r.label, r.steps) for r in rows]
+    assert (out / "rounds.png").stat().st_size > 0 and "round 2" in (out / "rounds.md").read_text()
     # The same checkpoint under another label reproduces its numbers; different rounds' weights give other samples.
     assert [r.gen_ppl for r in rows[4:]] == [r.gen_ppl for r in rows[:2]]
     samples = {label: (out / "samples" / f"{label}_T4.jsonl").read_text() for label in ("round_1", "round_2")}
     assert samples["round_1"] != samples["round_2"]
+
+
+def test_duo_students_are_sampled_with_both_tails(run_dir, tmp_path_factory):
+    root, _ = run_dir
+    judge_dir = _gpt2_vocab_judge_dir(tmp_path_factory.mktemp("judge"))
+    path = root / "checkpoints" / "step_00000002"
+    students = [RoundStudent(label="dcd", path=path, sampler="duo")]
+    rows = evaluate_rounds(students, [2], out_dir=root / "eval_duo", judge_name=str(judge_dir), num_samples=2,
+                           batch_size=2, length=16, device="cpu", tails=("ancestral", "greedy"))
+    assert [(r.label, r.steps, r.nfe) for r in rows] == [("dcd ancestral", 2, 3.0), ("dcd greedy", 2, 3.0)]
+    texts = {t: (root / "eval_duo" / "samples" / f"dcd_{t}_T2.jsonl").read_text() for t in ("ancestral", "greedy")}
+    assert texts["ancestral"] != texts["greedy"]  # same seed, other final step
+    with pytest.raises(ValueError, match="tails"):
+        evaluate_rounds(students, [2], out_dir=root, judge_name=str(judge_dir), num_samples=2, batch_size=2,
+                        tails=("top-p",))

@@ -13,6 +13,16 @@ Gauss–Legendre quadrature on a shared z grid over [μ_min − 10, μ_max + 10]
 Φ^{K−1} = exp((K−1)·log Φ) from `scipy.special.log_ndtr`. The table (α, dα/dγ on an equispaced γ grid) is cached on
 disk as npz, keyed by K, the γ range and the number of points. `DualityTable.alpha` interpolates with cubic Hermite
 (using the derivative table; error O(h⁴)) and back-propagates the linearly interpolated dα/dγ.
+
+Sampling the latent without its K coordinates (`sample_top_noise`). argmax w and the tempered softmax of w only need
+the clean coordinate ε_x and the largest few of the K − 1 other, i.i.d. N(0, 1) coordinates. Their k largest values
+g_1 > … > g_k are Φ⁻¹ of the top uniform order statistics of n = K − 1 draws, generated from the top down
+(Rényi):  U_(n) = V_1^{1/n},  U_(n−j) = U_(n−j+1)·V_{j+1}^{1/(n−j)},  V_i i.i.d. U(0, 1),  computed in log space
+(log U_(n−j+1) = Σ_{i≤j} log V_i/(n − i + 1)) and g = −Φ⁻¹(−expm1(log U)) in float64, so the upper tail keeps its
+digits. Their ids are a uniformly random ordered k-subset of the K − 1 ids ≠ x (exchangeability), drawn as k uniform
+ids with the whole tuple redrawn where two collide (rejection: exact, and rare for k² ≤ K; for k² > K the first k
+of a uniformly random permutation), then shifted past x.
+k = 1 gives (M, j*) = (max_{v≠x} ε_v, its id), M ~ Φ⁻¹(U^{1/(K−1)}), all DCD's trajectories need (duo.md §4).
 """
 
 from __future__ import annotations
@@ -20,11 +30,12 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["duality_alpha", "gaussian_scales", "DualityTable", "default_cache_dir"]
+__all__ = ["duality_alpha", "gaussian_scales", "DualityTable", "default_cache_dir", "TopNoise", "sample_top_noise"]
 
 # Bump when the quadrature changes so stale cache files are not reused.
 _CACHE_VERSION = 1
@@ -170,3 +181,38 @@ class DualityTable:
         """dα/dγ (linear interpolation of the derivative table; not differentiable)."""
         self._check_range(gamma)
         return _linear(gamma.detach(), self.gamma_min, self._h, self._tables(gamma.device)[1])
+
+
+class TopNoise(NamedTuple):
+    """The clean coordinate and the k largest other coordinates of a standard Gaussian ε ∈ R^K per token."""
+
+    clean: torch.Tensor  # (…) float64: ε_x
+    values: torch.Tensor  # (…, k) float64, descending: the k largest of ε_v, v ≠ x
+    indices: torch.Tensor  # (…, k) int64: their ids (distinct, never x)
+
+
+def sample_top_noise(x: torch.Tensor, vocab_size: int, k: int, generator: torch.Generator | None) -> TopNoise:
+    """Draw (ε_x, top-k of the other K − 1 coordinates, their ids) per token of x (module docstring): the exact law
+    of those parts of ε ~ N(0, I_K), without a (…, K) tensor. Draw order: ε_x, the k order-statistic uniforms, ids."""
+    n = int(vocab_size) - 1
+    if not 1 <= k <= n:
+        raise ValueError(f"top-k of the K − 1 = {n} noise coordinates needs 1 <= k <= {n}, got k={k}")
+    device = x.device
+    clean = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float64)
+    v = torch.rand((*x.shape, k), generator=generator, device=device, dtype=torch.float64)
+    remaining = n - torch.arange(k, device=device, dtype=torch.float64)  # n, n − 1, …, n − k + 1
+    log_u = torch.cumsum(torch.log(v) / remaining, dim=-1)  # log U_(n), log U_(n−1), … (descending)
+    values = -torch.special.ndtri(-torch.expm1(log_u))
+    if k * k > n:  # many collisions: the first k of a uniform random permutation (O(K) per token, small K only)
+        ids = torch.rand((*x.shape, n), generator=generator, device=device).argsort(dim=-1)[..., :k]
+    else:
+        ids = torch.randint(n, (*x.shape, k), generator=generator, device=device)
+        while k > 1:  # redraw every tuple with a repeated id (exactly uniform over distinct tuples)
+            ordered = ids.sort(dim=-1).values
+            repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+            num = int(repeated.sum())
+            if num == 0:
+                break
+            ids[repeated] = torch.randint(n, (num, k), generator=generator, device=device)
+    indices = ids + (ids >= x.unsqueeze(-1)).long()  # skip x: a uniform id of the K − 1 others
+    return TopNoise(clean=clean, values=values, indices=indices)

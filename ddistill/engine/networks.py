@@ -39,8 +39,10 @@ class DiTEntry(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None, hidden: bool = False,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net.hidden_states(x, sigma) if hidden else self.net(x, sigma, rows)
+                rows: torch.Tensor | None = None, soft_inputs: tuple | None = None) -> torch.Tensor:
+        if hidden:
+            return self.net.hidden_states(x, sigma, soft_inputs=soft_inputs)
+        return self.net(x, sigma, rows, soft_inputs=soft_inputs)
 
 
 def trained_ds_config(
@@ -103,18 +105,20 @@ class Network:
         return self.module.padded_vocab_size
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V), or (num_selected, V) for the positions selected by the bool mask `rows`."""
+                 rows: torch.Tensor | None = None, soft_inputs: tuple | None = None) -> torch.Tensor:
+        """Logits (B, L, V), or (num_selected, V) for the positions selected by the bool mask `rows`;
+        `soft_inputs` (indices, weights) replace the input embedding (models.dit.DiT.hidden_states)."""
         if self.trained:
-            return self.engine(x, sigma, rows=rows)
+            return self.engine(x, sigma, rows=rows, soft_inputs=soft_inputs)
         with torch.no_grad():
-            return self.engine(x, sigma, rows=rows)
+            return self.engine(x, sigma, rows=rows, soft_inputs=soft_inputs)
 
-    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
+                      soft_inputs: tuple | None = None) -> torch.Tensor:
         if self.trained:
-            return self.engine(x, sigma, hidden=True)
+            return self.engine(x, sigma, hidden=True, soft_inputs=soft_inputs)
         with torch.no_grad():
-            return self.engine(x, sigma, hidden=True)
+            return self.engine(x, sigma, hidden=True, soft_inputs=soft_inputs)
 
     def head_dtype(self, device: torch.device) -> torch.dtype:
         return self.module.head_dtype(device)

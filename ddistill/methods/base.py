@@ -29,6 +29,7 @@ __all__ = [
     "EvalStudent",
     "global_uniform",
     "global_randint",
+    "row_generators",
 ]
 
 
@@ -155,6 +156,16 @@ def global_randint(ctx: StepContext, high: int, num_rows: int, tail: tuple[int, 
     """Uniform ids in [0, high) of shape (num_rows, *tail), sliced from a global draw like `global_uniform`."""
     ids = torch.randint(high, (ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device)
     return ids[ctx.global_offset : ctx.global_offset + num_rows]
+
+
+def row_generators(ctx: StepContext, num_rows: int) -> list[torch.Generator]:
+    """One generator per sequence of the micro-batch, seeded from (a draw of the step generator, global row index):
+    the same sequence gets the same draws however the global batch is split over ranks and micro-batches."""
+    base = int(torch.randint(2**62, (), generator=ctx.generator, device=ctx.generator.device))
+    return [
+        torch.Generator(device=ctx.device).manual_seed((base * 1_000_003 + ctx.global_offset + r) % (2**63 - 1))
+        for r in range(num_rows)
+    ]
 
 
 def fused_kernel(name: str) -> Callable:

@@ -30,7 +30,7 @@ linspace(1, t_min, N + 1)). With the paper's k = 2, R = 7: the students of
 rounds 0…6 use 512, 256, 128, 64, 32, 16, 8 steps (m = 2^10, k_i = 2^(10−i)). Each round lasts `steps_per_round`
 optimizer steps (10k); at its end the teacher becomes the student (raw weights by default as the reference, or its
 EMA with `teacher_from: ema`); the student keeps training from its weights, the EMA continues, and the optimizer is
-kept unless `reset_optimizer_on_round`. After the last round the schedule stays at the last round's step count
+kept unless `reset_optimizer_on_round` (the shared round mechanism, `methods/rounds.py`). After the last round the schedule stays at the last round's step count
 (the reference `sys.exit`s; set the run's max steps to num_rounds × steps_per_round instead).
 """
 
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from ddistill.diffusion.absorbing import subs_log_probs
 from ddistill.diffusion.schedules import NoiseSchedule, build_schedule, sample_times
 from ddistill.methods import register
-from ddistill.methods.base import Method, NetworkControl, NetworkSpec, StepContext, StepOutput
+from ddistill.methods.base import EvalStudent, Method, NetworkControl, NetworkSpec, StepContext, StepOutput
+from ddistill.methods.rounds import RoundSchedule, RoundTracker
 
 __all__ = [
     "DIVERGENCES",
@@ -275,10 +276,7 @@ class SDTTConfig:
             )
         if self.num_teacher_steps < 2:
             raise ValueError(f"method.num_teacher_steps={self.num_teacher_steps} must be >= 2")
-        if self.num_rounds < 1:
-            raise ValueError(f"method.num_rounds={self.num_rounds} must be >= 1")
-        if self.steps_per_round < 1:
-            raise ValueError(f"method.steps_per_round={self.steps_per_round} must be >= 1")
+        self.round_schedule()  # raises ValueError naming a bad num_rounds / steps_per_round / teacher_from
         if self.initial_teacher_steps % self.num_teacher_steps**self.num_rounds:
             raise ValueError(
                 f"method.initial_teacher_steps={self.initial_teacher_steps} must be divisible by "
@@ -293,9 +291,9 @@ class SDTTConfig:
         """Sampling steps of the student trained in round `round_index` (0-based): N_0 / k^(r+1)."""
         return self.initial_teacher_steps // self.num_teacher_steps ** (round_index + 1)
 
-    def round_of_step(self, step: int) -> int:
-        """The round that optimizer step `step` (0-based) belongs to; the last round extends past its end."""
-        return min(step // self.steps_per_round, self.num_rounds - 1)
+    def round_schedule(self) -> RoundSchedule:
+        return RoundSchedule(num_rounds=self.num_rounds, steps_per_round=self.steps_per_round,
+                             teacher_from=self.teacher_from, reset_optimizer=self.reset_optimizer_on_round)
 
 
 @register
@@ -310,8 +308,17 @@ class SDTT(Method):
             raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.schedule = build_schedule(cfg.schedule, eps=cfg.schedule_eps)
-        self.round = 0
-        self.teacher_updated_at = 0  # number of optimizer steps done when the teacher was last replaced
+        self.rounds = RoundTracker(
+            cfg.round_schedule(),
+            extra_signature={"num_teacher_steps": cfg.num_teacher_steps,
+                             "initial_teacher_steps": cfg.initial_teacher_steps},
+            method="SDTT",
+        )  # fmt: skip
+
+    @property
+    def round(self) -> int:
+        """The current round (0-based)."""
+        return self.rounds.round
 
     # -- networks and schedule ------------------------------------------------------------------------------------
 
@@ -342,12 +349,7 @@ class SDTT(Method):
     # -- one micro-batch ------------------------------------------------------------------------------------------
 
     def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
-        expected = self.cfg.round_of_step(ctx.step)
-        if expected != self.round:
-            raise RuntimeError(
-                f"SDTT is in round {self.round} but optimizer step {ctx.step} belongs to round {expected} "
-                f"(steps_per_round={self.cfg.steps_per_round}); was the method state restored with the checkpoint?"
-            )
+        self.rounds.check_step(ctx.step)
         x0 = batch.to(ctx.device)
         rows, total = slice(ctx.global_offset, ctx.global_offset + x0.shape[0]), ctx.global_batch_size
         # The times and masks of the whole global batch (the same draws on every rank), then this micro-batch's rows.
@@ -434,45 +436,19 @@ class SDTT(Method):
 
     def on_step_end(self, step: int, control: NetworkControl) -> dict:
         """After optimizer step `step` (0-based): at a round boundary the student becomes the teacher."""
-        next_round = self.cfg.round_of_step(step + 1)
-        if next_round == self.round:
+        if not self.rounds.on_step_end(step, control):
             return {}
-        assert next_round == self.round + 1, (self.round, next_round, step)
-        control.copy_weights("teacher", "student", use_ema=self.cfg.teacher_from == "ema")
-        if self.cfg.reset_optimizer_on_round:
-            control.reset_optimizer("student")
-        self.round = next_round
-        self.teacher_updated_at = step + 1
         return {"round": float(self.round), "student_steps": float(self.student_steps)}
+
+    def eval_students(self) -> list[EvalStudent]:
+        """Round r's student (1-based) is the checkpoint at step r·steps_per_round, distilled for N_0/k^r steps."""
+        return self.rounds.eval_students("mdlm", lambda r: self.cfg.student_steps(r - 1))
 
     # -- checkpointing --------------------------------------------------------------------------------------------
 
-    def _schedule_signature(self) -> dict[str, int]:
-        return {
-            "num_teacher_steps": self.cfg.num_teacher_steps,
-            "initial_teacher_steps": self.cfg.initial_teacher_steps,
-            "steps_per_round": self.cfg.steps_per_round,
-            "num_rounds": self.cfg.num_rounds,
-        }
-
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "round": self.round,
-            "student_steps": self.student_steps,
-            "teacher_updated_at": self.teacher_updated_at,
-            **self._schedule_signature(),
-        }
+        return {**self.rounds.state_dict(), "student_steps": self.student_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key, value in self._schedule_signature().items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"method.{key}={value} differs from the checkpoint's {state.get(key)!r}: SDTT's round schedule "
-                    f"cannot change in the middle of a run"
-                )
-        round_index = int(state["round"])
-        if not 0 <= round_index < self.cfg.num_rounds:
-            raise ValueError(f"checkpoint round {round_index} is outside [0, {self.cfg.num_rounds})")
-        self.round = round_index
-        self.teacher_updated_at = int(state["teacher_updated_at"])
+        self.rounds.load_state_dict(state)
         assert self.student_steps == int(state["student_steps"]), (self.student_steps, state["student_steps"])

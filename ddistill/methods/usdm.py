@@ -74,28 +74,36 @@ class USDM(Method):
         replace = global_uniform(ctx, num_rows, (length,)) < (1.0 - alpha)[:, None]
         noise = global_randint(ctx, self.vocab_size, num_rows, (length,))
         xt = torch.where(replace, noise, x0)
-        student = nets["student"]
-        if self._fused is None:
-            logits = student(xt, sigma)
-            loss = duo_elbo_per_token(logits, xt, x0, alpha, alpha_prime).sum() / x0.numel()
-        else:
-            hidden = student.hidden_states(xt, sigma)
-            loss = self._fused(
-                hidden.reshape(-1, hidden.shape[-1]).to(student.head_dtype(hidden.device)),
-                student.output_weight,
-                student.output_bias,
-                xt.reshape(-1),
-                x0.reshape(-1),
-                alpha.repeat_interleave(length).float(),
-                alpha_prime.repeat_interleave(length).float(),
-                self.vocab_size,
-                normalizer=float(x0.numel()),
-                impl="triton",
-            )
+        loss = self.elbo(nets["student"], xt, x0, alpha, alpha_prime, sigma)
         return StepOutput(
             losses={"student": loss},
             metrics={"nll": loss.detach(), "corrupt_rate": (xt != x0).float().mean()},
             num_tokens=x0.numel(),
+        )
+
+    def elbo(self, student, xt: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor, alpha_prime: torch.Tensor,
+             sigma: torch.Tensor, *, net_input: torch.Tensor | None = None,
+             soft_inputs: tuple | None = None) -> torch.Tensor:
+        """Σ_l f_Duo(x_θ, x_t, x0) / (B·L), x_θ the student at (x_t, σ) — or at `net_input` / `soft_inputs` when
+        given (the DUO curriculum's soft inputs) —, from the logits (torch) or fused from the hidden states
+        (`loss_impl: triton`: no (B, L, V) logits)."""
+        length = x0.shape[1]
+        x_in = xt if net_input is None else net_input
+        extra = {} if soft_inputs is None else {"soft_inputs": soft_inputs}
+        if self._fused is None:
+            return duo_elbo_per_token(student(x_in, sigma, **extra), xt, x0, alpha, alpha_prime).sum() / x0.numel()
+        hidden = student.hidden_states(x_in, sigma, **extra)
+        return self._fused(
+            hidden.reshape(-1, hidden.shape[-1]).to(student.head_dtype(hidden.device)),
+            student.output_weight,
+            student.output_bias,
+            xt.reshape(-1),
+            x0.reshape(-1),
+            alpha.repeat_interleave(length).float(),
+            alpha_prime.repeat_interleave(length).float(),
+            self.vocab_size,
+            normalizer=float(x0.numel()),
+            impl="triton",
         )
 
     def sampler_spec(self) -> dict:

@@ -3,6 +3,8 @@
 Architecture of MDLM (Sahoo et al., arXiv 2406.07524) as reused by SDTT (arXiv 2410.21035) and DUO (arXiv 2506.10892):
 
     h_0   = E[x]                       (ids)   or   softmax(x, -1) @ E   in fp32   (soft input, DUO curriculum)
+            or Σ_j w_j E[i_j]          (soft_inputs = (indices, weights) pairs, fp32 embedding_bag: the low-memory
+                                        DUO curriculum feeds the few coordinates that carry its tempered softmax)
     c     = SiLU(MLP(φ(σ)))            φ(σ) = [cos(σ f_i), sin(σ f_i)]_{i<128}, f_i = 10000^{-i/128};
                                        σ = -log α_t (zeroed when time conditioning is off, as in MDLM)
     block: (s1, a1, g1, s2, a2, g2) = W_ada c
@@ -39,6 +41,7 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float3
 TIME_FEATURES = 256  # sinusoidal features of σ (cos half first, then sin half)
 ROPE_BASE = 10_000.0
 MLP_RATIO = 4
+SoftInputs = tuple[torch.Tensor, torch.Tensor]  # (indices, weights), both (B, L, J)
 
 
 @dataclass(kw_only=True)
@@ -283,7 +286,7 @@ class OutputLayer(nn.Module):
 
 
 class EmbeddingLayer(nn.Module):
-    """Raw (V, d) embedding: ids → E[x]; float (B, L, V) → softmax(x, -1) @ E in fp32."""
+    """Raw (V, d) embedding: ids → E[x]; float (B, L, V) → softmax(x, -1) @ E in fp32; `bag` → Σ_j w_j E[i_j]."""
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
@@ -295,6 +298,17 @@ class EmbeddingLayer(nn.Module):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return torch.softmax(x.float(), dim=-1) @ self.embedding.float()
         return self.embedding[x]
+
+    def bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, L, J) ids and weights → (B, L, d) Σ_j w_j E[i_j] in fp32 (one embedding_bag; no (B, L, V) tensor)."""
+        if indices.shape != weights.shape or indices.ndim != 3:
+            raise ValueError(f"soft_inputs: indices {tuple(indices.shape)} and weights {tuple(weights.shape)} "
+                             "must both be (B, L, J)")
+        b, l, j = indices.shape
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            out = F.embedding_bag(indices.reshape(b * l, j), self.embedding.float(),
+                                  per_sample_weights=weights.reshape(b * l, j).float(), mode="sum")
+        return out.view(b, l, -1)
 
 
 class DiT(nn.Module):
@@ -362,11 +376,22 @@ class DiT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.silu(self.sigma_map(sigma))
 
-    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, d): the input of the output linear (final LN + adaLN modulation), fp32 from the fp32 LN."""
+    def hidden_states(
+        self, x: torch.Tensor, sigma: torch.Tensor | None = None, soft_inputs: SoftInputs | None = None
+    ) -> torch.Tensor:
+        """(B, L, d): the input of the output linear (final LN + adaLN modulation), fp32 from the fp32 LN.
+
+        `soft_inputs` = (indices, weights), both (B, L, J): the input embedding of position l is
+        Σ_j weights[l, j]·E[indices[l, j]] instead of E[x[l]] (x then only gives the shape)."""
         if x.ndim == 3 and x.shape[-1] != self.vocab_size:
             raise ValueError(f"soft input must have last dim vocab_size={self.vocab_size}, got {x.shape[-1]}")
-        h = self.vocab_embed(x)
+        if soft_inputs is None:
+            h = self.vocab_embed(x)
+        else:
+            indices, weights = soft_inputs
+            if indices.shape[:2] != x.shape[:2]:
+                raise ValueError(f"soft_inputs of shape {tuple(indices.shape)} do not match x {tuple(x.shape)}")
+            h = self.vocab_embed.bag(indices, weights)
         c = self._conditioning(x, sigma)
         cos, sin = self.rotary_emb.cos_sin(x.shape[1], x.device)
         with self._autocast(x.device):
@@ -375,15 +400,19 @@ class DiT(nn.Module):
             return self.output_layer.hidden(h, c)
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        soft_inputs: SoftInputs | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU.
 
         `rows` (a (B, L) bool mask) applies the output layer to the selected positions only and returns
         (num_selected, vocab_size): the masked-diffusion losses read masked positions only, and the output layer is
-        most of the cost of a small model at V = 50258.
+        most of the cost of a small model at V = 50258. `soft_inputs`: see `hidden_states`.
         """
-        h = self.hidden_states(x, sigma)
+        h = self.hidden_states(x, sigma, soft_inputs)
         if rows is not None:
             if rows.shape != x.shape[:2]:
                 raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")
