@@ -262,5 +262,7 @@ def get_encoder(name: str = "gpt2") -> Callable[[Sequence[str], int], list[list[
 
     from ddistill.data.classics_bpe import classics_bpe_dir
 
-    tok = Tokenizer.from_file(str(classics_bpe_dir(spec.vocab_size) / "tokenizer.json"))
+    # Without its added tokens, like tiktoken's encode_ordinary: "<|endoftext|>" in a document is plain text.
+    layout = json.loads((classics_bpe_dir(spec.vocab_size) / "tokenizer.json").read_text())
+    tok = Tokenizer.from_str(json.dumps({**layout, "added_tokens": []}))
     return lambda texts, num_threads: [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
