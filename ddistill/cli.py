@@ -55,6 +55,16 @@ def _load(args):
     return model.to(_device(args.device)), cfg
 
 
+def _model_tokenizer(checkpoint: str, vocab_size: int):
+    """The checkpoint's own tokenizer; a model/tokenizer vocabulary mismatch is one line, no traceback."""
+    from ddistill.eval.decode import load_model_tokenizer
+
+    try:
+        return load_model_tokenizer(checkpoint, vocab_size)
+    except ValueError as err:
+        raise SystemExit(f"ddistill: {err}") from None
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="public-layout checkpoint: HF directory, Lightning .ckpt, or hub id")
     p.add_argument("--process", choices=("auto", "absorbing", "uniform"), default="auto")
@@ -86,7 +96,6 @@ def cmd_sample(argv: Sequence[str]) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from ddistill.data.tokenizer import get_tokenizer
     from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
     from ddistill.eval.decode import decode_samples
 
@@ -94,7 +103,7 @@ def cmd_sample(argv: Sequence[str]) -> None:
     model, cfg = _load(args)
     device = next(model.parameters()).device
     length = args.length or cfg.length
-    tokenizer = get_tokenizer()
+    tokenizer = _model_tokenizer(args.checkpoint, cfg.vocab_size)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     records = []
     for start in range(0, args.num_samples, args.batch_size):
@@ -133,17 +142,17 @@ def cmd_eval(argv: Sequence[str]) -> None:
     p.add_argument("--mauve-prompts", type=int, default=256)
     p.add_argument("--out-dir", default="runs/eval")
     args = p.parse_args(argv)
-    from ddistill.data.tokenizer import get_tokenizer
     from ddistill.diffusion import LogLinearSchedule
     from ddistill.eval.judge import load_judge
     from ddistill.eval.sample_eval import evaluate_sampler
 
     process = _process_of(args.checkpoint, args.process)
     model, cfg = _load(args)
+    tokenizer = _model_tokenizer(args.checkpoint, cfg.vocab_size)
     references = _read_references(args.mauve_reference) if args.mauve_reference else None
     rows = evaluate_sampler(
         model, process=process, steps_list=args.steps, num_samples=args.num_samples, batch_size=args.batch_size,
-        judge=load_judge(args.judge), tokenizer=get_tokenizer(), seed=args.seed, out_dir=args.out_dir,
+        judge=load_judge(args.judge), tokenizer=tokenizer, seed=args.seed, out_dir=args.out_dir,
         label=args.label or Path(args.checkpoint).name, length=args.length or cfg.length,
         vocab_size=cfg.vocab_size, schedule=LogLinearSchedule(),
         mask_id=cfg.vocab_size - 1 if process == "absorbing" else None,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddistill.data.classics import classics_files
+from ddistill.data.tokenizer import tokenizer_spec
 
 __all__ = ["DATASETS", "SPLITS", "DataConfig", "load_documents", "local_source_files"]
 
@@ -56,7 +57,7 @@ class DataConfig:
     block_size: int = 1024
     wrap: bool = True  # pack documents + EOS into blocks; False: one document per block, padded
     insert_eos: bool = True  # wrap mode: EOS after every document
-    tokenizer: str = "gpt2"
+    tokenizer: str = "gpt2"  # "gpt2" or "classics-bpe-<V>" (ddistill.data.tokenizer); model.vocab_size must match
     max_documents: int | None = None  # keep only the first N documents of each split (quick runs)
     cache_dir: str | None = None  # token cache root (default: cache_dir()/tokens)
     datasets_cache_dir: str | None = None  # HF datasets cache (default: HF_DATASETS_CACHE)
@@ -74,6 +75,10 @@ class DataConfig:
             raise ValueError("dataset 'classics' is built from registry assets; path/valid_path must be None")
         if self.sample_by not in SAMPLE_BY:
             raise ValueError(f"sample_by={self.sample_by!r}; allowed: {SAMPLE_BY}")
+        try:
+            tokenizer_spec(self.tokenizer)
+        except ValueError as err:
+            raise ValueError(f"data.tokenizer: {err}") from None
         if self.block_size < 3:
             raise ValueError(f"block_size={self.block_size} must be >= 3 (BOS + at least one token + EOS)")
         if self.valid_documents is not None and self.valid_documents < 1:

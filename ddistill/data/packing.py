@@ -2,12 +2,14 @@
 
 Wrapped mode (MDLM/DUO ``wrap=True``, arXiv 2406.07524 §C): the token stream
 ``doc_1 EOS doc_2 EOS …`` (EOS after each document when ``insert_eos``) is cut into consecutive chunks of
-``L − 2`` tokens and each chunk is framed as ``[BOS] chunk [EOS]`` (GPT-2: BOS = EOS = 50256); the final
-partial chunk is dropped. Unwrapped mode: each document becomes ``[BOS] doc[:L−2] [EOS]`` followed by PAD
-(= MASK id 50257, which the GPT-2 BPE never emits), so ``valid = ids != PAD``.
+``L − 2`` tokens and each chunk is framed as ``[BOS] chunk [EOS]`` (BOS = EOS = the tokenizer's EOS id, GPT-2:
+50256); the final partial chunk is dropped. Unwrapped mode: each document becomes ``[BOS] doc[:L−2] [EOS]``
+followed by PAD (= the MASK id, the tokenizer's last id, GPT-2: 50257, which the BPE never emits), so
+``valid = ids != PAD``. ``data.tokenizer`` names the tokenizer (``gpt2`` or ``classics-bpe-<V>``,
+:mod:`ddistill.data.tokenizer`).
 Documents that are empty or whitespace-only are skipped in both modes.
 
-The blocks are stored as ``uint16`` (the 50,258-id vocabulary fits) in
+The blocks are stored as ``uint16`` (every allowed vocabulary, at most 65,536 ids, fits) in
 ``<cache>/tokens/<dataset>-<split>-L<L>-<wrap|pad>-<key>.npy`` where ``key`` hashes everything that
 determines the ids (dataset, split, tokenizer fingerprint, block size, wrap/EOS flags, document limit and
 the source files' sizes and mtimes, or the HF dataset fingerprint). The ``.npy`` is streamed into a
@@ -28,7 +30,7 @@ import numpy as np
 from ddistill.data.assets import cache_dir as default_cache_dir
 from ddistill.data.assets import sha256_file
 from ddistill.data.corpora import DataConfig, load_documents, local_source_files
-from ddistill.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, get_encoding, tokenizer_fingerprint
+from ddistill.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, get_encoder, tokenizer_fingerprint, tokenizer_spec
 
 __all__ = ["TokenBlocks", "pack_wrapped", "pack_unwrapped", "build_token_blocks", "token_cache_path"]
 
@@ -36,8 +38,6 @@ STORAGE_DTYPE = np.uint16
 _HEADER_BYTES = 128  # fixed .npy header slot, rewritten with the final shape once all blocks are known
 _FORMAT_VERSION = 1
 _ENCODE_BATCH = 512
-
-assert VOCAB_SIZE <= np.iinfo(STORAGE_DTYPE).max + 1
 
 
 def pack_wrapped(docs: Iterable[list[int]], block_size: int, *, insert_eos: bool = True,
@@ -77,14 +77,15 @@ def pack_unwrapped(docs: Iterable[list[int]], block_size: int, *, bos_id: int = 
 class _NpyStreamWriter:
     """Append rows to a ``.npy`` whose row count is unknown until the end (fixed-size header slot)."""
 
-    def __init__(self, path: Path, width: int) -> None:
-        self.path, self.width, self.rows = path, width, 0
+    def __init__(self, path: Path, width: int, vocab_size: int) -> None:
+        assert vocab_size <= np.iinfo(STORAGE_DTYPE).max + 1
+        self.path, self.width, self.vocab_size, self.rows = path, width, vocab_size, 0
         self.file = open(path, "wb")
         self.file.write(b"\0" * _HEADER_BYTES)
 
     def write(self, rows: np.ndarray) -> None:
         assert rows.ndim == 2 and rows.shape[1] == self.width
-        assert rows.min() >= 0 and rows.max() < VOCAB_SIZE
+        assert rows.min() >= 0 and rows.max() < self.vocab_size
         self.file.write(np.ascontiguousarray(rows, dtype=STORAGE_DTYPE).tobytes())
         self.rows += rows.shape[0]
 
@@ -125,10 +126,14 @@ class TokenBlocks:
         """Blocks as int64 (an int gives one row, a slice or index array gives a 2-D array)."""
         return np.asarray(self.blocks[index], dtype=np.int64)
 
-    @staticmethod
-    def valid_mask(ids: np.ndarray) -> np.ndarray:
+    @property
+    def pad_id(self) -> int:
+        """The PAD (= [MASK]) id of the blocks' tokenizer."""
+        return tokenizer_spec(self.meta["tokenizer"]).mask_id
+
+    def valid_mask(self, ids: np.ndarray) -> np.ndarray:
         """True where a position holds a real token (PAD only occurs in unwrapped mode)."""
-        return ids != PAD_ID
+        return ids != self.pad_id
 
     def __repr__(self) -> str:
         return f"TokenBlocks({self.meta['dataset']}/{self.meta['split']}, {len(self)}x{self.block_size}, {self.path})"
@@ -152,7 +157,7 @@ def _source_key(cfg: DataConfig, files: list[str]) -> dict:
 
 def _cache_key(cfg: DataConfig, split: str, source: object) -> dict:
     return {"format": _FORMAT_VERSION, "dataset": cfg.dataset, "split": split, "tokenizer": cfg.tokenizer,
-            "tokenizer_fingerprint": tokenizer_fingerprint(), "block_size": cfg.block_size, "wrap": cfg.wrap,
+            "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer), "block_size": cfg.block_size, "wrap": cfg.wrap,
             "insert_eos": cfg.insert_eos if cfg.wrap else None, "max_documents": cfg.max_documents,
             "valid_documents": cfg.valid_documents, "sample_by": cfg.sample_by, "text_field": cfg.text_field,
             "source": source}
@@ -165,14 +170,14 @@ def token_cache_path(cfg: DataConfig, split: str, key: dict) -> Path:
     return root / f"{cfg.dataset}-{split}-L{cfg.block_size}-{mode}-{digest}.npy"
 
 
-def _encode_documents(ds, num_threads: int, progress: bool, stats: dict) -> Iterator[list[int]]:
+def _encode_documents(ds, tokenizer: str, num_threads: int, progress: bool, stats: dict) -> Iterator[list[int]]:
     from tqdm.auto import tqdm
 
-    enc = get_encoding()
+    encode = get_encoder(tokenizer)
     with tqdm(total=len(ds), desc="tokenising", unit="doc", disable=not progress) as bar:
         for batch in ds.iter(batch_size=_ENCODE_BATCH):
             texts = [t for t in batch["text"] if t and not t.isspace()]
-            for ids in enc.encode_ordinary_batch(texts, num_threads=num_threads):
+            for ids in encode(texts, num_threads):
                 stats["documents"] += 1
                 stats["tokens"] += len(ids)
                 yield ids
@@ -181,8 +186,7 @@ def _encode_documents(ds, num_threads: int, progress: bool, stats: dict) -> Iter
 
 def build_token_blocks(cfg: DataConfig, split: str, *, progress: bool = False) -> TokenBlocks:
     """Tokenise and pack ``split`` of ``cfg``'s dataset (or load it from the token cache)."""
-    if cfg.tokenizer != "gpt2":
-        raise ValueError(f"tokenizer {cfg.tokenizer!r} is not supported; the only allowed value is 'gpt2'")
+    spec = tokenizer_spec(cfg.tokenizer)
     files = local_source_files(cfg, split)
     ds = None
     if files is not None:
@@ -199,10 +203,11 @@ def build_token_blocks(cfg: DataConfig, split: str, *, progress: bool = False) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     stats = {"documents": 0, "tokens": 0}
-    docs = _encode_documents(ds, cfg.num_proc or os.cpu_count() or 1, progress, stats)
-    chunks = (pack_wrapped(docs, cfg.block_size, insert_eos=cfg.insert_eos) if cfg.wrap
-              else pack_unwrapped(docs, cfg.block_size))
-    writer = _NpyStreamWriter(tmp, cfg.block_size)
+    docs = _encode_documents(ds, cfg.tokenizer, cfg.num_proc or os.cpu_count() or 1, progress, stats)
+    chunks = (pack_wrapped(docs, cfg.block_size, insert_eos=cfg.insert_eos, bos_id=spec.eos_id, eos_id=spec.eos_id)
+              if cfg.wrap else
+              pack_unwrapped(docs, cfg.block_size, bos_id=spec.eos_id, eos_id=spec.eos_id, pad_id=spec.mask_id))
+    writer = _NpyStreamWriter(tmp, cfg.block_size, spec.vocab_size)
     try:
         for chunk in chunks:
             writer.write(chunk)

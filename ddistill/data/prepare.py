@@ -9,16 +9,16 @@ from __future__ import annotations
 from ddistill.data.classics import classics_dir
 from ddistill.data.corpora import SPLITS, DataConfig
 from ddistill.data.packing import TokenBlocks, build_token_blocks
-from ddistill.data.tokenizer import gpt2_tokenizer_dir
+from ddistill.data.tokenizer import get_tokenizer
 
 __all__ = ["prepare"]
 
 
 def prepare(cfg: DataConfig, splits: tuple[str, ...] = SPLITS, *, progress: bool = True) -> dict[str, TokenBlocks]:
     """Fetch what ``cfg`` needs, build the token blocks of each split and return them (printing a summary)."""
-    gpt2_tokenizer_dir()  # HF tokenizer files, used by models / eval through get_tokenizer()
-    if cfg.dataset == "classics":
-        classics_dir()
+    if cfg.dataset == "classics" or cfg.tokenizer != "gpt2":
+        classics_dir()  # the corpus, and the train split that a classics BPE is trained on
+    get_tokenizer(cfg.tokenizer)  # builds the HF tokenizer files used by models / eval
     out = {}
     for split in splits:
         blocks = build_token_blocks(cfg, split, progress=progress)

@@ -15,6 +15,12 @@ Diffusion LMs add one absorbing/padding token: ``[MASK]`` = 50257, so the model 
 (MDLM/DUO, arXiv 2406.07524 / 2506.10892). ``get_encoding()`` returns a tiktoken ``Encoding`` with the
 same ranks and the r50k pre-tokenisation regex, used for fast corpus tokenisation; both paths give
 identical ids.
+
+Tokenizers are named by ``data.tokenizer``: ``gpt2`` (above; the public checkpoints' vocabulary) or
+``classics-bpe-<V>`` (a byte-level BPE of ``V`` ids trained on the classics train split,
+:mod:`ddistill.data.classics_bpe`, for small CPU models). Every tokenizer ends with EOS (= BOS) and then
+``[MASK]`` (= PAD): ``mask_id = V - 1`` is the last id, as the engine assumes. :func:`tokenizer_spec` gives
+these ids from the name alone (no build), :func:`check_vocab_size` is the one model/tokenizer mismatch error.
 """
 
 from __future__ import annotations
@@ -23,11 +29,18 @@ import base64
 import functools
 import hashlib
 import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ddistill.data.assets import cache_dir, gpt2_tiktoken_path, publish_dir
 
 __all__ = [
+    "TokenizerSpec",
+    "tokenizer_spec",
+    "check_vocab_size",
+    "get_encoder",
     "BOS_ID",
     "EOS_ID",
     "MASK_ID",
@@ -51,6 +64,47 @@ MASK_TOKEN = "[MASK]"
 # tiktoken's r50k_base / GPT-2 pre-tokenisation pattern.
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 _FORMAT_VERSION = 1
+CLASSICS_BPE = re.compile(r"^classics-bpe-(\d+)$")
+CLASSICS_BPE_SIZES = (512, 65536)  # at least a few hundred merges; ids must fit the uint16 token cache
+TOKENIZER_NAMES = ("gpt2", "classics-bpe-<V>")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The ids a tokenizer name implies: ``vocab_size`` ids, EOS (= BOS) and then [MASK] (= PAD) last."""
+
+    name: str
+    vocab_size: int
+
+    @property
+    def eos_id(self) -> int:
+        return self.vocab_size - 2
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size - 1
+
+
+def tokenizer_spec(name: str) -> TokenizerSpec:
+    """Validate a ``data.tokenizer`` name and return its ids (cheap: nothing is built or read)."""
+    if name == "gpt2":
+        return TokenizerSpec(name, VOCAB_SIZE)
+    match = CLASSICS_BPE.match(name) if isinstance(name, str) else None
+    lo, hi = CLASSICS_BPE_SIZES
+    if match is None or not lo <= int(match.group(1)) <= hi:
+        raise ValueError(f"tokenizer {name!r} is not known; allowed: 'gpt2' or 'classics-bpe-<V>' with "
+                         f"{lo} <= V <= {hi} ids in all (e.g. 'classics-bpe-4096')")
+    return TokenizerSpec(name, int(match.group(1)))
+
+
+def check_vocab_size(name: str, vocab_size: int, *, what: str) -> TokenizerSpec:
+    """Raise one ValueError when a model of ``vocab_size`` ids (``what`` names it) does not fit tokenizer ``name``."""
+    spec = tokenizer_spec(name)
+    if vocab_size != spec.vocab_size:
+        raise ValueError(f"{what} has a vocabulary of {vocab_size} ids but its tokenizer {name!r} has "
+                         f"{spec.vocab_size} (EOS {spec.eos_id}, [MASK] {spec.mask_id}); a model decodes only "
+                         f"with the tokenizer it was trained with (model.vocab_size and data.tokenizer must agree)")
+    return spec
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -136,8 +190,15 @@ def gpt2_tokenizer_dir() -> Path:
 
 
 @functools.cache
-def tokenizer_fingerprint() -> str:
-    """Identifies the token ids: the sha256 of the BPE ranks file plus the added-token layout."""
+def tokenizer_fingerprint(name: str = "gpt2") -> str:
+    """Identifies the token ids of ``name``.
+
+    GPT-2: the sha256 of the BPE ranks file plus the added-token layout; classics BPE: of its ``tokenizer.json``.
+    """
+    if tokenizer_spec(name).name != "gpt2":
+        from ddistill.data.classics_bpe import classics_bpe_dir, fingerprint_of
+
+        return fingerprint_of(classics_bpe_dir(tokenizer_spec(name).vocab_size) / "tokenizer.json")
     digest = hashlib.sha256(gpt2_tiktoken_path().read_bytes())
     digest.update(f"{EOS_ID},{MASK_ID},{VOCAB_SIZE},v{_FORMAT_VERSION}".encode())
     return digest.hexdigest()[:16]
@@ -154,13 +215,23 @@ def _hub_cached_gpt2():
 
 
 def get_tokenizer(name: str = "gpt2"):
-    """The GPT-2 fast tokenizer plus ``[MASK]`` (id 50257, also the pad token); ``len == 50258``.
+    """The fast tokenizer named ``name`` plus ``[MASK]`` (the last id, also the pad token).
 
-    Uses a locally cached hub ``gpt2`` when present, else the files generated from ``gpt2.tiktoken``.
+    ``gpt2``: ``len == 50258``, from a locally cached hub ``gpt2`` when present, else the files generated from
+    ``gpt2.tiktoken``. ``classics-bpe-<V>``: ``len == V``, trained on first use (:mod:`ddistill.data.classics_bpe`).
     """
-    if name != "gpt2":
-        raise ValueError(f"tokenizer name {name!r} is not supported; the only allowed value is 'gpt2'")
+    spec = tokenizer_spec(name)
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if spec.name != "gpt2":
+        from ddistill.data.classics_bpe import classics_bpe_dir
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(classics_bpe_dir(spec.vocab_size) / "tokenizer.json"),
+                                      bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=None,
+                                      mask_token=MASK_TOKEN, pad_token=MASK_TOKEN, model_max_length=1024)
+        assert tok.eos_token_id == tok.bos_token_id == spec.eos_id and len(tok) == spec.vocab_size
+        assert tok.mask_token_id == tok.pad_token_id == spec.mask_id
+        return tok
 
     tok = _hub_cached_gpt2() or AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir()))
     assert isinstance(tok, PreTrainedTokenizerFast), type(tok)
@@ -179,3 +250,19 @@ def get_encoding():
     ranks = _load_ranks(gpt2_tiktoken_path())
     return tiktoken.Encoding("gpt2-ddistill", pat_str=R50K_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOS_TOKEN: EOS_ID}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+def get_encoder(name: str = "gpt2") -> Callable[[Sequence[str], int], list[list[int]]]:
+    """``encode(texts, num_threads) -> ids`` of tokenizer ``name`` without special tokens (corpus tokenisation)."""
+    spec = tokenizer_spec(name)
+    if spec.name == "gpt2":
+        enc = get_encoding()
+        return lambda texts, num_threads: enc.encode_ordinary_batch(list(texts), num_threads=num_threads)
+    from tokenizers import Tokenizer
+
+    from ddistill.data.classics_bpe import classics_bpe_dir
+
+    # Without its added tokens, like tiktoken's encode_ordinary: "<|endoftext|>" in a document is plain text.
+    layout = json.loads((classics_bpe_dir(spec.vocab_size) / "tokenizer.json").read_text())
+    tok = Tokenizer.from_str(json.dumps({**layout, "added_tokens": []}))
+    return lambda texts, num_threads: [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]

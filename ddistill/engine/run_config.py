@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 
 from ddistill.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ddistill.data.corpora import DataConfig
+from ddistill.data.tokenizer import check_vocab_size
 from ddistill.methods import available_methods, get_method
 from ddistill.models.dit import ModelConfig, resolve_model_config
 
@@ -170,6 +171,10 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
         sections["model"] = resolve_model_config(sections["model"])
     except ValueError as err:
         raise ConfigError(str(err) if "model." in str(err) else f"model: {err}") from err
+    try:
+        check_vocab_size(sections["data"].tokenizer, sections["model"].vocab_size, what="model.vocab_size")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     method = dict(data["method"]) if isinstance(data["method"], Mapping) else None
     if method is None or "name" not in method:
         raise ConfigError(f"method.name is required; available methods: {available_methods()}")

@@ -160,8 +160,13 @@ class Trainer:
         if spec.init == "pretrained":
             if not self.cfg.init_from:
                 raise ConfigError(f"network {name!r} has init='pretrained' but init_from is not set")
-            from ddistill.models.checkpoints import load_pretrained
+            from ddistill.models.checkpoints import checkpoint_tokenizer, load_pretrained
 
+            trained_with = checkpoint_tokenizer(self.cfg.init_from)
+            if trained_with != self.cfg.data.tokenizer:
+                raise ConfigError(f"init_from={self.cfg.init_from} was trained with tokenizer {trained_with!r} but "
+                                  f"data.tokenizer={self.cfg.data.tokenizer!r}; set data.tokenizer={trained_with} "
+                                  f"(and model.vocab_size to match)")
             overrides = {"autocast_dtype": "bfloat16" if self.bf16 else "float32", **spec.model_overrides}
             model, _ = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
             return model
@@ -418,7 +423,7 @@ class Trainer:
                 for pname, param in model.named_parameters():
                     param.copy_(state[pname])
             flavor = "mdlm" if self.method.sampler_spec().get("process") == "absorbing" else "duo"
-            save_pretrained(model, out, flavor=flavor)
+            save_pretrained(model, out, flavor=flavor, tokenizer=self.cfg.data.tokenizer)
         barrier()
         return out
 

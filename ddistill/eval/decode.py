@@ -1,11 +1,28 @@
 """Token ids -> text for judging: decode with the diffusion model's tokenizer, keeping special tokens such as
 ``<|endoftext|>`` (the judge's first-EOS rule needs them) and dropping only the [MASK] id, which a finished sample
 should not contain but a few-step sampler can leave behind (DUO, arXiv 2506.10892, §5 of our reference notes).
+The tokenizer is the one the checkpoint records (``load_model_tokenizer``), never assumed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def load_model_tokenizer(checkpoint: str | Path, vocab_size: int):
+    """The tokenizer whose ids the model at ``checkpoint`` (with ``vocab_size`` logit columns) reads and writes.
+
+    Its name comes from the checkpoint (``models.checkpoints.checkpoint_tokenizer``: GPT-2 for public checkpoints);
+    a model whose vocabulary does not fit it raises one ValueError naming both sizes.
+    """
+    from ddistill.data.tokenizer import check_vocab_size, get_tokenizer
+    from ddistill.models.checkpoints import checkpoint_tokenizer
+
+    name = checkpoint_tokenizer(checkpoint)
+    check_vocab_size(name, vocab_size, what=f"checkpoint {checkpoint}")
+    return get_tokenizer(name)
 
 
 def decode_samples(token_ids: torch.Tensor, tokenizer, mask_id: int | None = None) -> list[str]:

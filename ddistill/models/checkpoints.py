@@ -119,8 +119,12 @@ def load_backbone_state(model: DiT, state: Mapping[str, torch.Tensor], *, source
     assert not result.missing_keys and not result.unexpected_keys
 
 
-def save_pretrained(model: DiT, out_dir: str | Path, flavor: str = "mdlm") -> Path:
-    """Write `config.json` + `model.safetensors` (keys `backbone.*`, public unpadded shapes) in the HF layout."""
+def save_pretrained(model: DiT, out_dir: str | Path, flavor: str = "mdlm", *, tokenizer: str = "gpt2") -> Path:
+    """Write `config.json` + `model.safetensors` (keys `backbone.*`, public unpadded shapes) in the HF layout.
+
+    `config.json` also names the `tokenizer` the ids belong to (a `data.tokenizer` name; read back by
+    `checkpoint_tokenizer`).
+    """
     if flavor not in FLAVORS:
         raise ValueError(f"flavor={flavor!r}; allowed values: {list(FLAVORS)}")
     cfg = model.config
@@ -137,6 +141,7 @@ def save_pretrained(model: DiT, out_dir: str | Path, flavor: str = "mdlm") -> Pa
         "dropout": cfg.dropout,
         "time_conditioning": cfg.time_conditioning,
         "causal": cfg.causal,
+        "tokenizer": tokenizer,
     }
     if flavor == "duo":
         config["var_min"] = True
@@ -144,6 +149,24 @@ def save_pretrained(model: DiT, out_dir: str | Path, flavor: str = "mdlm") -> Pa
     tensors = {PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def checkpoint_tokenizer(path: str | Path) -> str:
+    """The tokenizer name (`data.tokenizer`) whose ids a checkpoint's model reads and writes.
+
+    Our exports record it in `config.json` (`tokenizer`), training checkpoint directories in `config.yaml`
+    (`data.tokenizer`); public MDLM/DUO/SDTT checkpoints and Lightning files record none and use GPT-2's.
+    """
+    local = Path(path)
+    if (local / "config.json").is_file():
+        config = json.loads((local / "config.json").read_text())
+        name = config.get("tokenizer") if "model_type" in config else None  # not an sdtt branch's run config
+        return name if isinstance(name, str) else "gpt2"
+    if (local / "config.yaml").is_file():
+        from ddistill.config import load_yaml
+
+        return load_yaml(local / "config.yaml").get("data", {}).get("tokenizer", "gpt2")
+    return "gpt2"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
