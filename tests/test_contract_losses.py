@@ -1,0 +1,78 @@
+"""The widened engine/method contract (per-network optimizers, phases, output role) leaves the numbers of the
+existing methods unchanged: MDLM, USDM and SDTT train through the real engine (CPU, one rank, gradient
+accumulation 2) with the same fixed-seed losses and gradient norms as before the change.
+
+The expected values were recorded with the code of commit b32b987 (before the contract change), on CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddistill.engine.run_config import run_config_from_dict
+from ddistill.engine.trainer import Trainer
+from ddistill.models.checkpoints import save_pretrained
+from ddistill.models.dit import ModelConfig, build_model
+
+VOCAB, LENGTH = 37, 16
+
+# (loss/student, grad_norm/student) of steps 0, 1, 2, recorded before the contract change
+EXPECTED = {
+    "mdlm": [("0x1.6b755b0000000p+1", "0x1.6363320000000p+0"), ("0x1.d544ff0000000p+1", "0x1.7f216c0000000p+0"),
+             ("0x1.ae3f220000000p+1", "0x1.40fcce0000000p+0")],
+    "usdm": [("0x1.4cf6890000000p+1", "0x1.45041e0000000p+0"), ("0x1.ef7af40000000p+1", "0x1.cbc0360000000p+0"),
+             ("0x1.8a3c6b0000000p+1", "0x1.69f4d20000000p+0")],
+    "sdtt": [("0x1.19a99d8000000p-16", "0x1.825c380000000p-6"), ("0x1.2be09b0000000p-3", "0x1.b2e0200000000p+2"),
+             ("0x1.896da80000000p-14", "0x1.2fa0340000000p-4")],
+}
+
+
+def _teacher_dir(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="test", vocab_size=VOCAB, length=LENGTH, dropout=0.0, time_conditioning=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return save_pretrained(model, tmp_path / "teacher", flavor="mdlm")
+
+
+def _config(tmp_path, method: dict, init_from=None):
+    return run_config_from_dict(
+        {
+            "model": {"size": "test", "vocab_size": VOCAB, "length": LENGTH, "dropout": 0.1,
+                      "time_conditioning": method["name"] == "usdm"},
+            "data": {"dataset": "classics", "block_size": LENGTH},
+            "method": method,
+            "optim": {"lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.01, "grad_clip": 0.5},
+            "train": {"max_steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": str(tmp_path / "run"),
+                      "ckpt_every": 100, "device": "cpu", "export_final": False, "ema_decay": 0.9, "seed": 7},
+            "logging": {"wandb": "disabled", "progress_bar": False, "jsonl": False},
+            "init_from": None if init_from is None else str(init_from),
+        }
+    )
+
+
+def _run(tmp_path, name):
+    init = None
+    method = {"name": name}
+    if name == "sdtt":
+        init = _teacher_dir(tmp_path)
+        method.update(initial_teacher_steps=16, num_rounds=3, steps_per_round=2, t_min=0.05)
+    trainer = Trainer(_config(tmp_path, method, init), train_blocks=np.random.default_rng(0).integers(
+        0, VOCAB - 1, size=(32, LENGTH), dtype=np.int64))
+    out = []
+    for _ in range(3):
+        metrics = trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
+        out.append((metrics["loss/student"], metrics["grad_norm/student"]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_fixed_seed_losses_unchanged_by_the_contract(tmp_path, name):
+    got = _run(tmp_path, name)
+    for (loss, norm), (want_loss, want_norm) in zip(got, EXPECTED[name]):
+        assert loss == pytest.approx(float.fromhex(want_loss), rel=1e-6)
+        assert norm == pytest.approx(float.fromhex(want_norm), rel=1e-6)
