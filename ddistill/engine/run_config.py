@@ -6,6 +6,10 @@ YAML layout (see configs/experiments/*.yaml)::
     method:    {name: <registered method>, ...its Config fields}
     optim:     OptimConfig        train: TrainConfig        deepspeed: DeepSpeedConfig
     logging:   LoggingConfig      init_from: checkpoint path or null
+    networks:  {<trained network of the method>: {optim: {...OptimConfig overrides}}}
+
+Each trained network's optimizer is `RunConfig.network_optim(name, spec)`: the `optim` section, overridden by the
+method's `NetworkSpec.optim`, overridden by `networks.<name>.optim` (e.g. `networks.aux.optim.lr=1e-5`).
 
 `load_run_config(path, overrides)` merges `base:` files, applies dotted `key=value` overrides and validates:
 unknown keys and bad values raise `ConfigError` naming the dotted key.
@@ -29,6 +33,7 @@ __all__ = [
     "DeepSpeedConfig",
     "LoggingConfig",
     "MethodSection",
+    "NetworkSection",
     "RunConfig",
     "load_run_config",
     "run_config_from_dict",
@@ -37,9 +42,10 @@ __all__ = [
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """torch AdamW + LR schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine to
-    `min_lr` at train.max_steps. `grad_clip` <= 0 disables clipping (global L2 norm over all ranks)."""
+    """torch AdamW (or Adam) + LR schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine
+    to `min_lr` at train.max_steps. `grad_clip` <= 0 disables clipping (global L2 norm over all ranks)."""
 
+    algorithm: Literal["adamw", "adam"] = "adamw"
     lr: float = 3e-4
     betas: tuple[float, ...] = (0.9, 0.999)
     eps: float = 1e-8
@@ -125,6 +131,13 @@ class MethodSection:
 
 
 @dataclass(kw_only=True)
+class NetworkSection:
+    """Per-network settings from YAML: `optim` overrides (keys of OptimConfig) for one trained network."""
+
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -135,11 +148,19 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init_from: str | None = None
     init_from_ema: bool = False  # load the checkpoint's EMA weights (True) or raw weights (False)
+    networks: dict[str, NetworkSection] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
         out["method"] = {"name": self.method.name, **to_dict(self.method.config)}
         return out
+
+    def network_optim(self, name: str, spec_optim: Mapping[str, Any]) -> OptimConfig:
+        """The optimizer config of trained network `name`: `optim` < the method's `NetworkSpec.optim` <
+        `networks.<name>.optim`."""
+        section = self.networks.get(name, NetworkSection())
+        merged = {**to_dict(self.optim), **dict(spec_optim), **section.optim}
+        return from_dict(OptimConfig, merged, f"networks.{name}.optim")
 
 
 _SECTIONS = {
@@ -150,7 +171,7 @@ _SECTIONS = {
     "deepspeed": DeepSpeedConfig,
     "logging": LoggingConfig,
 }
-_TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema"}
+_TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema", "networks"}
 
 
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
@@ -185,9 +206,33 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     init_from_ema = data.get("init_from_ema", False)
     if not isinstance(init_from_ema, bool):
         raise ConfigError(f"init_from_ema: expected true or false, got {init_from_ema!r}")
-    return RunConfig(
-        method=MethodSection(name=name, config=method_cfg), init_from=init_from, init_from_ema=init_from_ema, **sections
-    )
+    networks = data.get("networks") or {}
+    if not isinstance(networks, Mapping):
+        raise ConfigError(f"networks: expected a section of network names, got {networks!r}")
+    for key, value in networks.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"networks.{key}: expected a section such as {{optim: {{lr: 1e-5}}}}, got {value!r}")
+    networks = {str(k): from_dict(NetworkSection, v, f"networks.{k}") for k, v in networks.items()}
+    cfg = RunConfig(method=MethodSection(name=name, config=method_cfg), init_from=init_from,
+                    init_from_ema=init_from_ema, networks=networks, **sections)
+    _check_networks(cfg, method_cls)
+    return cfg
+
+
+def _check_networks(cfg: RunConfig, method_cls) -> None:
+    """`networks.<name>` names a trained network of the method, and every trained network's optimizer is valid."""
+    try:
+        specs = method_cls(cfg.method.config, vocab_size=cfg.model.vocab_size,
+                           mask_id=cfg.model.vocab_size - 1).networks()
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from err
+    trained = sorted(n for n, spec in specs.items() if spec.role == "trained")
+    for name in cfg.networks:
+        if name not in trained:
+            raise ConfigError(f"networks.{name}: method {cfg.method.name!r} has no trained network {name!r}; "
+                              f"its trained networks: {trained}")
+    for name in trained:
+        cfg.network_optim(name, specs[name].optim)
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -1,4 +1,4 @@
-"""The widened engine/method contract (per-network optimizers, phases, output role) leaves the numbers of the
+"""The widened engine/method contract (per-network optimizers, phases, output role). It leaves the numbers of the
 existing methods unchanged: MDLM, USDM and SDTT train through the real engine (CPU, one rank, gradient
 accumulation 2) with the same fixed-seed losses and gradient norms as before the change.
 
@@ -76,3 +76,22 @@ def test_fixed_seed_losses_unchanged_by_the_contract(tmp_path, name):
     for (loss, norm), (want_loss, want_norm) in zip(got, EXPECTED[name]):
         assert loss == pytest.approx(float.fromhex(want_loss), rel=1e-6)
         assert norm == pytest.approx(float.fromhex(want_norm), rel=1e-6)
+
+
+def test_per_network_optim_precedence_and_errors(tmp_path):
+    from ddistill.config import ConfigError
+
+    base = {"model": {"size": "test", "vocab_size": VOCAB}, "method": {"name": "mdlm"},
+            "optim": {"lr": 1e-3, "eps": 1e-7}, "train": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 1,
+                                                          "out_dir": str(tmp_path)}}
+    cfg = run_config_from_dict({**base, "networks": {"student": {"optim": {"algorithm": "adam", "lr": 2e-5}}}})
+    optim = cfg.network_optim("student", {"lr": 5e-4, "grad_clip": 0.0})
+    assert (optim.algorithm, optim.lr, optim.eps, optim.grad_clip) == ("adam", 2e-5, 1e-7, 0.0)
+    with pytest.raises(ConfigError, match="networks.teacher: method 'mdlm' has no trained network 'teacher'"):
+        run_config_from_dict({**base, "networks": {"teacher": {"optim": {"lr": 1e-5}}}})
+    with pytest.raises(ConfigError, match="networks.student.optim.lrr"):
+        run_config_from_dict({**base, "networks": {"student": {"optim": {"lrr": 1e-5}}}})
+    with pytest.raises(ConfigError, match="algorithm"):
+        run_config_from_dict({**base, "networks": {"student": {"optim": {"algorithm": "sgd"}}}})
+    with pytest.raises(ConfigError, match="networks.student: expected a section"):
+        run_config_from_dict({**base, "networks": {"student": 3}})
