@@ -3,6 +3,8 @@
 Architecture of MDLM (Sahoo et al., arXiv 2406.07524) as reused by SDTT (arXiv 2410.21035) and DUO (arXiv 2506.10892):
 
     h_0   = E[x]                       (ids)   or   softmax(x, -1) @ E   in fp32   (soft input, DUO curriculum)
+    h_0  ← s·n + √(1 − s²)·h_0         only with `embed_noise=EmbedNoise(s, n)` (DiMO's generator input, arXiv
+                                       2503.15457: Gaussian noise n mixed into the input embeddings)
     c     = SiLU(MLP(φ(σ)))            φ(σ) = [cos(σ f_i), sin(σ f_i)]_{i<128}, f_i = 10000^{-i/128};
                                        σ = -log α_t (zeroed when time conditioning is off, as in MDLM)
     block: (s1, a1, g1, s2, a2, g2) = W_ada c
@@ -23,7 +25,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +299,21 @@ class EmbeddingLayer(nn.Module):
         return self.embedding[x]
 
 
+class EmbedNoise(NamedTuple):
+    """Noise mixed into the input embeddings: h ← scale·noise + √(1 − scale²)·h; noise (B, L, d), 0 ≤ scale ≤ 1."""
+
+    scale: float
+    noise: torch.Tensor
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        if not 0.0 <= self.scale <= 1.0:
+            raise ValueError(f"embed_noise scale={self.scale} must lie in [0, 1]")
+        if self.noise.shape != h.shape:
+            raise ValueError(f"embed_noise of shape {tuple(self.noise.shape)} does not match the embeddings "
+                             f"{tuple(h.shape)}")
+        return self.scale * self.noise.to(h.dtype) + math.sqrt(1.0 - self.scale**2) * h
+
+
 class DiT(nn.Module):
     """MDLM/DUO DiT (or its causal AR variant). `forward(x, sigma) -> logits (B, L, vocab_size)`."""
 
@@ -328,6 +345,10 @@ class DiT(nn.Module):
     def output_bias(self) -> nn.Parameter:
         """(V_pad,); entries >= vocab_size are zero padding."""
         return self.output_layer.linear.bias
+
+    def input_embedding_rms(self) -> float:
+        """√mean(E²) over the input embedding table: the scale of `embed_noise` that matches the embeddings."""
+        return float(self.vocab_embed.embedding.detach().float().pow(2).mean().sqrt())
 
     def num_parameters(self, public: bool = True) -> int:
         """Parameter count; `public=True` counts the output layer at its unpadded (V, d) / (V,) shape."""
@@ -362,11 +383,14 @@ class DiT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.silu(self.sigma_map(sigma))
 
-    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None, *,
+                      embed_noise: EmbedNoise | None = None) -> torch.Tensor:
         """(B, L, d): the input of the output linear (final LN + adaLN modulation), fp32 from the fp32 LN."""
         if x.ndim == 3 and x.shape[-1] != self.vocab_size:
             raise ValueError(f"soft input must have last dim vocab_size={self.vocab_size}, got {x.shape[-1]}")
         h = self.vocab_embed(x)
+        if embed_noise is not None:
+            h = EmbedNoise(*embed_noise).apply(h)
         c = self._conditioning(x, sigma)
         cos, sin = self.rotary_emb.cos_sin(x.shape[1], x.device)
         with self._autocast(x.device):
@@ -375,15 +399,16 @@ class DiT(nn.Module):
             return self.output_layer.hidden(h, c)
 
     def forward(
-        self, x: torch.Tensor, sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None
+        self, x: torch.Tensor, sigma: torch.Tensor | None = None, rows: torch.Tensor | None = None, *,
+        embed_noise: EmbedNoise | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU.
 
         `rows` (a (B, L) bool mask) applies the output layer to the selected positions only and returns
         (num_selected, vocab_size): the masked-diffusion losses read masked positions only, and the output layer is
-        most of the cost of a small model at V = 50258.
+        most of the cost of a small model at V = 50258. `embed_noise` mixes noise into the input embeddings.
         """
-        h = self.hidden_states(x, sigma)
+        h = self.hidden_states(x, sigma, embed_noise=embed_noise)
         if rows is not None:
             if rows.shape != x.shape[:2]:
                 raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")
