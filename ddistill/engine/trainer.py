@@ -508,7 +508,8 @@ class Trainer:
             with torch.no_grad():
                 for pname, param in model.named_parameters():
                     param.copy_(state[pname])
-            flavor = "mdlm" if self.method.sampler_spec().get("process") == "absorbing" else "duo"
+            # a uniform-state model is a DUO checkpoint; masked ones (MDLM, SDTT, the DiMO generator) are MDLM's
+            flavor = "duo" if self.method.sampler_spec().get("process") == "uniform" else "mdlm"
             save_pretrained(model, out, flavor=flavor)
         barrier()
         return out

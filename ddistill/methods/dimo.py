@@ -89,6 +89,7 @@ class DiMOConfig:
     aux_steps: int = 1  # k auxiliary updates per generator update (DiMO's fake_rounds)
     gen_temperature: float = 1.0  # sampling temperature of x_θ in training
     freeze_embeddings: bool = True
+    dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
     loss_impl: Literal["torch", "triton"] = "torch"
     # evaluation: how `sampler_spec` / `eval_students` sample the distilled generator
     eval_steps: int = 1
@@ -178,13 +179,14 @@ class DiMO(Method):
 
     def networks(self) -> dict[str, NetworkSpec]:
         frozen = ("vocab_embed.",) if self.cfg.freeze_embeddings else ()
+        overrides = {} if self.cfg.dropout is None else {"dropout": self.cfg.dropout}
         adam = {"algorithm": "adam", "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0,
                 "warmup_steps": 100, "schedule": "constant"}
         return {
             "teacher": NetworkSpec(role="frozen", init="pretrained"),
             "generator": NetworkSpec(role="trained", init="copy:teacher", ema=True, frozen_params=frozen,
-                                     optim={**adam, "grad_clip": 1.0}),
-            "aux": NetworkSpec(role="trained", init="copy:teacher", frozen_params=frozen,
+                                     model_overrides=overrides, optim={**adam, "grad_clip": 1.0}),
+            "aux": NetworkSpec(role="trained", init="copy:teacher", frozen_params=frozen, model_overrides=overrides,
                                optim={**adam, "grad_clip": 0.0}),
         }
 
