@@ -183,3 +183,18 @@ def test_dimo_sampler_one_and_several_steps():
     assert (cold.tokens == logits.argmax(-1)).float().mean() > 0.95
     prefix = torch.full((5, 3), 2)
     assert (draw(3, prefix=prefix).tokens[:, :3] == 2).all()
+
+
+def test_recipes_load_and_set_per_network_optimizers():
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.methods.dimo import DiMO
+
+    owt = load_run_config("configs/experiments/dimo_owt_small.yaml", ["networks.aux.optim.lr=2e-5"])
+    tiny = load_run_config("configs/experiments/dimo_classics_tiny.yaml", ["init_from=somewhere"])
+    for cfg in (owt, tiny):
+        assert cfg.method.name == "dimo" and cfg.method.config.r_init == 0.6
+        specs = DiMO(cfg.method.config, vocab_size=cfg.model.vocab_size, mask_id=cfg.model.vocab_size - 1).networks()
+        gen, aux = cfg.network_optim("generator", specs["generator"].optim), cfg.network_optim("aux", specs["aux"].optim)
+        assert gen.algorithm == aux.algorithm == "adam" and gen.grad_clip == 1.0 and aux.grad_clip == 0.0
+    assert owt.network_optim("aux", {}).lr == 2e-5 and owt.network_optim("generator", specs["generator"].optim).eps == 1e-6
+    assert tiny.network_optim("aux", specs["aux"].optim).lr == 1e-4
