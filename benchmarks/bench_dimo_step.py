@@ -144,13 +144,14 @@ def bench_engine(args, device, loss_impl: str):
             "method": {"name": "dimo", "loss_impl": loss_impl},
             "train": {"max_steps": 10**6, "global_batch_size": args.batch, "micro_batch_size": args.batch,
                       "out_dir": str(Path(tmp) / "run"), "device": device.type, "export_final": False},
+            "deepspeed": {"frozen_zero_stage": args.frozen_zero_stage},
             "logging": {"wandb": "disabled", "progress_bar": False, "jsonl": False},
             "init_from": str(Path(tmp) / "teacher"),
         })
         blocks = np.zeros((args.batch, length), dtype=np.int64)
         trainer = Trainer(cfg, train_blocks=blocks)
         batch = torch.zeros(args.batch, length, dtype=torch.long)
-        row = timed(lambda: trainer.train_step([batch]), args, device)
+        row = (profiled if args.profile else timed)(lambda: trainer.train_step([batch]), args, device)
         del trainer
     return row
 
@@ -179,6 +180,24 @@ def timed(step, args, device) -> dict:
             torch.cuda.empty_cache()
 
 
+def profiled(step, args, device) -> dict:
+    """torch.profiler table (top ops by device time, then by CPU time) of `args.steps` steps after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(args.warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    return dict(status="profiled")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small")
@@ -190,6 +209,9 @@ def main() -> None:
     parser.add_argument("--impl", nargs="+", choices=["baseline", "engine-torch", "engine-triton"],
                         default=["baseline", "engine-torch", "engine-triton"])
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton interpreter; use --size test)")
+    parser.add_argument("--frozen-zero-stage", type=int, choices=[0, 3], default=3,
+                        help="engine paths: the teacher as a ZeRO-3 inference engine (default) or replicated (0)")
+    parser.add_argument("--profile", action="store_true", help="engine paths: print torch.profiler tables")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -207,11 +229,12 @@ def main() -> None:
         length = args.length or resolve_model_config(ModelConfig(size=args.size)).length
         if result.get("status") == "ok":
             result["tokens_per_s"] = result["steps_per_s"] * args.batch * length
-        row = {"timestamp": stamp, **env, "impl": impl, "size": args.size, "batch": args.batch, "length": length,
+        name = impl if impl == "baseline" or args.frozen_zero_stage == 3 else f"{impl}-z{args.frozen_zero_stage}"
+        row = {"timestamp": stamp, **env, "impl": name, "size": args.size, "batch": args.batch, "length": length,
                "vocab": args.vocab_size, **result}
         rows.append(row)
         print({k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    if not args.no_save:
+    if not args.no_save and not args.profile:
         append_csv(rows, RESULTS / "dimo_step.csv", FIELDS)
 
 

@@ -74,3 +74,16 @@ def test_profile_kernels_rejects_bad_arguments_before_touching_a_gpu(args, messa
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_kernels.py"), "--loss", "mdlm", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and message in out.stderr
+
+
+def test_bench_dimo_step_cpu_smoke():
+    """The DiMO step benchmark runs its three paths (baseline, engine torch, engine triton) and the replicated-teacher
+    variant end to end."""
+    common = ("--device", "cpu", "--size", "test", "--vocab-size", "1001", "--batch", "2", "--length", "32",
+              "--steps", "1", "--warmup", "0")
+    lines = [line for line in _run("bench_dimo_step.py", *common).splitlines() if line.startswith("{")]
+    assert [_field(line, "impl") for line in lines] == ["baseline", "engine-torch", "engine-triton"]
+    assert all(_field(line, "status") == "ok" and float(_field(line, "steps_per_s")) > 0 for line in lines)
+    (line,) = [line for line in _run("bench_dimo_step.py", *common, "--impl", "engine-torch", "--frozen-zero-stage",
+                                     "0").splitlines() if line.startswith("{")]
+    assert _field(line, "impl") == "engine-torch-z0"
