@@ -132,8 +132,12 @@ def cmd_score(args) -> None:
     log = json.loads((out / "train_log.json").read_text())
     judge, tokenizer = load_judge(args.judge), get_tokenizer()
     rows, texts = [], {}
+    wanted = None if args.rows is None else {tuple(r.rsplit(":", 1)) for r in args.rows}
     for label, by_steps in data["samples"].items():
         for steps, tokens in sorted(by_steps.items()):
+            if wanted is not None and (label, str(steps)) not in wanted:
+                continue
+            tokens = tokens[: args.max_samples]
             decoded = decode_samples(tokens, tokenizer, MASK_ID)
             texts[f"{label} steps={steps}"] = decoded[: args.show]
             rows.append(EvalRow(label=label, steps=int(steps), nfe=float(steps),
@@ -177,6 +181,8 @@ def main() -> None:
     score.add_argument("--out", required=True)
     score.add_argument("--judge", default="smollm2")
     score.add_argument("--show", type=int, default=3, help="decoded samples kept per row in eval/samples.json")
+    score.add_argument("--max-samples", type=int, default=None, help="score the first N samples of each row")
+    score.add_argument("--rows", nargs="*", default=None, help="only these LABEL:STEPS rows (default: all)")
     args = parser.parse_args()
     if args.command == "run":
         if not Path(args.tokens).is_file():

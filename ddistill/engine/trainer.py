@@ -317,13 +317,13 @@ class Trainer:
                    sums: _Sums) -> bool:
         """One repetition of one phase over all micro-batches; returns whether its update was skipped."""
         tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
-        key = self._phase_key(index, repeat)
+        phase_key = self._phase_key(index, repeat)
         nonfinite = False
         updated: tuple[str, ...] | None = None
         for micro, batch in enumerate(micro_batches):
-            self._seed_micro(self.step, micro, key)
+            self._seed_micro(self.step, micro, phase_key)
             generator = torch.Generator(device=self.device)  # same state on every rank AND micro-batch of the step
-            generator.manual_seed(derive_seed(tc.seed, self.step, *key))
+            generator.manual_seed(derive_seed(tc.seed, self.step, *phase_key))
             ctx = StepContext(step=self.step, micro_step=micro, global_offset=(micro * ws + rank) * tc.micro_batch_size,
                               global_batch_size=tc.global_batch_size, generator=generator, device=self.device,
                               rank=rank, world_size=ws, phase=phase.name, phase_repeat=repeat)
@@ -341,8 +341,8 @@ class Trainer:
                 # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring).
                 self.nets[name].engine.backward(loss * float("nan") if nonfinite else loss)
                 sums.add_loss(name, float(loss.detach()))
-            for key_, value in out.metrics.items():
-                sums.add_metric(key_, float(value))
+            for key, value in out.metrics.items():
+                sums.add_metric(key, float(value))
             sums.tokens += out.num_tokens
             for name in updated:
                 self.nets[name].engine.step()
