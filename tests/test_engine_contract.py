@@ -96,3 +96,58 @@ def test_per_network_optim_precedence_and_errors(tmp_path):
         run_config_from_dict({**base, "networks": {"student": {"optim": {"algorithm": "sgd"}}}})
     with pytest.raises(ConfigError, match="networks.student: expected a section"):
         run_config_from_dict({**base, "networks": {"student": 3}})
+
+
+def test_frozen_parameter_prefixes_and_phase_validation():
+    from ddistill.engine.networks import freeze_parameters
+    from ddistill.methods.base import NetworkSpec, Phase
+
+    model = build_model(ModelConfig(size="test", vocab_size=VOCAB))
+    frozen = freeze_parameters(model, ("vocab_embed.", "blocks.1.mlp."))
+    assert frozen == ["vocab_embed.embedding", "blocks.1.mlp.0.weight", "blocks.1.mlp.0.bias", "blocks.1.mlp.2.weight",
+                      "blocks.1.mlp.2.bias"]
+    assert all(p.requires_grad == (n not in frozen) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="'vocab_embd.' matches no parameter"):
+        freeze_parameters(model, ("vocab_embd.",))
+    with pytest.raises(ValueError, match="frozen network has no optimizer"):
+        NetworkSpec(role="frozen", optim={"lr": 1e-5})
+    with pytest.raises(ValueError, match="updates no network"):
+        Phase(name="p", networks=())
+    with pytest.raises(ValueError, match="repeats=0"):
+        Phase(name="p", networks=("a",), repeats=0)
+
+
+@pytest.mark.slow
+def test_trainer_rejects_bad_phases_and_losses_outside_their_phase(tmp_path):
+    from dataclasses import dataclass
+
+    from ddistill.methods import register
+    from ddistill.methods.base import Phase
+    from ddistill.methods.mdlm import MDLM, MDLMConfig
+
+    @dataclass(kw_only=True)
+    class Cfg(MDLMConfig):
+        mode: str = "unknown"
+
+    @register
+    class BadPhases(MDLM):
+        name = "test_bad_phases"
+        Config = Cfg
+
+        def phases(self):
+            if self.cfg.mode == "unknown":
+                return [Phase(name="a", networks=("ghost",))]
+            return [Phase(name="a", networks=("student",)), Phase(name="b", networks=("student",))]
+
+        def step(self, nets, batch, ctx):
+            out = super().step(nets, batch, ctx)
+            if ctx.phase == "b":
+                out.losses["ghost"] = out.losses["student"]
+            return out
+
+    blocks = np.random.default_rng(0).integers(0, VOCAB - 1, size=(8, LENGTH), dtype=np.int64)
+    with pytest.raises(ValueError, match="phase 'a' updates \\['ghost'\\], which are not trained networks"):
+        Trainer(_config(tmp_path, {"name": "test_bad_phases"}), train_blocks=blocks)
+    trainer = Trainer(_config(tmp_path, {"name": "test_bad_phases", "mode": "extra"}), train_blocks=blocks)
+    with pytest.raises(ValueError, match="returned losses for \\['ghost'\\] in phase 'b'"):
+        trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
