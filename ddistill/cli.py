@@ -67,7 +67,8 @@ def _model_tokenizer(checkpoint: str, vocab_size: int):
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="public-layout checkpoint: HF directory, Lightning .ckpt, or hub id")
-    p.add_argument("--process", choices=("auto", "absorbing", "uniform"), default="auto")
+    p.add_argument("--process", choices=("auto", "absorbing", "uniform", "dimo"), default="auto",
+                   help="dimo: a DiMO generator (x_init + embedding noise, re-mask the least confident per step)")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a Lightning .ckpt")
     p.add_argument("--time-conditioning", choices=("on", "off"), default=None,
                    help="override when the checkpoint's config does not record it")
@@ -79,10 +80,20 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-tail", action=argparse.BooleanOptionalAction, default=None,
                    help="final step argmax (default: on for DUO, off for MDLM)")
     p.add_argument("--device", default="auto")
+    dimo = p.add_argument_group("--process dimo (defaults: the DiMO training defaults, methods/dimo.py)")
+    dimo.add_argument("--r-init", type=float, default=0.6, help="mask fraction of the generator's input")
+    dimo.add_argument("--embed-noise", type=float, default=0.1, help="σ of the input-embedding noise")
+    dimo.add_argument("--embed-noise-rms", action=argparse.BooleanOptionalAction, default=True,
+                      help="scale the noise to the RMS of the embedding table (as in training)")
+    dimo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
 
 
-def _sampler_kwargs(args, process: str) -> dict:
+def _sampler_kwargs(args, process: str, model=None) -> dict:
     kwargs = {"nucleus_p": args.nucleus_p}
+    if process == "dimo":
+        return {**kwargs, "r_init": args.r_init, "embed_noise": args.embed_noise, "temperature": args.temperature,
+                "embed_dim": model.config.hidden_size,
+                "noise_rms": model.input_embedding_rms() if args.embed_noise_rms else 1.0}
     if args.greedy_tail is not None:
         kwargs["greedy_tail"] = args.greedy_tail
     return kwargs
@@ -96,7 +107,7 @@ def cmd_sample(argv: Sequence[str]) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
+    from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_duo, sample_mdlm
     from ddistill.eval.decode import decode_samples
 
     process = _process_of(args.checkpoint, args.process)
@@ -109,14 +120,15 @@ def cmd_sample(argv: Sequence[str]) -> None:
     for start in range(0, args.num_samples, args.batch_size):
         batch = min(args.batch_size, args.num_samples - start)
         common = dict(batch_size=batch, length=length, num_steps=args.steps, vocab_size=cfg.vocab_size,
-                      schedule=LogLinearSchedule(), generator=generator, device=device,
-                      **_sampler_kwargs(args, process))
-        if process == "absorbing":
+                      generator=generator, device=device, **_sampler_kwargs(args, process, model))
+        if process == "dimo":
+            out = sample_dimo(model, mask_id=cfg.vocab_size - 1, **common)
+        elif process == "absorbing":
             out = sample_mdlm(model, mask_id=cfg.vocab_size - 1, time_conditioning=cfg.time_conditioning,
-                              cached=not cfg.time_conditioning, **common)
+                              cached=not cfg.time_conditioning, schedule=LogLinearSchedule(), **common)
         else:
-            out = sample_duo(model, **common)
-        mask_id = cfg.vocab_size - 1 if process == "absorbing" else None
+            out = sample_duo(model, schedule=LogLinearSchedule(), **common)
+        mask_id = None if process == "uniform" else cfg.vocab_size - 1
         for ids, text in zip(out.tokens.cpu(), decode_samples(out.tokens.cpu(), tokenizer, mask_id=mask_id)):
             records.append({"text": text, "token_ids": ids.tolist(), "nfe": out.nfe, "steps": args.steps})
     for i, rec in enumerate(records):
@@ -155,8 +167,8 @@ def cmd_eval(argv: Sequence[str]) -> None:
         judge=load_judge(args.judge), tokenizer=tokenizer, seed=args.seed, out_dir=args.out_dir,
         label=args.label or Path(args.checkpoint).name, length=args.length or cfg.length,
         vocab_size=cfg.vocab_size, schedule=LogLinearSchedule(),
-        mask_id=cfg.vocab_size - 1 if process == "absorbing" else None,
-        sampler_kwargs=_sampler_kwargs(args, process), judge_batch_size=args.judge_batch_size,
+        mask_id=None if process == "uniform" else cfg.vocab_size - 1,
+        sampler_kwargs=_sampler_kwargs(args, process, model), judge_batch_size=args.judge_batch_size,
         reference_texts=references, mauve_num_prompts=args.mauve_prompts,
     )
     from ddistill.eval.report import markdown_table

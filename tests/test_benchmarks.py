@@ -83,3 +83,16 @@ def test_bench_duo_cpu_smoke():
     assert [_field(line, "case") for line in lines] == ["duo_full", "duo_topk", "duo_topk_fused", "usdm", "dcd_engine"]
     assert all(_field(line, "status") == "ok" and float(_field(line, "tokens_per_s")) > 0 for line in lines)
     assert all(float(_field(line, "final_loss")) > 0 for line in lines[:4])  # ELBOs of a fresh model are positive
+
+
+def test_bench_dimo_step_cpu_smoke():
+    """The DiMO step benchmark runs its three paths (baseline, engine torch, engine triton) and the replicated-teacher
+    variant end to end."""
+    common = ("--device", "cpu", "--size", "test", "--vocab-size", "1001", "--batch", "2", "--length", "32",
+              "--steps", "1", "--warmup", "0")
+    lines = [line for line in _run("bench_dimo_step.py", *common).splitlines() if line.startswith("{")]
+    assert [_field(line, "impl") for line in lines] == ["baseline", "engine-torch", "engine-triton"]
+    assert all(_field(line, "status") == "ok" and float(_field(line, "steps_per_s")) > 0 for line in lines)
+    (line,) = [line for line in _run("bench_dimo_step.py", *common, "--impl", "engine-torch", "--frozen-zero-stage",
+                                     "0").splitlines() if line.startswith("{")]
+    assert _field(line, "impl") == "engine-torch-z0"

@@ -100,3 +100,32 @@ def test_eval_writes_table_and_plot(mdlm_checkpoint, tmp_path):
     assert (tmp_path / "ev" / "sample_eval.png").stat().st_size > 0
     table = (tmp_path / "ev" / "sample_eval.md").read_text()
     assert table.count("| tiny |") == 2
+
+
+def test_dimo_sampler_from_sample_and_eval(mdlm_checkpoint, tmp_path):
+    """`--process dimo` samples a (DiMO generator) DiT with x_init + embedding noise, for any number of steps."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ddistill.data.tokenizer import EOS_ID, VOCAB_SIZE, get_tokenizer
+
+    out = tmp_path / "dimo.jsonl"
+    proc = run_cli("sample", str(mdlm_checkpoint), "--process", "dimo", "--steps", "3", "--num-samples", "2",
+                   "--temperature", "0.7", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["nfe"] for r in records] == [3, 3]
+    assert all(len(r["token_ids"]) == 24 and all(0 <= t < MASK_ID for t in r["token_ids"]) for r in records)
+    torch.manual_seed(0)
+    judge = tmp_path / "judge"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=EOS_ID, eos_token_id=EOS_ID)).save_pretrained(judge)
+    get_tokenizer().save_pretrained(judge)
+    proc = run_cli("eval", str(mdlm_checkpoint), "--process", "dimo", "--steps", "1", "2", "--num-samples", "4",
+                   "--batch-size", "2", "--judge", str(judge), "--device", "cpu", "--label", "g",
+                   "--out-dir", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    from ddistill.eval.report import read_csv
+
+    rows = read_csv(tmp_path / "ev" / "sample_eval.csv")
+    assert [(r.label, r.steps, r.nfe) for r in rows] == [("g", 1, 1.0), ("g", 2, 2.0)]
+    assert all(0 < r.distinct_2 <= 1 and 0 <= r.duplicate_frac < 1 for r in rows)

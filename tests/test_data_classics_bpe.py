@@ -122,9 +122,16 @@ def test_model_tokenizer_mismatch_is_one_error(tmp_path):
     from ddistill.models.checkpoints import checkpoint_tokenizer, save_pretrained
     from ddistill.models.dit import build_model
 
+    from ddistill.engine.trainer import Trainer
+
+    mismatched = load_run_config("configs/experiments/classics_mdlm_test.yaml", ["data.tokenizer=classics-bpe-4096"])
+    # A run that builds its token blocks from the corpus refuses first thing (tests that hand the trainer their own
+    # blocks may use toy vocabularies).
     with pytest.raises(ConfigError, match=r"model.vocab_size has a vocabulary of 50258 ids but its tokenizer "
                                           r"'classics-bpe-4096' has 4096"):
-        load_run_config("configs/experiments/classics_mdlm_test.yaml", ["data.tokenizer=classics-bpe-4096"])
+        Trainer(mismatched)
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        load_run_config("configs/experiments/classics_mdlm_test.yaml", ["data.tokenizer=bpe-of-my-own"])
     cfg = load_run_config("configs/experiments/classics_mdlm_test.yaml",
                           ["data.tokenizer=classics-bpe-4096", "model.vocab_size=4096"])
     assert cfg.model.vocab_size == 4096

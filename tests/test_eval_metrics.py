@@ -155,3 +155,16 @@ def test_val_nll_runs_dit_in_eval_mode_and_restores_it():
     assert model.training
     assert first == second  # no dropout noise: same times, masks and (eval-mode) logits
     assert 0.0 < first.nll < 10.0 * math.log(V)
+
+
+def test_distinct_n_and_duplicate_fraction_by_brute_force():
+    from ddistill.eval.metrics import distinct_n, duplicate_fraction
+
+    ids = torch.tensor([[1, 2, 1, 2, 3], [1, 2, 1, 2, 3], [4, 4, 4, 4, 4]])
+    for n in (1, 2, 3, 4):
+        grams = [tuple(row[i:i + n].tolist()) for row in ids for i in range(ids.shape[1] - n + 1)]
+        assert distinct_n(ids, n) == len(set(grams)) / len(grams)
+    assert duplicate_fraction(ids) == 1 - 2 / 3
+    assert duplicate_fraction(ids[:1]) == 0.0
+    with pytest.raises(ValueError, match="distinct_n"):
+        distinct_n(ids, 6)

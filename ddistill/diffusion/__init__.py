@@ -5,7 +5,7 @@ Pure PyTorch / NumPy; knows nothing of DeepSpeed. Denoisers are passed as callab
 
 from ddistill.diffusion.absorbing import mask_tokens, mdlm_loss, mdlm_loss_per_token, subs_log_probs
 from ddistill.diffusion.duality import DualityTable, duality_alpha, gaussian_scales
-from ddistill.diffusion.samplers import SampleResult, sample_duo, sample_mdlm
+from ddistill.diffusion.samplers import SampleResult, sample_dimo, sample_duo, sample_mdlm
 from ddistill.diffusion.schedules import CosineSchedule, LogLinearSchedule, NoiseSchedule, build_schedule, sample_times
 from ddistill.diffusion.uniform import corrupt_uniform, duo_elbo_per_token, udlm_loss_per_token, uniform_posterior
 
@@ -23,6 +23,7 @@ __all__ = [
     "mask_tokens",
     "mdlm_loss",
     "mdlm_loss_per_token",
+    "sample_dimo",
     "sample_duo",
     "sample_mdlm",
     "sample_times",

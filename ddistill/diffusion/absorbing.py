@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mask_tokens", "subs_log_probs", "masked_target_log_prob", "mdlm_loss_per_token", "mdlm_loss", "row_logsumexp"]
+__all__ = ["exact_count_mask", "mask_tokens", "subs_log_probs", "masked_target_log_prob", "mdlm_loss_per_token", "mdlm_loss", "row_logsumexp"]
 
 
 def per_token(a: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,13 @@ def mask_tokens(x0: torch.Tensor, alpha_t: torch.Tensor, mask_id: int, generator
     u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
     masked = u < (1.0 - per_token(alpha_t, x0).to(torch.float64))
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def exact_count_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: in row b, the counts[b] positions of smallest `scores` (i.i.d. uniforms give exactly counts[b]
+    positions chosen uniformly at random, as DiMO's random-permutation masking, arXiv 2503.15457)."""
+    rank = scores.argsort(dim=-1).argsort(dim=-1)
+    return rank < counts.to(rank.device).reshape(-1, 1)
 
 
 def subs_log_probs(logits: torch.Tensor, xt: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -15,21 +15,31 @@ because an MDLM without time conditioning is a function of z alone). Every step 
 DUO step t → s: z_s ~ q(z_s | z_t, x̂ = x_θ(z_t)) (`uniform_posterior`, DUO eq. 4) from a uniform prior; the final step
 from t_end is either an ancestral step to α = 1 or the greedy tail z = argmax x_θ(z, t_end). NFE = T + 1.
 
+DiMO multi-step sampler (one-step generator of arXiv 2503.15457, used for N ≥ 1 steps): step 1 feeds the generator
+x_init = i.i.d. uniform real tokens with exactly round(r_init·L) positions [MASK], and Gaussian noise in its input
+embeddings (e ← s·n + √(1−s²)·e); it draws every position from softmax(z/T) (mask id excluded; the generator has no
+SUBS carry-over). Step k ≥ 2 re-masks the round(r_init·L·(N−k+1)/N) least confident positions (confidence = the
+probability of the drawn token when it was drawn; prompt positions never), feeds that state (fresh embedding noise)
+and redraws only the re-masked positions. NFE = N.
+
 Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
 token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from ddistill.diffusion.absorbing import exact_count_mask
 from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.diffusion.uniform import uniform_posterior
 
-__all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo"]
+__all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
+           "sample_dimo", "dimo_initial_tokens"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -199,3 +209,76 @@ def sample_duo(
         if prefix is not None:
             x[:, :num_fixed] = prefix
     return SampleResult(tokens=x, nfe=num_steps + 1)
+
+
+def dimo_initial_tokens(token_u: torch.Tensor, position_u: torch.Tensor, *, r_init: float, mask_id: int,
+                        vocab_size: int) -> torch.Tensor:
+    """DiMO's x_init from uniforms (B, L): i.i.d. uniform ids over the vocabulary without `mask_id`, then exactly
+    k = clamp(round(r_init·L), 1, L) positions per row (the k smallest `position_u`) set to `mask_id`."""
+    if not 0.0 < r_init <= 1.0:
+        raise ValueError(f"r_init={r_init} must lie in (0, 1]")
+    ids = (token_u.to(torch.float64) * (vocab_size - 1)).long().clamp_max(vocab_size - 2)
+    ids = ids + (ids >= mask_id).long()  # skip the mask id
+    length = token_u.shape[-1]
+    count = min(max(round(r_init * length), 1), length)
+    counts = torch.full((token_u.shape[0],), count, device=token_u.device)
+    return torch.where(exact_count_mask(position_u, counts), mask_id, ids)
+
+
+@torch.no_grad()
+def sample_dimo(
+    generator_fn: Callable[..., torch.Tensor],
+    *,
+    batch_size: int,
+    length: int,
+    num_steps: int,
+    mask_id: int,
+    vocab_size: int,
+    embed_dim: int,
+    r_init: float = 0.6,
+    embed_noise: float = 0.1,
+    noise_rms: float = 1.0,
+    temperature: float = 1.0,
+    nucleus_p: float = 1.0,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float64,
+    prefix: torch.Tensor | None = None,
+) -> SampleResult:
+    """DiMO multi-step sampling (module docstring). `generator_fn(x, sigma, embed_noise=(s, n)) -> logits (B, L, V)`
+    is the distilled generator (a DiT); n = noise_rms · N(0, I) of shape (B, L, embed_dim), σ = −log(1 − r_init)."""
+    _check_common(num_steps, nucleus_p, 0.5, batch_size, length, prefix)
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if not 0.0 <= embed_noise <= 1.0:
+        raise ValueError(f"embed_noise={embed_noise} must lie in [0, 1]")
+    device = torch.device(device)
+    shape = (batch_size, length)
+    x = dimo_initial_tokens(torch.rand(shape, generator=generator, device=device, dtype=torch.float64),
+                            torch.rand(shape, generator=generator, device=device, dtype=torch.float64),
+                            r_init=r_init, mask_id=mask_id, vocab_size=vocab_size)
+    fixed = torch.zeros(shape, dtype=torch.bool, device=device)
+    if prefix is not None:
+        x[:, : prefix.shape[1]] = prefix.to(device)
+        fixed[:, : prefix.shape[1]] = True
+    sigma = torch.full((batch_size,), -math.log(max(1.0 - r_init, 1e-4)), device=device)
+    mask_col = torch.tensor([mask_id], device=device)
+    confidence = torch.full(shape, float("inf"), dtype=dtype, device=device)
+    redraw = ~fixed  # step 1 draws every free position
+    for k in range(1, num_steps + 1):
+        if k > 1:
+            count = round(r_init * length * (num_steps - k + 1) / num_steps)
+            scores = torch.where(fixed, torch.full_like(confidence, float("inf")), confidence)
+            redraw = exact_count_mask(scores, torch.full((batch_size,), count, device=device)) & ~fixed
+            x = torch.where(redraw, mask_id, x)
+        noise = torch.randn((*shape, embed_dim), generator=generator, device=device) * noise_rms
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        logits = generator_fn(x, sigma, embed_noise=(embed_noise, noise))
+        if logits.shape != (*shape, vocab_size):
+            raise ValueError(f"generator returned logits of shape {tuple(logits.shape)}, expected {(*shape, vocab_size)}")
+        rows = logits[redraw].to(dtype) / temperature
+        probs = nucleus_filter(torch.softmax(rows.index_fill(-1, mask_col, float("-inf")), dim=-1), nucleus_p)
+        tokens = sample_categorical(probs, u[redraw])
+        x = x.masked_scatter(redraw, tokens)
+        confidence = confidence.masked_scatter(redraw, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    return SampleResult(tokens=x, nfe=num_steps)

@@ -1,10 +1,10 @@
 """Atomic, verifiable training checkpoints: one directory per step.
 
     <out_dir>/checkpoints/step_00001000/
-        ds/<network>/state/...        every trained engine's DeepSpeed state (module, ZeRO optimizer partitions)
+        ds/<network>/state/...        every trained engine's DeepSpeed state (module, its own ZeRO optimizer partitions)
         ema/<network>.pt              EMA shadow weights, decay, update count
         frozen/<network>.pt           frozen networks' CURRENT weights (a swapped teacher survives a resume)
-        trainer.pt                    step, counters, method state
+        trainer.pt                    step, counters (incl. optimizer updates per network), method state
         rank_00000.pt ...             per rank: loader position, RNG states (python, numpy, torch CPU, CUDA)
         config.yaml                   the resolved run config (enough to relaunch)
         MANIFEST.json                 sha256 + size of every file above, written LAST

@@ -1,8 +1,9 @@
 """A method's networks as DeepSpeed engines.
 
-* Trained network -> one ZeRO-2 (or 1) engine: torch AdamW client optimizer (DeepSpeed's config-driven "AdamW" is
-  FusedAdam, a 73 s JIT on CPU), global-norm gradient clipping, gradient accumulation, learning rate set by the
-  trainer before every step, optional fp32 EMA (see ema.py).
+* Trained network -> one ZeRO-2 (or 1) engine: torch Adam or AdamW client optimizer (DeepSpeed's config-driven
+  "AdamW" is FusedAdam, a 73 s JIT on CPU) over the parameters not excluded by `NetworkSpec.frozen_params` (those
+  get requires_grad=False and never change), its own global-norm gradient clipping, gradient accumulation, learning
+  rate set by the trainer before every step, optional fp32 EMA (see ema.py).
 * Frozen network -> ZeRO-3 inference engine (no optimizer): parameters larger than the persistence threshold are
   partitioned over ranks (each holds ~1/N), gathered layer by layer during the forward, optionally offloaded to
   CPU. Its forward is a collective: every rank must call it equally often. Always run under no_grad, eval mode.
@@ -11,8 +12,9 @@ Precision: the DeepSpeed engines hold fp32 weights. On CUDA with bf16 on, the Di
 (`ModelConfig.autocast_dtype`), as the MDLM/DUO references (Lightning "bf16-mixed"). DeepSpeed's `bf16` section is
 not used: it casts the weights to bf16 and the DiT's fp32 σ-embedding then fails on mixed dtypes (deepspeed.md §8).
 
-`Network` is what methods receive as `nets[name]`: call it as `net(x, sigma) -> logits`, or use `hidden_states`,
-`output_weight`, `output_bias` for the fused kernels. Both go through the engine's forward (hooks stay intact).
+`Network` is what methods receive as `nets[name]`: call it as `net(x, sigma, **model_kwargs) -> logits`, or use
+`hidden_states`, `output_weight`, `output_bias` for the fused kernels. Both go through the engine's forward (hooks
+stay intact); keyword arguments reach the DiT's forward.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from torch import nn
 from ddistill.engine.ema import EMA
 from ddistill.methods.base import NetworkSpec
 
-__all__ = ["DiTEntry", "Network", "trained_ds_config", "frozen_ds_config", "build_trained", "build_frozen", "copy_into",
-           "full_state", "gathered", "reset_optimizer_state"]
+__all__ = ["DiTEntry", "Network", "OPTIMIZERS", "trained_ds_config", "frozen_ds_config", "freeze_parameters",
+           "build_trained", "build_frozen", "copy_into", "full_state", "gathered", "reset_optimizer_state"]
 
 
 class DiTEntry(nn.Module):
@@ -39,10 +41,10 @@ class DiTEntry(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | None, hidden: bool = False,
-                rows: torch.Tensor | None = None, soft_inputs: tuple | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         if hidden:
-            return self.net.hidden_states(x, sigma, soft_inputs=soft_inputs)
-        return self.net(x, sigma, rows, soft_inputs=soft_inputs)
+            return self.net.hidden_states(x, sigma, **model_kwargs)
+        return self.net(x, sigma, rows, **model_kwargs)
 
 
 def trained_ds_config(
@@ -105,20 +107,18 @@ class Network:
         return self.module.padded_vocab_size
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None, soft_inputs: tuple | None = None) -> torch.Tensor:
-        """Logits (B, L, V), or (num_selected, V) for the positions selected by the bool mask `rows`;
-        `soft_inputs` (indices, weights) replace the input embedding (models.dit.DiT.hidden_states)."""
+                 rows: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+        """Logits (B, L, V), or (num_selected, V) for the positions selected by the bool mask `rows`."""
         if self.trained:
-            return self.engine(x, sigma, rows=rows, soft_inputs=soft_inputs)
+            return self.engine(x, sigma, rows=rows, **model_kwargs)
         with torch.no_grad():
-            return self.engine(x, sigma, rows=rows, soft_inputs=soft_inputs)
+            return self.engine(x, sigma, rows=rows, **model_kwargs)
 
-    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None,
-                      soft_inputs: tuple | None = None) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         if self.trained:
-            return self.engine(x, sigma, hidden=True, soft_inputs=soft_inputs)
+            return self.engine(x, sigma, hidden=True, **model_kwargs)
         with torch.no_grad():
-            return self.engine(x, sigma, hidden=True, soft_inputs=soft_inputs)
+            return self.engine(x, sigma, hidden=True, **model_kwargs)
 
     def head_dtype(self, device: torch.device) -> torch.dtype:
         return self.module.head_dtype(device)
@@ -165,12 +165,34 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
         yield
 
 
-def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict, lr: float,
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """requires_grad=False for every parameter whose name starts with one of `prefixes`; returns their names (an
+    error names a prefix that matches nothing, so a typo cannot silently train everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n.startswith(prefix) for n in names):
+            raise ValueError(f"frozen_params prefix {prefix!r} matches no parameter of the model")
+    frozen = []
+    for pname, param in model.named_parameters():
+        if any(pname.startswith(prefix) for prefix in prefixes):
+            param.requires_grad_(False)
+            frozen.append(pname)
+    return frozen
+
+
+def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict, algorithm: str, lr: float,
                   betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None) -> Network:
     import deepspeed
 
+    if algorithm not in OPTIMIZERS:
+        raise ValueError(f"optimizer algorithm {algorithm!r}; allowed values: {sorted(OPTIMIZERS)}")
+    freeze_parameters(model, tuple(spec.frozen_params))
     entry = DiTEntry(model)
-    optimizer = torch.optim.AdamW(entry.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    trainable = [p for p in entry.parameters() if p.requires_grad]
+    optimizer = OPTIMIZERS[algorithm](trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     engine, *_ = deepspeed.initialize(model=entry, optimizer=optimizer, config=ds_config)
     engine.train()  # returns None (deepspeed.md P2): never chain
     ema = EMA(engine.module.net, ema_decay) if spec.ema else None

@@ -6,6 +6,10 @@ YAML layout (see configs/experiments/*.yaml)::
     method:    {name: <registered method>, ...its Config fields}
     optim:     OptimConfig        train: TrainConfig        deepspeed: DeepSpeedConfig
     logging:   LoggingConfig      init_from: checkpoint path or null
+    networks:  {<trained network of the method>: {optim: {...OptimConfig overrides}}}
+
+Each trained network's optimizer is `RunConfig.network_optim(name, spec)`: the `optim` section, overridden by the
+method's `NetworkSpec.optim`, overridden by `networks.<name>.optim` (e.g. `networks.aux.optim.lr=1e-5`).
 
 `load_run_config(path, overrides)` merges `base:` files, applies dotted `key=value` overrides and validates:
 unknown keys and bad values raise `ConfigError` naming the dotted key.
@@ -20,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 from ddistill.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from ddistill.data.corpora import DataConfig
-from ddistill.data.tokenizer import check_vocab_size
+from ddistill.data.tokenizer import tokenizer_spec
 from ddistill.methods import available_methods, get_method
 from ddistill.models.dit import ModelConfig, resolve_model_config
 
@@ -30,6 +34,7 @@ __all__ = [
     "DeepSpeedConfig",
     "LoggingConfig",
     "MethodSection",
+    "NetworkSection",
     "RunConfig",
     "load_run_config",
     "run_config_from_dict",
@@ -38,9 +43,10 @@ __all__ = [
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """torch AdamW + LR schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine to
-    `min_lr` at train.max_steps. `grad_clip` <= 0 disables clipping (global L2 norm over all ranks)."""
+    """torch AdamW (or Adam) + LR schedule: linear warm-up from 0 to `lr` over `warmup_steps`, then constant or cosine
+    to `min_lr` at train.max_steps. `grad_clip` <= 0 disables clipping (global L2 norm over all ranks)."""
 
+    algorithm: Literal["adamw", "adam"] = "adamw"
     lr: float = 3e-4
     betas: tuple[float, ...] = (0.9, 0.999)
     eps: float = 1e-8
@@ -126,6 +132,13 @@ class MethodSection:
 
 
 @dataclass(kw_only=True)
+class NetworkSection:
+    """Per-network settings from YAML: `optim` overrides (keys of OptimConfig) for one trained network."""
+
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     model: ModelConfig
     data: DataConfig
@@ -136,11 +149,19 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init_from: str | None = None
     init_from_ema: bool = False  # load the checkpoint's EMA weights (True) or raw weights (False)
+    networks: dict[str, NetworkSection] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
         out["method"] = {"name": self.method.name, **to_dict(self.method.config)}
         return out
+
+    def network_optim(self, name: str, spec_optim: Mapping[str, Any]) -> OptimConfig:
+        """The optimizer config of trained network `name`: `optim` < the method's `NetworkSpec.optim` <
+        `networks.<name>.optim`."""
+        section = self.networks.get(name, NetworkSection())
+        merged = {**to_dict(self.optim), **dict(spec_optim), **section.optim}
+        return from_dict(OptimConfig, merged, f"networks.{name}.optim")
 
 
 _SECTIONS = {
@@ -151,7 +172,7 @@ _SECTIONS = {
     "deepspeed": DeepSpeedConfig,
     "logging": LoggingConfig,
 }
-_TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema"}
+_TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema", "networks"}
 
 
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
@@ -172,9 +193,9 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     except ValueError as err:
         raise ConfigError(str(err) if "model." in str(err) else f"model: {err}") from err
     try:
-        check_vocab_size(sections["data"].tokenizer, sections["model"].vocab_size, what="model.vocab_size")
+        tokenizer_spec(sections["data"].tokenizer)  # a bad name fails here; the vocabulary check is the trainer's
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(f"data.tokenizer: {err}") from err
     method = dict(data["method"]) if isinstance(data["method"], Mapping) else None
     if method is None or "name" not in method:
         raise ConfigError(f"method.name is required; available methods: {available_methods()}")
@@ -190,9 +211,33 @@ def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     init_from_ema = data.get("init_from_ema", False)
     if not isinstance(init_from_ema, bool):
         raise ConfigError(f"init_from_ema: expected true or false, got {init_from_ema!r}")
-    return RunConfig(
-        method=MethodSection(name=name, config=method_cfg), init_from=init_from, init_from_ema=init_from_ema, **sections
-    )
+    networks = data.get("networks") or {}
+    if not isinstance(networks, Mapping):
+        raise ConfigError(f"networks: expected a section of network names, got {networks!r}")
+    for key, value in networks.items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"networks.{key}: expected a section such as {{optim: {{lr: 1e-5}}}}, got {value!r}")
+    networks = {str(k): from_dict(NetworkSection, v, f"networks.{k}") for k, v in networks.items()}
+    cfg = RunConfig(method=MethodSection(name=name, config=method_cfg), init_from=init_from,
+                    init_from_ema=init_from_ema, networks=networks, **sections)
+    _check_networks(cfg, method_cls)
+    return cfg
+
+
+def _check_networks(cfg: RunConfig, method_cls) -> None:
+    """`networks.<name>` names a trained network of the method, and every trained network's optimizer is valid."""
+    try:
+        specs = method_cls(cfg.method.config, vocab_size=cfg.model.vocab_size,
+                           mask_id=cfg.model.vocab_size - 1).networks()
+    except ValueError as err:
+        raise ConfigError(f"method: {err}") from err
+    trained = sorted(n for n, spec in specs.items() if spec.role == "trained")
+    for name in cfg.networks:
+        if name not in trained:
+            raise ConfigError(f"networks.{name}: method {cfg.method.name!r} has no trained network {name!r}; "
+                              f"its trained networks: {trained}")
+    for name in trained:
+        cfg.network_optim(name, specs[name].optim)
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

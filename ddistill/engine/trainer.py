@@ -3,12 +3,18 @@
     python -m ddistill.engine CONFIG.yaml key=value ...                         # 1 process (CPU or 1 GPU)
     torchrun --standalone --nproc_per_node 2 -m ddistill.engine CONFIG.yaml ... # 2 ranks (NCCL on GPU, gloo on CPU)
 
-One optimizer step = `grad_accum` micro-batches per rank, grad_accum = global_batch / (micro_batch · world_size).
+One optimizer step = `grad_accum` micro-batches per rank, grad_accum = global_batch / (micro_batch · world_size),
+for each of the method's update phases in order (`Method.phases()`, each repeated `Phase.repeats` times; one phase
+over every trained network by default): a phase repetition runs the method on every micro-batch, back-propagates
+the losses it returned and steps exactly those networks, so the next phase sees their updated weights.
 Micro-batch k of rank r holds rows [(k·W + r)·B, (k·W + r + 1)·B) of the step's global batch; the method's
-randomness comes from a generator seeded from (seed, step), identical on all ranks and micro-batches (methods draw
-for the whole global batch and slice their rows, so results do not depend on the split), and the global torch RNG
-(dropout) is reseeded from (seed, step, k, rank) before each micro-batch. Nothing depends on the RNG history, so a
+randomness comes from a generator seeded from (seed, step) — (seed, step, phase, repetition) after the first
+phase repetition — identical on all ranks and micro-batches (methods draw for the whole global batch and slice
+their rows, so results do not depend on the split), and the global torch RNG (dropout) is reseeded from
+(seed, step, k, rank[, phase, repetition]) before each micro-batch. Nothing depends on the RNG history, so a
 resumed run repeats the uninterrupted one bit for bit (on CPU; cuDNN/atomics may differ on GPU).
+
+Every trained network has its own optimizer config (`RunConfig.network_optim`: algorithm, LR schedule, clipping).
 
 Agreement: after each micro-batch's forward, the ranks all-reduce (error, non-finite loss). An error anywhere
 raises on every rank (with the failing rank's message where it happened); a non-finite loss anywhere makes every
@@ -56,7 +62,7 @@ from ddistill.engine.networks import (
 )
 from ddistill.engine.observe import MetricsLogger, peak_memory_gib
 from ddistill.engine.run_config import RunConfig, load_run_config
-from ddistill.methods import StepContext, get_method
+from ddistill.methods import Phase, StepContext, get_method
 
 __all__ = ["Trainer", "run_training", "train_main", "RankFailure", "derive_seed", "lr_at"]
 
@@ -66,6 +72,26 @@ PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Handlers that were installed before ours (e.g. submitit's requeue handler); launchers.slurm hands them the signal
 # once every rank has checkpointed.
 PREVIOUS_HANDLERS: dict[int, Any] = {}
+
+
+class _Sums:
+    """Per-step sums of losses and metrics over micro-batches and phases, each with its count."""
+
+    def __init__(self) -> None:
+        self.loss: dict[str, float] = {}
+        self.loss_count: dict[str, int] = {}
+        self.metrics: dict[str, float] = {}
+        self.metric_count: dict[str, int] = {}
+        self.grad_norms: dict[str, float] = {}
+        self.tokens = 0
+
+    def add_loss(self, name: str, value: float) -> None:
+        self.loss[name] = self.loss.get(name, 0.0) + value
+        self.loss_count[name] = self.loss_count.get(name, 0) + 1
+
+    def add_metric(self, key: str, value: float) -> None:
+        self.metrics[key] = self.metrics.get(key, 0.0) + value
+        self.metric_count[key] = self.metric_count.get(key, 0) + 1
 
 
 class RankFailure(RuntimeError):
@@ -94,6 +120,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, train_blocks: Sequence | None = None,
                  valid_blocks: Sequence | None = None, dist_env: DistEnv | None = None):
         self.cfg = cfg
+        if train_blocks is None:  # token blocks of the configured corpus: the model must fit its tokenizer
+            from ddistill.data.tokenizer import check_vocab_size
+
+            try:
+                check_vocab_size(cfg.data.tokenizer, cfg.model.vocab_size, what="model.vocab_size")
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         self.dist = dist_env or init_distributed(timeout_minutes=cfg.deepspeed.timeout_minutes,
                                                  device=cfg.train.device)
         tc = cfg.train
@@ -111,10 +144,17 @@ class Trainer:
         vocab = cfg.model.vocab_size
         # The last id of the vocabulary is the absorbing [MASK] (GPT-2: 50257 = ddistill.data.tokenizer.MASK_ID).
         self.method = get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
+        self.optims = {}  # trained network -> its OptimConfig
         self.nets = self._build_networks()
         self.trained = {n: net for n, net in self.nets.items() if net.trained}
         if not self.trained:
             raise ValueError(f"method {cfg.method.name!r} declares no trained network")
+        self.output_name = self.method.output_network
+        if self.output_name not in self.trained:
+            raise ValueError(f"method {cfg.method.name!r}: output_network={self.output_name!r} is not one of its "
+                             f"trained networks {sorted(self.trained)}")
+        self.phases = self._check_phases(self.method.phases())
+        self.updates = {name: 0 for name in self.trained}  # optimizer updates applied per network
         self.train_blocks = train_blocks if train_blocks is not None else self._blocks("train")
         self.valid_blocks = valid_blocks
         if self.valid_blocks is None and tc.eval_every > 0:
@@ -189,7 +229,7 @@ class Trainer:
         modules: dict[str, torch.nn.Module] = {}
         for name in order:
             modules[name] = self._initial_module(name, specs[name], modules)
-        tc, ds, oc = self.cfg.train, self.cfg.deepspeed, self.cfg.optim
+        tc, ds = self.cfg.train, self.cfg.deepspeed
         nets: dict[str, Network] = {}
         for name in sorted(specs, key=lambda n: specs[n].role != "frozen"):  # frozen engines first
             spec, model = specs[name], modules[name]
@@ -200,15 +240,30 @@ class Trainer:
                                         cpu_offload=ds.frozen_cpu_offload)
                 nets[name] = build_frozen(name, spec, model, ds_config=conf)
             else:
+                oc = self.optims[name] = self.cfg.network_optim(name, spec.optim)
                 conf = trained_ds_config(micro_batch_size=tc.micro_batch_size, grad_accum=self.grad_accum,
                                          world_size=self.dist.world_size, grad_clip=oc.grad_clip,
                                          zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm)
-                net = build_trained(name, spec, model, ds_config=conf, lr=oc.lr, betas=tuple(oc.betas),
-                                    eps=oc.eps, weight_decay=oc.weight_decay, ema_decay=tc.ema_decay)
+                net = build_trained(name, spec, model, ds_config=conf, algorithm=oc.algorithm, lr=oc.lr,
+                                    betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
+                                    ema_decay=tc.ema_decay)
                 # Skipping a step on non-finite gradients must not depend on the precision or on clipping.
                 net.engine.optimizer.check_grad_overflow = True
                 nets[name] = net
         return nets
+
+    def _check_phases(self, phases: list[Phase]) -> list[Phase]:
+        if not phases:
+            raise ValueError(f"method {self.cfg.method.name!r} declares no update phase")
+        names = [p.name for p in phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.cfg.method.name!r}: duplicate phase names {names}")
+        for phase in phases:
+            unknown = sorted(set(phase.networks) - set(self.trained))
+            if unknown:
+                raise ValueError(f"method {self.cfg.method.name!r}: phase {phase.name!r} updates {unknown}, which "
+                                 f"are not trained networks {sorted(self.trained)}")
+        return list(phases)
 
     # ------------------------------------------------------------------ NetworkControl
     def copy_weights(self, dst: str, src: str, *, use_ema: bool = False) -> None:
@@ -219,21 +274,23 @@ class Trainer:
         reset_optimizer_state(self.nets[name])
 
     # ------------------------------------------------------------------ one step
-    def _seed_micro(self, step: int, micro: int) -> None:
-        seed = derive_seed(self.cfg.train.seed, step, micro, self.dist.rank)
+    def _seed_micro(self, step: int, micro: int, phase_key: tuple[int, ...] = ()) -> None:
+        seed = derive_seed(self.cfg.train.seed, step, micro, self.dist.rank, *phase_key)
         torch.manual_seed(seed)  # also seeds every CUDA device
         random.seed(seed)
         np.random.seed(seed % 2**32)
 
-    def _set_lr(self) -> float:
-        oc = self.cfg.optim
-        lr = lr_at(self.step, lr=oc.lr, warmup_steps=oc.warmup_steps, schedule=oc.schedule, min_lr=oc.min_lr,
-                   max_steps=self.cfg.train.max_steps)
-        for net in self.trained.values():
+    def _set_lr(self) -> dict[str, float]:
+        """Every trained network's learning rate at this step, from its own optimizer config."""
+        lrs = {}
+        for name, net in self.trained.items():
+            oc = self.optims[name]
+            lr = lrs[name] = lr_at(self.step, lr=oc.lr, warmup_steps=oc.warmup_steps, schedule=oc.schedule,
+                                   min_lr=oc.min_lr, max_steps=self.cfg.train.max_steps)
             inner = getattr(net.engine.optimizer, "optimizer", net.engine.optimizer)
             for group in inner.param_groups:
                 group["lr"] = lr
-        return lr
+        return lrs
 
     def _agree(self, error: BaseException | None, nonfinite: bool) -> bool:
         """All-reduce (error, non-finite); raise on every rank on error; return whether any loss was non-finite."""
@@ -245,58 +302,90 @@ class Trainer:
         return bool(any_nonfinite)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
-        """One optimizer step over this rank's `grad_accum` micro-batches; returns local metrics."""
+        """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns local metrics."""
         assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
+        lrs = self._set_lr()
+        sums = _Sums()
+        skipped = False
+        for index, phase in enumerate(self.phases):
+            for repeat in range(phase.repeats):
+                skipped |= self._run_phase(micro_batches, index, phase, repeat, sums)
+        self.step += 1
+        metrics: dict[str, Any] = {f"loss/{n}": s / sums.loss_count[n] for n, s in sums.loss.items()}
+        metrics.update({k: v / sums.metric_count[k] for k, v in sums.metrics.items()})
+        metrics.update(lr=lrs[self.output_name], skipped=float(skipped), tokens=sums.tokens)
+        if len(self.trained) > 1:
+            metrics.update({f"lr/{n}": lr for n, lr in lrs.items()})
+        metrics.update(sums.grad_norms)
+        metrics.update(self.method.on_step_end(self.step - 1, self))
+        return metrics
+
+    @staticmethod
+    def _phase_key(index: int, repeat: int) -> tuple[int, ...]:
+        """Extra seed parts of a phase repetition: none for the first (so single-phase methods keep their draws)."""
+        return () if (index, repeat) == (0, 0) else (index, repeat)
+
+    def _run_phase(self, micro_batches: Sequence[torch.Tensor], index: int, phase: Phase, repeat: int,
+                   sums: _Sums) -> bool:
+        """One repetition of one phase over all micro-batches; returns whether its update was skipped."""
         tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
-        lr = self._set_lr()
+        phase_key = self._phase_key(index, repeat)
         nonfinite = False
-        loss_sums = {name: 0.0 for name in self.trained}
-        metric_sums: dict[str, float] = {}
-        num_tokens = 0
+        updated: tuple[str, ...] | None = None
         for micro, batch in enumerate(micro_batches):
-            self._seed_micro(self.step, micro)
+            self._seed_micro(self.step, micro, phase_key)
             generator = torch.Generator(device=self.device)  # same state on every rank AND micro-batch of the step
-            generator.manual_seed(derive_seed(tc.seed, self.step))
+            generator.manual_seed(derive_seed(tc.seed, self.step, *phase_key))
             ctx = StepContext(step=self.step, micro_step=micro, global_offset=(micro * ws + rank) * tc.micro_batch_size,
                               global_batch_size=tc.global_batch_size, generator=generator, device=self.device,
-                              rank=rank, world_size=ws)
+                              rank=rank, world_size=ws, phase=phase.name, phase_repeat=repeat)
             error, local_bad, out = None, False, None
             try:
                 out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
-                if set(out.losses) != set(self.trained):
-                    raise ValueError(f"method {self.cfg.method.name!r} returned losses for {sorted(out.losses)}, "
-                                     f"expected one per trained network {sorted(self.trained)}")
-                local_bad = not all(bool(torch.isfinite(loss.detach())) for loss in out.losses.values())
+                names = self._phase_losses(phase, out.losses, updated)
+                updated = names
+                local_bad = not all(bool(torch.isfinite(out.losses[n].detach())) for n in names)
             except Exception as err:  # agreed below, then re-raised on every rank
                 error = err
             nonfinite |= self._agree(error, local_bad)
-            for name, loss in out.losses.items():
+            for name in updated:
+                loss = out.losses[name]
                 # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring).
                 self.nets[name].engine.backward(loss * float("nan") if nonfinite else loss)
-                loss_sums[name] += float(loss.detach())
+                sums.add_loss(name, float(loss.detach()))
             for key, value in out.metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-            num_tokens += out.num_tokens
-            for net in self.trained.values():
-                net.engine.step()
-        applied = [net.engine.was_step_applied() for net in self.trained.values()]
+                sums.add_metric(key, float(value))
+            sums.tokens += out.num_tokens
+            for name in updated:
+                self.nets[name].engine.step()
+        if not updated:
+            return False
+        applied = [self.nets[n].engine.was_step_applied() for n in updated]
         assert len(set(applied)) == 1, f"networks disagree on whether the step was applied: {applied}"
         skipped = not applied[0]
         assert skipped or not nonfinite, "a non-finite loss was agreed but DeepSpeed applied the step"
-        if not skipped:
-            for net in self.trained.values():
+        for name in updated:
+            net = self.nets[name]
+            if not skipped:
+                self.updates[name] += 1
                 if net.ema is not None:
                     net.ema.update(net.module)
-        self.step += 1
-        metrics: dict[str, Any] = {f"loss/{n}": s / self.grad_accum for n, s in loss_sums.items()}
-        metrics.update({k: v / self.grad_accum for k, v in metric_sums.items()})
-        metrics.update(lr=lr, skipped=float(skipped), tokens=num_tokens)
-        for name, net in self.trained.items():
-            norm = net.engine.get_global_grad_norm()
-            if norm is not None and not skipped:
-                metrics[f"grad_norm/{name}"] = float(norm)
-        metrics.update(self.method.on_step_end(self.step - 1, self))
-        return metrics
+                norm = net.engine.get_global_grad_norm()
+                if norm is not None:
+                    sums.grad_norms[f"grad_norm/{name}"] = float(norm)
+        return skipped
+
+    def _phase_losses(self, phase: Phase, losses: dict, before: tuple[str, ...] | None) -> tuple[str, ...]:
+        """The networks (in phase order) that get a loss on this micro-batch; the same set on every micro-batch."""
+        unexpected = sorted(set(losses) - set(phase.networks))
+        if unexpected:
+            raise ValueError(f"method {self.cfg.method.name!r} returned losses for {unexpected} in phase "
+                             f"{phase.name!r}, which updates {list(phase.networks)}")
+        names = tuple(n for n in phase.networks if n in losses)
+        if before is not None and names != before:
+            raise ValueError(f"method {self.cfg.method.name!r}, phase {phase.name!r}: losses for {list(names)} on one "
+                             f"micro-batch and {list(before)} on another; the set must not depend on the data")
+        return names
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -310,15 +399,18 @@ class Trainer:
             net.engine.eval()
         sums: dict[str, float] = {}
         for i in range(tc.eval_batches):
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(derive_seed(tc.seed, 0xE7A1, i))
-            torch.manual_seed(derive_seed(tc.seed, 0xE7A1, i, rank))
-            ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
-                              global_batch_size=tc.micro_batch_size * ws, generator=generator, device=self.device,
-                              rank=rank, world_size=ws)
-            out = self.method.step(self.nets, next(loader).to(self.device), ctx)
-            for name, loss in out.losses.items():
-                sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
+            batch = next(loader).to(self.device)
+            for index, phase in enumerate(self.phases):  # each phase once: the loss of every network it updates
+                key = self._phase_key(index, 0)
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(derive_seed(tc.seed, 0xE7A1, i, *key))
+                torch.manual_seed(derive_seed(tc.seed, 0xE7A1, i, rank, *key))
+                ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
+                                  global_batch_size=tc.micro_batch_size * ws, generator=generator,
+                                  device=self.device, rank=rank, world_size=ws, phase=phase.name)
+                out = self.method.step(self.nets, batch, ctx)
+                for name, loss in out.losses.items():
+                    sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
         for net in self.trained.values():
             net.engine.train()
         keys = sorted(sums)
@@ -359,7 +451,7 @@ class Trainer:
                     torch.save(net.ema.state_dict(), tmp / "ema" / f"{name}.pt")
             torch.save({"step": self.step, "consecutive_nonfinite": self.consecutive_nonfinite,
                         "total_nonfinite": self.total_nonfinite, "world_size": self.dist.world_size,
-                        "method": self.method.state_dict()}, tmp / "trainer.pt")
+                        "updates": dict(self.updates), "method": self.method.state_dict()}, tmp / "trainer.pt")
             dump_yaml(self.cfg.to_dict(), tmp / "config.yaml")
         barrier()
         if self.dist.is_main:
@@ -405,13 +497,19 @@ class Trainer:
         self.step = int(trainer_state["step"])
         self.consecutive_nonfinite = int(trainer_state["consecutive_nonfinite"])
         self.total_nonfinite = int(trainer_state["total_nonfinite"])
+        updates = trainer_state.get("updates")  # absent in checkpoints written before per-network counters
+        if updates is not None:
+            if set(updates) != set(self.updates):
+                raise ValueError(f"checkpoint {path.name} holds update counters of {sorted(updates)}; this run "
+                                 f"trains {sorted(self.updates)}")
+            self.updates = {name: int(updates[name]) for name in self.updates}
         self.resumed_from = str(path)
 
     def export(self, out: Path | None = None) -> Path:
-        """Rank 0 writes the EMA (else raw) weights of the first trained network in the public HF layout."""
+        """Rank 0 writes the EMA (else raw) weights of the method's output network in the public HF layout."""
         from ddistill.models.checkpoints import save_pretrained
 
-        name = next(iter(self.trained))
+        name = self.output_name
         net = self.trained[name]
         state = full_state(net, use_ema=net.ema is not None)
         out = out or self.out_dir / "export" / name
@@ -422,7 +520,8 @@ class Trainer:
             with torch.no_grad():
                 for pname, param in model.named_parameters():
                     param.copy_(state[pname])
-            flavor = "mdlm" if self.method.sampler_spec().get("process") == "absorbing" else "duo"
+            # a uniform-state model is a DUO checkpoint; masked ones (MDLM, SDTT, the DiMO generator) are MDLM's
+            flavor = "duo" if self.method.sampler_spec().get("process") == "uniform" else "mdlm"
             save_pretrained(model, out, flavor=flavor, tokenizer=self.cfg.data.tokenizer)
         barrier()
         return out
@@ -462,7 +561,7 @@ class Trainer:
                 skipped = bool(metrics["skipped"])
                 self.total_nonfinite += skipped
                 self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
-                main_loss = metrics[f"loss/{next(iter(self.trained))}"]
+                main_loss = metrics.get(f"loss/{self.output_name}", float("nan"))
                 if not skipped:
                     window_loss += main_loss
                     window_steps += 1

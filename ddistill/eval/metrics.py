@@ -8,6 +8,9 @@
   with replacement R times, recompute the statistic (Gen PPL = exp(Σ nll / Σ tokens) of the resample, or the mean
   entropy), and take the (1 − level)/2 and (1 + level)/2 quantiles. The resampling is seeded, so a table is
   reproducible.
+* Batch diversity: distinct-n = #distinct n-grams / #n-grams over all samples of the batch (token ids), and the
+  duplicate fraction = 1 − #distinct samples / #samples (a batch that repeats one sample scores high, which the
+  per-sample entropy does not see; D-MMD arXiv 2603.20155's point about Gen-PPL and entropy).
 * MAUVE (Pillutla et al., arXiv 2102.01454; SDTT arXiv 2410.21035 §4): ``mauve.compute_mauve`` on features taken
   from the judge's final hidden layer, so it runs offline with whatever judge is loaded.
 * Validation NLL bound (DUO §5, "val/nll"): the continuous-time NELBO with ONE Monte-Carlo time per sequence,
@@ -110,6 +113,21 @@ def mean_interval(values: np.ndarray, *, level: float = 0.95, num_resamples: int
     if values.ndim != 1:
         raise ValueError(f"values must be 1-d, got shape {values.shape}")
     return _quantiles(values[_bootstrap_indices(len(values), num_resamples, seed)].mean(axis=1), level)
+
+
+def distinct_n(token_ids: torch.Tensor, n: int) -> float:
+    """#distinct n-grams / #n-grams over all rows of ``token_ids`` (B, L) (n-grams do not cross rows)."""
+    if token_ids.dim() != 2 or token_ids.shape[1] < n or n < 1:
+        raise ValueError(f"distinct_n needs (B, L >= n={n}) token ids, got shape {tuple(token_ids.shape)}")
+    grams = token_ids.long().cpu().unfold(1, n, 1).reshape(-1, n)
+    return float(torch.unique(grams, dim=0).shape[0] / grams.shape[0])
+
+
+def duplicate_fraction(token_ids: torch.Tensor) -> float:
+    """1 − #distinct rows / #rows of ``token_ids`` (B, L)."""
+    if token_ids.dim() != 2 or token_ids.shape[0] == 0:
+        raise ValueError(f"duplicate_fraction needs (B > 0, L) token ids, got shape {tuple(token_ids.shape)}")
+    return 1.0 - torch.unique(token_ids.cpu(), dim=0).shape[0] / token_ids.shape[0]
 
 
 def mauve_score(

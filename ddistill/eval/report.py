@@ -24,6 +24,10 @@ class EvalRow:
     gen_ppl: float
     entropy: float
     mauve: float | None = None
+    distinct_2: float | None = None  # batch diversity (eval.metrics.distinct_n / duplicate_fraction)
+    distinct_3: float | None = None
+    distinct_4: float | None = None
+    duplicate_frac: float | None = None
     num_samples: int
     judge: str
     device: str
@@ -37,7 +41,7 @@ class EvalRow:
 COLUMNS = tuple(f.name for f in fields(EvalRow))
 _INT_COLUMNS = {"steps", "num_samples"}
 _FLOAT_COLUMNS = {"nfe", "gen_ppl", "entropy", "mauve", "sample_seconds", "gen_ppl_lo", "gen_ppl_hi", "entropy_lo",
-                  "entropy_hi"}
+                  "entropy_hi", "distinct_2", "distinct_3", "distinct_4", "duplicate_frac"}
 _INTERVALS = {"gen_ppl": ("gen_ppl_lo", "gen_ppl_hi", ".2f"), "entropy": ("entropy_lo", "entropy_hi", ".3f")}
 _MARKDOWN_COLUMNS = tuple(c for c in COLUMNS if c not in {lo for lo, _, _ in _INTERVALS.values()}
                           and c not in {hi for _, hi, _ in _INTERVALS.values()})
@@ -88,7 +92,7 @@ def _cell(row: EvalRow, key: str) -> str:
         lo, hi = getattr(row, lo_key), getattr(row, hi_key)
         text = format(value, spec)
         return text if lo is None or hi is None else f"{text} [{lo:{spec}}, {hi:{spec}}]"
-    if key == "mauve":
+    if key in ("mauve", "distinct_2", "distinct_3", "distinct_4", "duplicate_frac"):
         return f"{value:.3f}"
     if key == "sample_seconds":
         return f"{value:.1f}"

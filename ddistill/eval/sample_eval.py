@@ -2,9 +2,11 @@
 SDTT arXiv 2410.21035 §4).
 
 For each T in ``steps_list``: draw ``num_samples`` unconditional samples of ``length`` tokens with
-``sample_mdlm`` (absorbing) or ``sample_duo`` (uniform), decode them with the model tokenizer (only [MASK] dropped),
-and record Gen PPL (judge, retokenised, first-EOS rule, truncated to ``length`` judge tokens), mean unigram entropy of
-the generated ids, the mean NFE per batch, and optionally MAUVE of prompt continuations: each reference document
+``sample_mdlm`` (absorbing), ``sample_duo`` (uniform) or ``sample_dimo`` (dimo: a DiMO generator; its
+``sampler_kwargs`` carry embed_dim, noise_rms, r_init, embed_noise, temperature), decode them with the model
+tokenizer (only [MASK] dropped), and record Gen PPL (judge, retokenised, first-EOS rule, truncated to ``length`` judge
+tokens), mean unigram entropy of the generated ids, batch diversity (distinct-2/3/4, duplicate fraction), the mean
+NFE per batch, and optionally MAUVE of prompt continuations: each reference document
 with at least ``mauve_length`` model tokens gives a prompt of its first ``mauve_prompt_tokens`` tokens; the model
 fills a ``mauve_length``-token canvas whose prefix is clamped to the prompt, and MAUVE compares those canvases
 (prompt included) with the references truncated to ``mauve_length`` tokens.
@@ -26,18 +28,22 @@ from typing import Callable, Sequence
 
 import torch
 
-from ddistill.diffusion.samplers import SampleResult, sample_duo, sample_mdlm
+from ddistill.diffusion.samplers import SampleResult, sample_dimo, sample_duo, sample_mdlm
 from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.eval.decode import decode_samples
 from ddistill.eval.judge import CausalJudge
 from ddistill.eval.metrics import (
     PROCESSES,
+    distinct_n,
+    duplicate_fraction,
     eval_mode,
     gen_ppl_interval,
     mauve_score,
     mean_interval,
     unigram_entropy_per_sample,
 )
+
+SAMPLERS = (*PROCESSES, "dimo")  # the processes plus the DiMO generator's sampler
 from ddistill.eval.report import EvalRow, write_report
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]
@@ -80,6 +86,9 @@ def _draw(
     )
     if process == "absorbing":
         return sample_mdlm(denoiser, mask_id=mask_id, **common)
+    if process == "dimo":
+        common.pop("schedule")
+        return sample_dimo(denoiser, mask_id=mask_id, **common)
     return sample_duo(denoiser, **common)
 
 
@@ -200,10 +209,10 @@ def evaluate_sampler(
     (``nucleus_p``, ``greedy_tail``, ``cached``, ``time_conditioning``, ``t_end``, ``dtype``).
     ``judge`` is only needed on rank 0.
     """
-    if process not in PROCESSES:
-        raise ValueError(f"process must be one of {PROCESSES}, got {process!r}")
-    if process == "absorbing" and mask_id is None:
-        raise ValueError("evaluate_sampler(process='absorbing') needs mask_id")
+    if process not in SAMPLERS:
+        raise ValueError(f"process must be one of {SAMPLERS}, got {process!r}")
+    if process in ("absorbing", "dimo") and mask_id is None:
+        raise ValueError(f"evaluate_sampler(process={process!r}) needs mask_id")
     if not steps_list or any(int(s) < 1 for s in steps_list):
         raise ValueError(f"steps_list must be non-empty positive ints, got {list(steps_list)}")
     if num_samples < 1 or batch_size < 1:
@@ -317,6 +326,10 @@ def evaluate_sampler(
                 entropy_lo=entropy_lo,
                 entropy_hi=entropy_hi,
                 mauve=mauve,
+                distinct_2=distinct_n(tokens, 2),
+                distinct_3=distinct_n(tokens, 3),
+                distinct_4=distinct_n(tokens, 4),
+                duplicate_frac=duplicate_fraction(tokens),
                 num_samples=tokens.shape[0],
                 judge=judge.name,
                 device=describe_device(device, world_size),

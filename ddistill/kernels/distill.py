@@ -17,14 +17,18 @@ and TVD need a second pass for the loss and the row constant Σ q a (Σ q u). Th
 writes the student dZ chunk by chunk (``_common``).
 
 **DiMO** (arXiv:2503.15457): the generator G receives, at the rows masked in x̃_t, the gradient
-g = p_aux − p_teacher directly on its logits z_G. DiMO injects it through the surrogate ½‖z_G − sg(z_G − g)‖²,
-whose value is ½‖g‖² (the logged ``loss_dm``) and whose gradient w.r.t. z_G is exactly g. :func:`dimo_generator_loss`
-implements that surrogate: its value Σ_r w_r ½‖g_r‖²/normalizer is computed from the aux and teacher linears only
-(two passes), and its backward recomputes g tile by tile and pushes w_r g_r/normalizer through the generator's
-linear, so ∂loss/∂θ_G = Σ_r w_r/normalizer Σ_v g_rv ∂z_rv/∂θ_G. Aux and teacher inputs are treated as constants.
+g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)), q = p_aux, p = p_teacher (the generalized Jeffreys
+divergence's logit gradient; β = 0 is DiMO's released forward KL, g = q − p) directly on its logits z_G. DiMO
+injects it through the surrogate ½‖z_G − sg(z_G − g)‖², whose value is ½‖g‖² (the logged ``loss_dm``) and whose
+gradient w.r.t. z_G is exactly g. :func:`dimo_generator_loss` implements that surrogate: its value
+Σ_r w_r ½‖g_r‖²/normalizer is computed from the aux and teacher linears only (two passes; the row constant
+KL(q‖p) comes from the first), and its backward recomputes g tile by tile and pushes w_r g_r/normalizer through the
+generator's linear, so ∂loss/∂θ_G = Σ_r w_r/normalizer Σ_v g_rv ∂z_rv/∂θ_G. Aux and teacher inputs are constants.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -54,7 +58,8 @@ from ddistill.kernels._common import (
 )
 
 KINDS = {"kl_fwd": 0, "kl_rev": 1, "jsd": 2, "tvd": 3}
-_DIMO = 4  # row-sum kind of the DiMO value ½‖q − p‖²
+_DIMO = 4  # row-sum kind of the DiMO value ½‖g‖²
+_DIMO_GRAD = 5  # dz kind of the DiMO gradient g with β ≠ 0
 
 
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
@@ -159,10 +164,10 @@ def _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA):
 @triton.autotune(configs=kernel_configs("pair"), key=["DS", "DT"])
 @triton.jit(do_not_specialize=STATS_ARGS)
 def _pair_rowsum_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, loss_ptr, c_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, loss_ptr, c_ptr, crow_ptr,
     M, DS, DT, V_VALID, MASK_COL, COLS_PER_SPLIT, NUM_SPLITS,
     stride_hs, stride_ws, stride_ht, stride_wt, INV_TAU, BETA, LOG_BETA, LOG_1M_BETA,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
+    KIND: tl.constexpr, JEFFREYS: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -172,6 +177,8 @@ def _pair_rowsum_kernel(
     hi_s, lo_s, hi_t, lo_t, gap = _row_stats(lse_ptr, rows, row_ok, M)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     c = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if JEFFREYS:  # DiMO with β ≠ 0: the row constant KL(q‖p) of the first pass
+        kl_row = tl.load(crow_ptr + rows, mask=row_ok, other=0.0)
     v_begin = pid_s * COLS_PER_SPLIT
     v_end = tl.minimum(v_begin + COLS_PER_SPLIT, V_VALID)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -191,6 +198,9 @@ def _pair_rowsum_kernel(
         elif KIND == 3:
             elem = 0.5 * tl.abs(q - p)
             c += tl.sum(q * tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0)), axis=1)
+        elif JEFFREYS:
+            g = (1.0 - BETA) * (q - p) + BETA * q * (a - kl_row[:, None])
+            elem = 0.5 * g * g
         else:
             elem = 0.5 * (q - p) * (q - p)
         loss += tl.sum(tl.where(ok, elem, 0.0), axis=1)
@@ -229,6 +239,8 @@ def _pair_dz_kernel(
         g = q * (a - c[:, None])
     elif KIND == 2:
         g = (1.0 - BETA) * q * (_log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA) - c[:, None])
+    elif KIND == 5:
+        g = (1.0 - BETA) * (q - p) + BETA * q * (a - c[:, None])
     else:
         g = 0.5 * q * (tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0)) - c[:, None])
     g = tl.where(ok, g, 0.0) * scale[:, None]
@@ -262,7 +274,7 @@ class _Pair:
         return self.hs.stride(0), self.ws.stride(0), self.ht.stride(0), self.wt.stride(0)
 
     def _beta_args(self):
-        beta = self.beta
+        beta = self.beta  # the JSD's β in (0, 1), or DiMO's Jeffreys β (any real; its logs are unused then)
         return beta, float(torch.tensor(beta).log()), float(torch.tensor(1.0 - beta).log())
 
     def stats(self) -> dict[str, torch.Tensor]:
@@ -290,16 +302,18 @@ class _Pair:
         lse = torch.stack([hi_s, lo_s, hi_t, lo_t, lse_gap]).float().contiguous()
         return dict(lse=lse, kl_fwd=kl_fwd, kl_rev=kl_rev)
 
-    def rowsum(self, kind: int, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Second pass: per-row loss and gradient row constant (fp64) for JSD / TVD / the DiMO value."""
+    def rowsum(self, kind: int, lse: torch.Tensor, kl_row: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second pass: per-row loss and gradient row constant (fp64) for JSD / TVD / the DiMO value (`kl_row`:
+        the fp32 row constant KL(q‖p) when DiMO's β ≠ 0)."""
         num_rows = self.num_rows
         splits, cols = vocab_splits(num_rows, self.vocab_size)
         loss = torch.empty(num_rows, splits, device=self.hs.device, dtype=torch.float32)
         c = torch.empty_like(loss)
         if num_rows > 0:
             _pair_rowsum_kernel[row_blocks_grid(num_rows, splits)](
-                *self.operands(), lse, loss, c, num_rows, *self.dims(), self.vocab_size, self.mask_col,
-                cols, splits, *self.strides(), self.inv_tau, *self._beta_args(), KIND=kind, **self.common(),
+                *self.operands(), lse, loss, c, lse if kl_row is None else kl_row, num_rows, *self.dims(),
+                self.vocab_size, self.mask_col, cols, splits, *self.strides(), self.inv_tau, *self._beta_args(),
+                KIND=kind, JEFFREYS=kl_row is not None, **self.common(),
             )  # fmt: skip
         return loss.double().sum(1), c.double().sum(1)
 
@@ -346,27 +360,32 @@ class LinearDivergenceFunction(torch.autograd.Function):
 
 
 class DimoSurrogateFunction(torch.autograd.Function):
-    """Per-row ½‖p_aux − p_teacher‖²; backward sends (p_aux − p_teacher)·grad through the generator linear."""
+    """Per-row ½‖g‖², g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)), q = p_aux, p = p_teacher; backward sends
+    g·grad through the generator linear."""
 
     @staticmethod
-    def forward(ctx, hg, wg, bg, ha, wa, ba, ht, wt, bt, vocab_size, mask_col):
-        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, 0.5)
+    def forward(ctx, hg, wg, bg, ha, wa, ba, ht, wt, bt, vocab_size, mask_col, beta):
+        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, beta)
         st = pair.stats()
-        value, _ = pair.rowsum(_DIMO, st["lse"])
-        ctx.save_for_backward(hg, wg, bg, ha, wa, ba, ht, wt, bt, st["lse"])
-        ctx.args = (vocab_size, mask_col)
+        kl_row = st["kl_rev"].float().contiguous() if beta != 0.0 else None  # KL(q‖p), q on the "student" side
+        value, _ = pair.rowsum(_DIMO, st["lse"], kl_row)
+        ctx.save_for_backward(hg, wg, bg, ha, wa, ba, ht, wt, bt, st["lse"], kl_row)
+        ctx.args = (vocab_size, mask_col, beta)
         return value.float()
 
     @staticmethod
     def backward(ctx, grad_rows):
-        hg, wg, bg, ha, wa, ba, ht, wt, bt, lse = ctx.saved_tensors
-        vocab_size, mask_col = ctx.args
-        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, 0.5)
+        hg, wg, bg, ha, wa, ba, ht, wt, bt, lse, kl_row = ctx.saved_tensors
+        vocab_size, mask_col, beta = ctx.args
+        pair = _Pair(ha, wa, ba, ht, wt, bt, vocab_size, mask_col, 1.0, beta)
         scale = grad_rows.float().contiguous()
-        write = pair.write_dz(KINDS["kl_fwd"], lse, torch.zeros_like(scale), scale)  # q − p with q = p_aux
+        if beta == 0.0:
+            write = pair.write_dz(KINDS["kl_fwd"], lse, torch.zeros_like(scale), scale)  # q − p with q = p_aux
+        else:
+            write = pair.write_dz(_DIMO_GRAD, lse, kl_row, scale)
         grads = chunked_linear_backward(write, hg, wg, bg is not None, vocab_size, *ctx.needs_input_grad[:3])
         grad_bias = grads[2].to(bg.dtype) if grads[2] is not None else None
-        return (grads[0], grads[1], grad_bias) + (None,) * 8
+        return (grads[0], grads[1], grad_bias) + (None,) * 9
 
 
 def _select_rows(row_mask, num_rows, *tensors):
@@ -440,7 +459,7 @@ def distill_loss(
 
 
 @torch.compiler.disable
-def _dimo_triton(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, mask_id, row_mask, normalizer):
+def _dimo_triton(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, beta, mask_id, row_mask, normalizer):
     check_device(hg)
     hg, wg, bg = prepare_linear(hg, wg, bg, vocab_size, "generator")
     ha, wa, ba = prepare_linear(ha.detach(), wa.detach(), None if ba is None else ba.detach(), vocab_size, "aux")
@@ -453,7 +472,8 @@ def _dimo_triton(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, mas
     w = as_row_tensor(row_weight, num_rows, hg.device, "row_weight")
     hg, ha, ht, w = _select_rows(row_mask, num_rows, hg, ha, ht, w)
     rows = DimoSurrogateFunction.apply(
-        hg, wg, bg, ha.contiguous(), wa, ba, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size)
+        hg, wg, bg, ha.contiguous(), wa, ba, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size),
+        float(beta),
     )
     return weighted_sum(rows, w, normalizer)
 
@@ -471,19 +491,24 @@ def dimo_generator_loss(
     row_weight: torch.Tensor | float,
     vocab_size: int,
     *,
+    beta: float = 0.0,
     mask_id: int | None = None,
     row_mask: torch.Tensor | None = None,
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
 ) -> torch.Tensor:
-    """DiMO generator surrogate: value Σ w_r ½‖g_r‖²/normalizer, ∂/∂z_gen = w_r g_r/normalizer, g = p_aux − p_teacher.
+    """DiMO generator surrogate: value Σ w_r ½‖g_r‖²/normalizer, ∂/∂z_gen = w_r g_r/normalizer, with
+    g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)), q = p_aux, p = p_teacher (module docstring).
 
     ``row_mask`` selects the rows masked in x̃_t (others get zero gradient); ``mask_id`` is excluded from the aux
     and teacher softmaxes (SUBS), so the generator's mask column receives zero gradient.
     """
     check_impl(impl)
+    if not math.isfinite(beta):
+        raise ValueError(f"beta={beta!r} must be a finite number")
     args = (gen_hidden, gen_weight, gen_bias, aux_hidden, aux_weight, aux_bias, teacher_hidden, teacher_weight,
             teacher_bias, row_weight, vocab_size)  # fmt: skip
     if impl == "torch":
-        return reference.dimo_generator_loss_reference(*args, mask_id=mask_id, row_mask=row_mask, normalizer=normalizer)
-    return _dimo_triton(*args, mask_id, row_mask, normalizer)
+        return reference.dimo_generator_loss_reference(*args, beta=beta, mask_id=mask_id, row_mask=row_mask,
+                                                       normalizer=normalizer)
+    return _dimo_triton(*args, beta, mask_id, row_mask, normalizer)

@@ -128,14 +128,17 @@ def distill_loss_reference(
 
 def dimo_generator_loss_reference(
     gen_hidden, gen_weight, gen_bias, aux_hidden, aux_weight, aux_bias, teacher_hidden, teacher_weight, teacher_bias,
-    row_weight, vocab_size, *, mask_id=None, row_mask=None, normalizer=1.0,
+    row_weight, vocab_size, *, beta=0.0, mask_id=None, row_mask=None, normalizer=1.0,
 ) -> torch.Tensor:  # fmt: skip
-    """DiMO's generator surrogate 0.5‖z − sg(z − g)‖² with g = p_aux − p_teacher (arXiv:2503.15457)."""
+    """DiMO's generator surrogate 0.5‖z − sg(z − g)‖² with g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)),
+    q = p_aux, p = p_teacher (arXiv:2503.15457)."""
     z = linear_logits(gen_hidden, gen_weight, gen_bias, vocab_size)
     with torch.no_grad():
         za = _drop_column(linear_logits(aux_hidden, aux_weight, aux_bias, vocab_size), mask_id)
         zt = _drop_column(linear_logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size), mask_id)
-        g_kept = torch.softmax(za, dim=-1) - torch.softmax(zt, dim=-1)
+        log_q, log_p = torch.log_softmax(za, dim=-1), torch.log_softmax(zt, dim=-1)
+        q, a = log_q.exp(), log_q - log_p
+        g_kept = (1.0 - beta) * (q - log_p.exp()) + beta * q * (a - (q * a).sum(-1, keepdim=True))
         g = torch.zeros_like(z)
         if mask_id is None or mask_id >= vocab_size:
             g = g_kept

@@ -8,12 +8,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ddistill.methods.base import Method, NetworkControl, NetworkSpec, StepContext, StepOutput
+from ddistill.methods.base import Method, NetworkControl, NetworkSpec, Phase, StepContext, StepOutput
 
 __all__ = [
     "Method",
     "NetworkControl",
     "NetworkSpec",
+    "Phase",
     "StepContext",
     "StepOutput",
     "register",

@@ -1,15 +1,44 @@
 """The contract between the training engine and a training method (base training or distillation).
 
 A method declares its networks by role (trained ones get a ZeRO-2 engine with an optimizer, frozen ones a ZeRO-3
-inference engine) and computes, for one micro-batch, one normalised scalar loss per trained network. The engine
+inference engine) and computes, for one micro-batch, one normalised scalar loss per network it updates. The engine
 owns everything distributed: backward, optimizer steps, EMA, checkpoints. Round logic (teacher <- student, step
 halving, ...) lives in `Method.on_step_end`, which acts on the networks through `NetworkControl`.
 
+What a method declares (all typed, all optional beyond role/init):
+
+* `NetworkSpec.optim`: this network's optimizer settings, as overrides of the run's `optim` section (keys of
+  `engine.run_config.OptimConfig`: algorithm adam|adamw, lr, betas, eps, weight_decay, warmup_steps, schedule,
+  min_lr, grad_clip <= 0 = no clipping). The user overrides them again per network from YAML
+  (`networks.<name>.optim.<key>=...`). Precedence: run `optim` < `NetworkSpec.optim` < `networks.<name>.optim`.
+* `NetworkSpec.frozen_params`: parameter-name prefixes (e.g. "vocab_embed.") that are not trained: they get no
+  gradient, are not in the optimizer and stay bit-identical.
+* Model keyword arguments: `nets[name](x, sigma, rows=..., **model_kwargs)` and `nets[name].hidden_states(x, sigma,
+  **model_kwargs)` pass them to the DiT's forward (e.g. `embed_noise`).
+* `Method.phases()`: the ordered update phases of one optimizer step, each a `Phase(name, networks, repeats)`.
+  For every phase, `repeats` times, the engine runs `Method.step` on all micro-batches of the step (with
+  `StepContext.phase` / `phase_repeat` set), back-propagates the losses it returned and steps exactly those
+  networks; a later phase therefore sees the weights updated by the earlier ones (DiMO: generator, then k auxiliary
+  updates on samples of the updated generator). A phase's losses must name networks of that phase; a network
+  without a loss is neither back-propagated nor stepped, and the set of networks with a loss must be the same on
+  every micro-batch of a phase repetition (it is a function of (step, phase), not of the data). Default: one phase
+  "step" over all trained networks (every existing method).
+* `Method.output_network`: the trained network that is exported (its EMA if it has one) and evaluated; default
+  "student".
+
+Checkpoints hold every network (trained: DeepSpeed state with its optimizer; frozen: current weights), every EMA
+and the per-network update counters, and resume exactly.
+
+Differences from ../shared/DESIGN.md (the older sketch): one optimizer config per network instead of one shared
+config, update phases instead of "every trained network steps on every micro-batch", and an explicit output
+network instead of "the first trained network".
+
 Randomness: `StepContext.generator` is seeded identically on every rank and every micro-batch of a step from
-(seed, step) (deliberately not from micro_step, see below). Methods draw
+(seed, step) (deliberately not from micro_step, see below); phases after the first (or repetitions after the first)
+use (seed, step, phase index, repetition), so they draw fresh numbers. Methods draw
 per-sequence randomness for the whole *global* batch and slice their rows [global_offset, global_offset + B), so
 a step's result does not depend on how the global batch is split over ranks and micro-batches
-(`global_uniform`, `global_randint`).
+(`global_uniform`, `global_randint`, `global_normal`).
 """
 
 from __future__ import annotations
@@ -27,7 +56,9 @@ __all__ = [
     "Method",
     "NetworkControl",
     "EvalStudent",
+    "Phase",
     "global_uniform",
+    "global_normal",
     "global_randint",
     "row_generators",
 ]
@@ -39,12 +70,16 @@ class NetworkSpec:
 
     init: "config" (fresh DiT from the run's model config, seeded), "pretrained" (the run's `init_from`
     checkpoint), or "copy:<name>" (the weights of another network of this method at start).
+    optim: overrides of the run's `optim` section for this trained network (module docstring).
+    frozen_params: parameter-name prefixes of this trained network that are not trained.
     """
 
     role: Literal["trained", "frozen"]
     init: str = "config"
     model_overrides: dict = field(default_factory=dict)
     ema: bool = False
+    optim: dict[str, Any] = field(default_factory=dict)
+    frozen_params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ("trained", "frozen"):
@@ -53,6 +88,24 @@ class NetworkSpec:
             raise ValueError(f"NetworkSpec.init={self.init!r}; allowed: 'config', 'pretrained', 'copy:<name>'")
         if self.ema and self.role != "trained":
             raise ValueError("NetworkSpec.ema=True needs role='trained'")
+        if self.role != "trained" and (self.optim or self.frozen_params):
+            raise ValueError("NetworkSpec.optim / frozen_params need role='trained' (a frozen network has no optimizer)")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One ordered update phase of an optimizer step: `Method.step` runs `repeats` times over all micro-batches and
+    the listed trained networks are updated after each repetition (module docstring)."""
+
+    name: str
+    networks: tuple[str, ...]
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.networks:
+            raise ValueError(f"phase {self.name!r} updates no network")
+        if self.repeats < 1:
+            raise ValueError(f"phase {self.name!r}: repeats={self.repeats} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +120,8 @@ class StepContext:
     device: torch.device
     rank: int
     world_size: int
+    phase: str = "step"  # the `Phase.name` being run
+    phase_repeat: int = 0  # which repetition of that phase
 
 
 @dataclass
@@ -105,6 +160,7 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    output_network: ClassVar[str] = "student"  # exported (EMA if any) and evaluated
 
     def __init__(self, cfg: Any, *, vocab_size: int, mask_id: int):
         self.cfg = cfg
@@ -115,12 +171,18 @@ class Method(abc.ABC):
     def networks(self) -> dict[str, NetworkSpec]:
         """Name -> spec, e.g. {"student": trained with EMA, "teacher": frozen}."""
 
+    def phases(self) -> list[Phase]:
+        """The ordered update phases of one optimizer step; default: one phase over every trained network."""
+        trained = tuple(name for name, spec in self.networks().items() if spec.role == "trained")
+        return [Phase(name="step", networks=trained)]
+
     @abc.abstractmethod
     def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
-        """Losses for one micro-batch `batch` (B, L) of clean token ids.
+        """Losses for one micro-batch `batch` (B, L) of clean token ids, in phase `ctx.phase`.
 
         `nets[name](x, sigma)` gives logits (B, L, V), `nets[name](x, sigma, rows=mask)` those of the positions
-        selected by a (B, L) bool mask only, `nets[name].hidden_states(x, sigma)` the input of the output layer.
+        selected by a (B, L) bool mask only, `nets[name].hidden_states(x, sigma)` the input of the output layer;
+        extra keyword arguments go to the model's forward.
         """
 
     def on_step_end(self, step: int, control: NetworkControl) -> dict:
@@ -136,7 +198,7 @@ class Method(abc.ABC):
         Evaluation and the demo ask this instead of reading any method's fields. Default: the exported network of
         the finished run, sampled as its process says."""
         sampler = "mdlm" if self.sampler_spec().get("process") == "absorbing" else "duo"
-        return [EvalStudent(label=self.name, step=None, network="student", sampler=sampler)]
+        return [EvalStudent(label=self.name, step=None, network=self.output_network, sampler=sampler)]
 
     def state_dict(self) -> dict:
         return {}
@@ -166,6 +228,12 @@ def row_generators(ctx: StepContext, num_rows: int) -> list[torch.Generator]:
         torch.Generator(device=ctx.device).manual_seed((base * 1_000_003 + ctx.global_offset + r) % (2**63 - 1))
         for r in range(num_rows)
     ]
+
+
+def global_normal(ctx: StepContext, num_rows: int, tail: tuple[int, ...]) -> torch.Tensor:
+    """Standard normals of shape (num_rows, *tail), sliced from a global draw like `global_uniform`."""
+    n = torch.randn((ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device)
+    return n[ctx.global_offset : ctx.global_offset + num_rows]
 
 
 def fused_kernel(name: str) -> Callable:

@@ -5,6 +5,8 @@ Architecture of MDLM (Sahoo et al., arXiv 2406.07524) as reused by SDTT (arXiv 2
     h_0   = E[x]                       (ids)   or   softmax(x, -1) @ E   in fp32   (soft input, DUO curriculum)
             or Σ_j w_j E[i_j]          (soft_inputs = (indices, weights) pairs, fp32 embedding_bag: the low-memory
                                         DUO curriculum feeds the few coordinates that carry its tempered softmax)
+    h_0  ← s·n + √(1 − s²)·h_0         only with `embed_noise=EmbedNoise(s, n)` (DiMO's generator input, arXiv
+                                       2503.15457: Gaussian noise n mixed into the input embeddings)
     c     = SiLU(MLP(φ(σ)))            φ(σ) = [cos(σ f_i), sin(σ f_i)]_{i<128}, f_i = 10000^{-i/128};
                                        σ = -log α_t (zeroed when time conditioning is off, as in MDLM)
     block: (s1, a1, g1, s2, a2, g2) = W_ada c
@@ -25,7 +27,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,21 @@ class EmbeddingLayer(nn.Module):
         return out.view(b, l, -1)
 
 
+class EmbedNoise(NamedTuple):
+    """Noise mixed into the input embeddings: h ← scale·noise + √(1 − scale²)·h; noise (B, L, d), 0 ≤ scale ≤ 1."""
+
+    scale: float
+    noise: torch.Tensor
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        if not 0.0 <= self.scale <= 1.0:
+            raise ValueError(f"embed_noise scale={self.scale} must lie in [0, 1]")
+        if self.noise.shape != h.shape:
+            raise ValueError(f"embed_noise of shape {tuple(self.noise.shape)} does not match the embeddings "
+                             f"{tuple(h.shape)}")
+        return self.scale * self.noise.to(h.dtype) + math.sqrt(1.0 - self.scale**2) * h
+
+
 class DiT(nn.Module):
     """MDLM/DUO DiT (or its causal AR variant). `forward(x, sigma) -> logits (B, L, vocab_size)`."""
 
@@ -342,6 +359,10 @@ class DiT(nn.Module):
     def output_bias(self) -> nn.Parameter:
         """(V_pad,); entries >= vocab_size are zero padding."""
         return self.output_layer.linear.bias
+
+    def input_embedding_rms(self) -> float:
+        """√mean(E²) over the input embedding table: the scale of `embed_noise` that matches the embeddings."""
+        return float(self.vocab_embed.embedding.detach().float().pow(2).mean().sqrt())
 
     def num_parameters(self, public: bool = True) -> int:
         """Parameter count; `public=True` counts the output layer at its unpadded (V, d) / (V,) shape."""
@@ -377,12 +398,14 @@ class DiT(nn.Module):
             return F.silu(self.sigma_map(sigma))
 
     def hidden_states(
-        self, x: torch.Tensor, sigma: torch.Tensor | None = None, soft_inputs: SoftInputs | None = None
+        self, x: torch.Tensor, sigma: torch.Tensor | None = None, soft_inputs: SoftInputs | None = None, *,
+        embed_noise: EmbedNoise | None = None,
     ) -> torch.Tensor:
         """(B, L, d): the input of the output linear (final LN + adaLN modulation), fp32 from the fp32 LN.
 
         `soft_inputs` = (indices, weights), both (B, L, J): the input embedding of position l is
-        Σ_j weights[l, j]·E[indices[l, j]] instead of E[x[l]] (x then only gives the shape)."""
+        Σ_j weights[l, j]·E[indices[l, j]] instead of E[x[l]] (x then only gives the shape). `embed_noise` mixes
+        noise into the input embeddings (module docstring)."""
         if x.ndim == 3 and x.shape[-1] != self.vocab_size:
             raise ValueError(f"soft input must have last dim vocab_size={self.vocab_size}, got {x.shape[-1]}")
         if soft_inputs is None:
@@ -392,6 +415,8 @@ class DiT(nn.Module):
             if indices.shape[:2] != x.shape[:2]:
                 raise ValueError(f"soft_inputs of shape {tuple(indices.shape)} do not match x {tuple(x.shape)}")
             h = self.vocab_embed.bag(indices, weights)
+        if embed_noise is not None:
+            h = EmbedNoise(*embed_noise).apply(h)
         c = self._conditioning(x, sigma)
         cos, sin = self.rotary_emb.cos_sin(x.shape[1], x.device)
         with self._autocast(x.device):
@@ -405,14 +430,16 @@ class DiT(nn.Module):
         sigma: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         soft_inputs: SoftInputs | None = None,
+        *,
+        embed_noise: EmbedNoise | None = None,
     ) -> torch.Tensor:
         """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU.
 
         `rows` (a (B, L) bool mask) applies the output layer to the selected positions only and returns
         (num_selected, vocab_size): the masked-diffusion losses read masked positions only, and the output layer is
-        most of the cost of a small model at V = 50258. `soft_inputs`: see `hidden_states`.
+        most of the cost of a small model at V = 50258. `soft_inputs`, `embed_noise`: see `hidden_states`.
         """
-        h = self.hidden_states(x, sigma, soft_inputs)
+        h = self.hidden_states(x, sigma, soft_inputs, embed_noise=embed_noise)
         if rows is not None:
             if rows.shape != x.shape[:2]:
                 raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")

@@ -1,0 +1,331 @@
+"""DiMO for text: on-policy distillation of a masked-diffusion LM into a one-step generator (Zhu, Wang, Lathuilière,
+Kalogeiton, "Di[M]O: Distilling Masked Diffusion Models into One-step Generator", ICCV 2025, arXiv 2503.15457),
+ported from images to MDLM text models (../shared/reference/dimo.md §0, §1, §4).
+
+Networks, all initialised from the teacher checkpoint (`init_from`): the generator G_θ (trained, EMA with warm-up;
+its EMA is the output model), the teacher p_φ (frozen, ZeRO-3, eval mode) and the auxiliary model p_ψ (trained, its
+own optimizer, no clipping). The input embeddings of G and ψ are frozen (`freeze_embeddings`, DiMO's
+fix_emb_layer). Optimizers as released: Adam (not AdamW), β = (0.9, 0.999), eps 1e-6, weight decay 0, constant LR
+1e-5 after 100 warm-up steps; G clipped at global norm 1.0, ψ unclipped (overridable per network:
+`networks.aux.optim.lr=...`). Data-free: the data batch only sets the shapes (B, L).
+
+Generator input x_init: i.i.d. uniform real tokens (mask id excluded), exactly k = round(r_init·L) positions [MASK]
+(a uniformly random subset), and Gaussian noise in G's input embeddings only, e ← σ·n + √(1−σ²)·e, with n scaled
+to the RMS of the embedding table (`embed_noise_rms`; the reference's unit noise assumes unit-scale embeddings, the
+DiT's are ≈ 1/√(3d)). The generator predicts every position: raw logits z_θ, no SUBS carry-over, the mask logit at
+−∞ for sampling. x_θ ~ softmax(z_θ/T_gen) per position (no gradient through the sample).
+
+Intermediate state x̃_t: x_θ with exactly round(L·m) positions re-masked, m = arccos(u)/(π/2) ("arccos"),
+cos(πu/2) clamped to [0.02, 0.98] ("cosine") or u ("linear"), u ~ U(0, 1) per sequence. Teacher and aux see
+σ = −log(1 − m) (used only if they are time-conditioned), the generator σ = −log(1 − r_init).
+
+Generator update (phase "generator"): at the positions M masked in x̃_t, with p = p_φ(·|x̃_t), q = p_ψ(·|x̃_t) over
+the real tokens (SUBS, no gradient),
+
+    g = (1 − β)·(q − p) + β·q ⊙ (log q − log p − KL(q‖p))
+
+is injected as the gradient of G's logits through the surrogate Σ_{rows ∈ M} [⟨z, g⟩ − ⟨sg(z), g⟩ + ½‖g‖²] / B:
+value ½Σ‖g‖²/B (DiMO's loss_dm), ∂/∂z = g/B, 0 at unmasked rows and at the mask column. g is the gradient w.r.t.
+the logits of q of the generalized Jeffreys divergence (1 − β)·KL(p‖q) + β·KL(q‖p) (β = 0: forward KL, the released
+configs; β = 1: reverse KL).
+
+Auxiliary update (phase "aux", after the generator's update, `aux_steps` times per optimizer step): a fresh x_init,
+a sample of the *updated* generator (no gradient), independently re-masked (`aux_remask`), and the masked
+cross-entropy with label smoothing ε over the K = V − 1 real tokens,
+
+    CE_ε(z, y) = (1 − ε)·(−log q_y) + ε·(1/K)·Σ_v (−log q_v),
+
+averaged over the masked tokens of the global batch (each micro-batch normalises by B·mean_global(k), so the
+result does not depend on the split over ranks and micro-batches).
+
+`loss_impl="triton"`: the generator loss by the fused kernel `ddistill.kernels.dimo_generator_loss` from hidden
+states (teacher, aux and generator logits at the masked rows never reach memory; the generator's full logits are
+computed once without graph for its sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ddistill.diffusion.absorbing import exact_count_mask
+from ddistill.diffusion.samplers import dimo_initial_tokens, sample_categorical
+from ddistill.methods import register
+from ddistill.methods.base import (
+    EvalStudent,
+    Method,
+    NetworkSpec,
+    Phase,
+    StepContext,
+    StepOutput,
+    fused_kernel,
+    global_normal,
+)
+
+__all__ = ["DiMO", "DiMOConfig", "REMASK_SCHEDULES", "remask_ratio", "jeffreys_logit_gradient",
+           "generator_surrogate", "aux_cross_entropy"]
+
+Remask = Literal["arccos", "cosine", "linear"]
+REMASK_SCHEDULES = ("arccos", "cosine", "linear")
+SAMPLE_CHUNK_ROWS = 2048  # rows per float64 softmax/CDF chunk when sampling the generator
+
+
+@dataclass(kw_only=True)
+class DiMOConfig:
+    """DiMO hyper-parameters (YAML section `method:`); defaults are the released MaskGIT recipe (dimo.md §1.8)."""
+
+    r_init: float = 0.6  # mask fraction of x_init
+    embed_noise: float = 0.1  # σ of the generator's input-embedding noise
+    embed_noise_rms: bool = True  # scale the noise to the RMS of the embedding table
+    beta: float = 0.0  # generalized Jeffreys coefficient (0 = forward KL)
+    remask: Remask = "arccos"  # ratio schedule of x̃_t for the generator loss
+    aux_remask: Remask = "arccos"  # and for the aux loss
+    label_smoothing: float = 0.1
+    aux_steps: int = 1  # k auxiliary updates per generator update (DiMO's fake_rounds)
+    gen_temperature: float = 1.0  # sampling temperature of x_θ in training
+    freeze_embeddings: bool = True
+    dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
+    loss_impl: Literal["torch", "triton"] = "torch"
+    # evaluation: how `sampler_spec` / `eval_students` sample the distilled generator
+    eval_steps: int = 1
+    eval_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.r_init <= 1.0:
+            raise ValueError(f"method.r_init={self.r_init} must lie in (0, 1]")
+        if not 0.0 <= self.embed_noise < 1.0:
+            raise ValueError(f"method.embed_noise={self.embed_noise} must lie in [0, 1)")
+        if self.r_init == 1.0 and self.embed_noise == 0.0:
+            raise ValueError("method.r_init=1 with embed_noise=0 gives the generator a deterministic input (a product "
+                             "of marginals, dimo.md §4.3); lower r_init or add embedding noise")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"method.label_smoothing={self.label_smoothing} must lie in [0, 1)")
+        if self.aux_steps < 1:
+            raise ValueError(f"method.aux_steps={self.aux_steps} must be >= 1")
+        for key in ("gen_temperature", "eval_temperature"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"method.{key}={getattr(self, key)} must be > 0")
+        if self.eval_steps < 1:
+            raise ValueError(f"method.eval_steps={self.eval_steps} must be >= 1")
+
+
+def remask_ratio(u: torch.Tensor, schedule: str) -> torch.Tensor:
+    """Mask ratio m ∈ (0, 1] of x̃_t from u ~ U(0, 1) (module docstring)."""
+    u = u.to(torch.float64)
+    if schedule == "arccos":
+        return torch.arccos(u) / (math.pi / 2)
+    if schedule == "cosine":
+        return torch.cos(math.pi * u / 2).clamp(0.02, 0.98)
+    if schedule == "linear":
+        return u
+    raise ValueError(f"unknown remask schedule {schedule!r}; choose one of {list(REMASK_SCHEDULES)}")
+
+
+def jeffreys_logit_gradient(aux_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)) per row, q = softmax(aux), p = softmax(teacher), over the
+    columns given (callers drop the mask column), in the logits' dtype."""
+    log_q = torch.log_softmax(aux_logits, dim=-1)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    g = (1.0 - beta) * (q - p)
+    if beta != 0.0:
+        a = log_q - log_p
+        g = g + beta * q * (a - (q * a).sum(-1, keepdim=True))
+    return g
+
+
+def generator_surrogate(gen_logits: torch.Tensor, g: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Σ_rows [⟨z, g⟩ − ⟨sg(z), g⟩ + ½‖g‖²] / normalizer: value ½Σ‖g‖²/normalizer, gradient g/normalizer (g const)."""
+    z = gen_logits.float()
+    g = g.to(z.dtype)
+    return ((z * g).sum() - (z.detach() * g).sum() + 0.5 * g.square().sum()) / normalizer
+
+
+def aux_cross_entropy(aux_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float,
+                      normalizer: float | torch.Tensor) -> torch.Tensor:
+    """Σ_rows CE_ε(z, y) / normalizer over the real-token columns given (module docstring)."""
+    log_q = torch.log_softmax(aux_logits.float(), dim=-1)
+    nll = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    smooth = -log_q.mean(-1)
+    return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).sum() / normalizer
+
+
+def _sigma_of_ratio(ratio: torch.Tensor) -> torch.Tensor:
+    """σ = −log α with α = 1 − ratio (floored at 1e-4 so a fully masked row stays finite)."""
+    return -torch.log((1.0 - ratio.to(torch.float64)).clamp_min(1e-4)).to(torch.float32)
+
+
+@register
+class DiMO(Method):
+    """Generator / frozen teacher / auxiliary model, updated in two phases per optimizer step."""
+
+    name: ClassVar[str] = "dimo"
+    Config: ClassVar[type] = DiMOConfig
+    output_network: ClassVar[str] = "generator"
+
+    def __init__(self, cfg: DiMOConfig, *, vocab_size: int, mask_id: int):
+        if not 0 <= mask_id < vocab_size:
+            raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
+        self.keep = torch.tensor([v for v in range(vocab_size) if v != mask_id])  # the real-token columns
+        self._fused = fused_kernel("dimo_generator_loss") if cfg.loss_impl == "triton" else None
+
+    # -- networks and phases -------------------------------------------------------------------------------------
+
+    def networks(self) -> dict[str, NetworkSpec]:
+        frozen = ("vocab_embed.",) if self.cfg.freeze_embeddings else ()
+        overrides = {} if self.cfg.dropout is None else {"dropout": self.cfg.dropout}
+        adam = {"algorithm": "adam", "lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0,
+                "warmup_steps": 100, "schedule": "constant"}
+        return {
+            "teacher": NetworkSpec(role="frozen", init="pretrained"),
+            "generator": NetworkSpec(role="trained", init="copy:teacher", ema=True, frozen_params=frozen,
+                                     model_overrides=overrides, optim={**adam, "grad_clip": 1.0}),
+            "aux": NetworkSpec(role="trained", init="copy:teacher", frozen_params=frozen, model_overrides=overrides,
+                               optim={**adam, "grad_clip": 0.0}),
+        }
+
+    def phases(self) -> list[Phase]:
+        return [Phase(name="generator", networks=("generator",)),
+                Phase(name="aux", networks=("aux",), repeats=self.cfg.aux_steps)]
+
+    def sampler_spec(self) -> dict:
+        return {"process": "dimo", "num_steps": self.cfg.eval_steps, "r_init": self.cfg.r_init,
+                "embed_noise": self.cfg.embed_noise, "embed_noise_rms": self.cfg.embed_noise_rms,
+                "temperature": self.cfg.eval_temperature}
+
+    def eval_students(self) -> list[EvalStudent]:
+        return [EvalStudent(label=self.name, step=None, network="generator", sampler="dimo")]
+
+    # -- shared pieces -------------------------------------------------------------------------------------------
+
+    def _global_rows(self, ctx: StepContext, rows: int, tail: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 U[0,1) for the whole global batch (every rank draws it) and this micro-batch's rows of it."""
+        full = torch.rand((ctx.global_batch_size, *tail), generator=ctx.generator, device=ctx.device,
+                          dtype=torch.float64)
+        return full, full[ctx.global_offset : ctx.global_offset + rows]
+
+    def initial_tokens(self, ctx: StepContext, rows: int, length: int) -> torch.Tensor:
+        _, token_u = self._global_rows(ctx, rows, (length,))
+        _, position_u = self._global_rows(ctx, rows, (length,))
+        return dimo_initial_tokens(token_u, position_u, r_init=self.cfg.r_init, mask_id=self.mask_id,
+                                   vocab_size=self.vocab_size)
+
+    def embed_noise(self, ctx: StepContext, generator_net, rows: int, length: int) -> tuple[float, torch.Tensor]:
+        module = generator_net.module
+        noise = global_normal(ctx, rows, (length, module.config.hidden_size))
+        if self.cfg.embed_noise_rms:
+            noise = noise * module.input_embedding_rms()
+        return self.cfg.embed_noise, noise
+
+    def remask(self, ctx: StepContext, tokens: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+        """(x̃_t, its mask M, σ per row, and the global batch's total number of masked positions)."""
+        rows, length = tokens.shape
+        full, u = self._global_rows(ctx, rows, ())
+        counts_full = (remask_ratio(full, schedule) * length).round().clamp(1, length).long()
+        counts = counts_full[ctx.global_offset : ctx.global_offset + rows]
+        _, position_u = self._global_rows(ctx, rows, (length,))
+        masked = exact_count_mask(position_u, counts)
+        xt = torch.where(masked, self.mask_id, tokens)
+        return xt, masked, _sigma_of_ratio(counts.double() / length), counts_full.sum()
+
+    def sample_generator(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """x_θ ~ softmax(z/T_gen) per position over the real tokens, float64 inverse CDF on global uniforms."""
+        rows, length = logits.shape[:2]
+        _, u = self._global_rows(ctx, rows, (length,))
+        flat, u = logits.detach().reshape(-1, logits.shape[-1]), u.reshape(-1)
+        keep = self.keep.to(logits.device)
+        out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+        for start in range(0, flat.shape[0], SAMPLE_CHUNK_ROWS):
+            chunk = flat[start : start + SAMPLE_CHUNK_ROWS].index_select(-1, keep).to(torch.float64)
+            probs = torch.softmax(chunk / self.cfg.gen_temperature, dim=-1)
+            out[start : start + SAMPLE_CHUNK_ROWS] = keep[sample_categorical(probs, u[start : start + SAMPLE_CHUNK_ROWS])]
+        return out.reshape(rows, length)
+
+    def _generator_sigma(self, rows: int, device: torch.device) -> torch.Tensor:
+        return _sigma_of_ratio(torch.full((rows,), self.cfg.r_init, device=device))
+
+    # -- one micro-batch -----------------------------------------------------------------------------------------
+
+    def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
+        rows, length = batch.shape
+        if ctx.phase == "generator":
+            return self._generator_step(nets, rows, length, ctx)
+        if ctx.phase == "aux":
+            return self._aux_step(nets, rows, length, ctx)
+        raise ValueError(f"DiMO has phases 'generator' and 'aux', not {ctx.phase!r}")
+
+    def _generator_step(self, nets, rows: int, length: int, ctx: StepContext) -> StepOutput:
+        generator, teacher, aux = nets["generator"], nets["teacher"], nets["aux"]
+        x_init = self.initial_tokens(ctx, rows, length)
+        noise = self.embed_noise(ctx, generator, rows, length)
+        sigma_g = self._generator_sigma(rows, ctx.device)
+        keep = self.keep.to(ctx.device)
+        if self._fused is None:
+            z = generator(x_init, sigma_g, embed_noise=noise)  # (B, L, V) with graph
+            x_gen = self.sample_generator(z, ctx)
+        else:
+            hidden_g = generator.hidden_states(x_init, sigma_g, embed_noise=noise)
+            weight_g, bias_g = generator.output_weight, generator.output_bias
+            with torch.no_grad():
+                dtype = generator.head_dtype(ctx.device)
+                z = F.linear(hidden_g.detach().to(dtype), weight_g[: self.vocab_size].to(dtype),
+                             bias_g[: self.vocab_size].to(dtype))
+            x_gen = self.sample_generator(z, ctx)
+        xt, masked, sigma_t, _ = self.remask(ctx, x_gen, self.cfg.remask)
+        if self._fused is None:
+            with torch.no_grad():
+                z_t = teacher(xt, sigma_t, rows=masked).index_select(-1, keep).float()
+                z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep).float()
+                g_kept = jeffreys_logit_gradient(z_a, z_t, self.cfg.beta)
+            z_masked = z[masked]
+            g = torch.zeros(z_masked.shape, dtype=torch.float32, device=ctx.device)
+            g[:, keep] = g_kept
+            loss = generator_surrogate(z_masked, g, float(rows))
+        else:
+            loss = self._fused_generator_loss(nets, hidden_g, xt, sigma_t, masked, rows)
+        with torch.no_grad():
+            probs = torch.softmax(z.detach().float().index_select(-1, keep), dim=-1)
+            max_prob = probs.max(-1).values.mean()
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        metrics = {"dimo_loss_dm": loss.detach(), "gen_max_prob": max_prob, "gen_entropy": entropy,
+                   "remask_frac": masked.float().mean()}
+        return StepOutput(losses={"generator": loss}, metrics=metrics, num_tokens=rows * length)
+
+    def _fused_generator_loss(self, nets, hidden_g, xt, sigma_t, masked, rows: int) -> torch.Tensor:
+        generator, teacher, aux = nets["generator"], nets["teacher"], nets["aux"]
+        dim = hidden_g.shape[-1]
+        hidden_t = teacher.hidden_states(xt, sigma_t)
+        with torch.no_grad():
+            hidden_a = aux.hidden_states(xt, sigma_t)
+        dtype = generator.head_dtype(xt.device)
+        with teacher.gathered_output() as (weight_t, bias_t):
+            loss = self._fused(
+                hidden_g.reshape(-1, dim).to(dtype), generator.output_weight, generator.output_bias,
+                hidden_a.reshape(-1, dim).to(dtype), aux.output_weight.detach(), aux.output_bias.detach(),
+                hidden_t.reshape(-1, dim).to(dtype), weight_t, bias_t, 1.0, self.vocab_size,
+                beta=self.cfg.beta, mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=float(rows),
+                impl="triton",
+            )  # fmt: skip
+        return loss.float()
+
+    def _aux_step(self, nets, rows: int, length: int, ctx: StepContext) -> StepOutput:
+        generator, aux = nets["generator"], nets["aux"]
+        keep = self.keep.to(ctx.device)
+        with torch.no_grad():
+            x_init = self.initial_tokens(ctx, rows, length)
+            noise = self.embed_noise(ctx, generator, rows, length)
+            z = generator(x_init, self._generator_sigma(rows, ctx.device), embed_noise=noise)
+            x_gen = self.sample_generator(z, ctx)
+        xt, masked, sigma_t, total_masked = self.remask(ctx, x_gen, self.cfg.aux_remask)
+        z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep)
+        targets = torch.searchsorted(keep, x_gen[masked])  # column of each target among the real tokens
+        normalizer = total_masked.double() * rows / ctx.global_batch_size
+        loss = aux_cross_entropy(z_a, targets, self.cfg.label_smoothing, normalizer).float()
+        return StepOutput(losses={"aux": loss}, metrics={"aux_ce": loss.detach()}, num_tokens=0)

@@ -1,0 +1,198 @@
+"""DiMO on the classics corpus end to end, in one process and within a time budget (for one lent GPU call):
+
+    train an MDLM teacher (configs/experiments/classics_mdlm_tiny.yaml) → export it
+    → DiMO from it (configs/experiments/dimo_classics_tiny.yaml) → export the generator's EMA
+    → sample the teacher (MDLM sampler) and the generator (DiMO sampler, plus a temperature sweep at one step)
+      at the same step counts, with the same seeds → OUT/samples.pt (token ids) and OUT/train_log.json
+    → score (separately, wherever the judge is): Gen PPL, unigram entropy, distinct-2/3/4, duplicate fraction
+      → OUT/eval/dimo_classics.{csv,md,png} and the decoded samples.
+
+    python scripts/dimo_classics.py run --tokens CACHE/tokens/classics-train-L128-...npy --out runs/dimo_classics
+    python scripts/dimo_classics.py score --out runs/dimo_classics --judge smollm2
+    python scripts/dimo_classics.py run ... --size test --teacher-steps 3 --dimo-steps 2 --device cpu   # smoke
+
+The training blocks are read straight from a token-cache .npy (no corpus or tokenizer needed on the GPU node).
+Every run stops at its step count or its time budget, whichever comes first; the log records which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEACHER_CONFIG = ROOT / "configs/experiments/classics_mdlm_tiny.yaml"
+DIMO_CONFIG = ROOT / "configs/experiments/dimo_classics_tiny.yaml"
+
+
+def train(config: Path, overrides: list[str], blocks: np.ndarray, max_seconds: float, log_every: int) -> dict:
+    """Train `config` for train.max_steps steps or `max_seconds`, then export; returns the log."""
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.engine.trainer import Trainer
+
+    cfg = load_run_config(config, overrides)
+    trainer = Trainer(cfg, train_blocks=blocks)
+    start, history = time.perf_counter(), []
+    while trainer.step < cfg.train.max_steps and time.perf_counter() - start < max_seconds:
+        metrics = trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
+        if trainer.step % log_every == 0 or trainer.step == 1:
+            history.append({"step": trainer.step, **{k: float(v) for k, v in metrics.items()
+                                                     if isinstance(v, (int, float)) or torch.is_tensor(v)}})
+            print(json.dumps(history[-1]), flush=True)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    export = trainer.export()
+    log = {"config": str(config.relative_to(ROOT)), "overrides": overrides, "steps": trainer.step,
+           "planned_steps": cfg.train.max_steps, "seconds": seconds, "export": str(export), "history": history,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None}
+    del trainer
+    return log
+
+
+@torch.no_grad()
+def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device) -> dict:
+    from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_mdlm
+    from ddistill.models.checkpoints import load_pretrained
+
+    teacher, tcfg = load_pretrained(teacher_dir, overrides={"dropout": 0.0})
+    generator, _ = load_pretrained(generator_dir, overrides={"dropout": 0.0})
+    teacher, generator = teacher.to(device).eval(), generator.to(device).eval()
+    length, vocab = tcfg.length, tcfg.vocab_size
+    out: dict[str, dict[int, torch.Tensor]] = {}
+
+    def draw(fn, steps, **kw):
+        tokens = []
+        for start in range(0, args.num_samples, args.batch_size):
+            size = min(args.batch_size, args.num_samples - start)
+            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + steps * 10_007 + start)
+            tokens.append(fn(batch_size=size, length=length, num_steps=steps, mask_id=vocab - 1, vocab_size=vocab,
+                             generator=gen, device=device, **kw).tokens.cpu())
+        return torch.cat(tokens)
+
+    for steps in args.teacher_sample_steps:
+        out.setdefault("teacher", {})[steps] = draw(
+            lambda **kw: sample_mdlm(teacher, schedule=LogLinearSchedule(), **kw), steps)
+    dimo_kw = dict(embed_dim=generator.config.hidden_size, noise_rms=generator.input_embedding_rms(),
+                   r_init=args.r_init, embed_noise=args.embed_noise)
+    for steps in args.dimo_sample_steps:
+        out.setdefault("dimo", {})[steps] = draw(lambda **kw: sample_dimo(generator, **dimo_kw, **kw), steps)
+    for temperature in args.temperatures:
+        out[f"dimo T={temperature}"] = {1: draw(lambda **kw: sample_dimo(generator, temperature=temperature,
+                                                                         **dimo_kw, **kw), 1)}
+    return out
+
+
+def cmd_run(args) -> None:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = np.load(args.tokens, mmap_mode="r")
+    common = [f"train.device={device.type}", "logging.wandb=disabled", "logging.progress_bar=false",
+              "logging.jsonl=false", f"model.size={args.size}", f"model.length={blocks.shape[1]}",
+              f"data.block_size={blocks.shape[1]}", "train.eval_every=0", "train.ckpt_every=1000000"]
+    log: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "git_rev": args.git_rev, "num_blocks": int(blocks.shape[0])}
+    teacher_dir = args.teacher
+    if teacher_dir is None:
+        log["teacher"] = train(TEACHER_CONFIG, common + [f"train.out_dir={out / 'teacher'}",
+                                                         f"train.max_steps={args.teacher_steps}",
+                                                         "model.time_conditioning=false", *args.teacher_overrides],
+                               blocks, args.teacher_seconds, args.log_every)
+        teacher_dir = log["teacher"]["export"]
+    log["dimo"] = train(DIMO_CONFIG, common + [f"train.out_dir={out / 'dimo'}", f"train.max_steps={args.dimo_steps}",
+                                               f"init_from={teacher_dir}", f"method.r_init={args.r_init}",
+                                               f"method.embed_noise={args.embed_noise}", *args.dimo_overrides],
+                        blocks, args.dimo_seconds, args.log_every)
+    start = time.perf_counter()
+    samples = sample_all(teacher_dir, log["dimo"]["export"], args, device)
+    log["sample_seconds"] = time.perf_counter() - start
+    torch.save({"samples": samples, "length": int(blocks.shape[1])}, out / "samples.pt")
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"wrote {out / 'samples.pt'} and {out / 'train_log.json'}", flush=True)
+
+
+def cmd_score(args) -> None:
+    from ddistill.data.tokenizer import MASK_ID, get_tokenizer
+    from ddistill.eval.decode import decode_samples
+    from ddistill.eval.judge import load_judge
+    from ddistill.eval.metrics import distinct_n, duplicate_fraction, gen_ppl, unigram_entropy
+    from ddistill.eval.report import EvalRow, write_report
+
+    out = Path(args.out)
+    data = torch.load(out / "samples.pt")
+    log = json.loads((out / "train_log.json").read_text())
+    judge, tokenizer = load_judge(args.judge), get_tokenizer()
+    rows, texts = [], {}
+    wanted = None if args.rows is None else {tuple(r.rsplit(":", 1)) for r in args.rows}
+    for label, by_steps in data["samples"].items():
+        for steps, tokens in sorted(by_steps.items()):
+            if wanted is not None and (label, str(steps)) not in wanted:
+                continue
+            tokens = tokens[: args.max_samples]
+            decoded = decode_samples(tokens, tokenizer, MASK_ID)
+            texts[f"{label} steps={steps}"] = decoded[: args.show]
+            rows.append(EvalRow(label=label, steps=int(steps), nfe=float(steps),
+                                gen_ppl=gen_ppl(decoded, judge, batch_size=8, max_length=data["length"]),
+                                entropy=unigram_entropy(tokens), distinct_2=distinct_n(tokens, 2),
+                                distinct_3=distinct_n(tokens, 3), distinct_4=distinct_n(tokens, 4),
+                                duplicate_frac=duplicate_fraction(tokens), num_samples=tokens.shape[0],
+                                judge=judge.name, device=log["device"]))
+            print(rows[-1], flush=True)
+    paths = write_report(rows, out / "eval", stem="dimo_classics", merge=False)
+    (out / "eval" / "samples.json").write_text(json.dumps(texts, indent=1))
+    print({k: str(v) for k, v in paths.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--tokens", required=True, help="a classics token-cache .npy (blocks of the model length)")
+    run.add_argument("--out", required=True)
+    run.add_argument("--teacher", default=None, help="an MDLM export to distil (default: train one first)")
+    run.add_argument("--size", default="tiny")
+    run.add_argument("--teacher-steps", type=int, default=2000)
+    run.add_argument("--teacher-seconds", type=float, default=60.0)
+    run.add_argument("--teacher-overrides", nargs="*", default=[])
+    run.add_argument("--dimo-steps", type=int, default=400)
+    run.add_argument("--dimo-seconds", type=float, default=45.0)
+    run.add_argument("--dimo-overrides", nargs="*", default=[])
+    run.add_argument("--r-init", type=float, default=0.6)
+    run.add_argument("--embed-noise", type=float, default=0.1)
+    run.add_argument("--num-samples", type=int, default=64)
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--teacher-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 128])
+    run.add_argument("--dimo-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
+    run.add_argument("--log-every", type=int, default=50)
+    run.add_argument("--device", default="auto")
+    run.add_argument("--git-rev", default=None)
+    score = sub.add_parser("score")
+    score.add_argument("--out", required=True)
+    score.add_argument("--judge", default="smollm2")
+    score.add_argument("--show", type=int, default=3, help="decoded samples kept per row in eval/samples.json")
+    score.add_argument("--max-samples", type=int, default=None, help="score the first N samples of each row")
+    score.add_argument("--rows", nargs="*", default=None, help="only these LABEL:STEPS rows (default: all)")
+    args = parser.parse_args()
+    if args.command == "run":
+        if not Path(args.tokens).is_file():
+            raise SystemExit(f"dimo_classics.py: --tokens {args.tokens} is not a file")
+        cmd_run(args)
+    else:
+        if not (Path(args.out) / "samples.pt").is_file():
+            raise SystemExit(f"dimo_classics.py: no samples.pt in {args.out}; run `dimo_classics.py run` first")
+        cmd_score(args)
+
+
+if __name__ == "__main__":
+    main()

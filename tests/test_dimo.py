@@ -1,0 +1,200 @@
+"""DiMO (methods/dimo.py) on toy networks against float64 brute force: x_init, where the embedding noise goes, no
+carry-over in the generator, the injected generator gradient, the auxiliary loss; and the DiMO sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddistill.diffusion.samplers import dimo_initial_tokens, sample_dimo
+from ddistill.methods.base import StepContext
+from ddistill.methods.dimo import DiMO, DiMOConfig, remask_ratio
+
+V, L, D = 13, 10, 6  # vocabulary (mask = V - 1), length, embedding width
+MASK = V - 1
+
+
+class _Module:
+    class config:
+        hidden_size = D
+
+    def __init__(self, rms):
+        self.rms = rms
+
+    def input_embedding_rms(self):
+        return self.rms
+
+
+class ToyNet:
+    """logits = table[x] (+ noise·proj when embed_noise is given), float64; records every call."""
+
+    def __init__(self, seed, *, constant=None, rms=0.5):
+        gen = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(V, V, generator=gen, dtype=torch.float64)
+        self.proj = torch.randn(D, V, generator=gen, dtype=torch.float64)
+        self.constant = constant
+        self.module = _Module(rms)
+        self.calls = []
+        self.outputs = []
+
+    def __call__(self, x, sigma, rows=None, **kwargs):
+        self.calls.append({"x": x.clone(), "sigma": sigma.clone(), "rows": rows, **kwargs})
+        logits = self.table[x].clone()
+        if "embed_noise" in kwargs:
+            scale, noise = kwargs["embed_noise"]
+            logits = logits + scale * noise.double() @ self.proj
+        if self.constant is not None:
+            logits = torch.full_like(logits, -5.0)
+            logits[..., self.constant] = 5.0
+        logits.requires_grad_(True)
+        self.outputs.append(logits)
+        return logits if rows is None else logits[rows]
+
+
+def ctx(phase, gbs=4, offset=0, seed=3):
+    return StepContext(step=0, micro_step=0, global_offset=offset, global_batch_size=gbs,
+                       generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"), rank=0,
+                       world_size=1, phase=phase)
+
+
+def nets(**kw):
+    return {"generator": ToyNet(0, **kw), "teacher": ToyNet(1), "aux": ToyNet(2)}
+
+
+def test_x_init_exact_mask_count_and_real_tokens():
+    for r_init in (0.1, 0.6, 1.0):
+        g = torch.Generator().manual_seed(0)
+        x = dimo_initial_tokens(torch.rand(50, 37, generator=g, dtype=torch.float64),
+                                torch.rand(50, 37, generator=g, dtype=torch.float64), r_init=r_init, mask_id=4,
+                                vocab_size=9)
+        assert ((x == 4).sum(1) == max(1, round(37 * r_init))).all()
+        others = x[x != 4]
+        if r_init < 1:
+            assert others.min() >= 0 and others.max() <= 8
+            assert set(others.unique().tolist()) == {0, 1, 2, 3, 5, 6, 7, 8}  # uniform over the real ids
+
+
+def test_noise_reaches_the_generator_only_and_no_carry_over():
+    method = DiMO(DiMOConfig(r_init=0.6, embed_noise=0.3), vocab_size=V, mask_id=MASK)
+    n = nets(constant=3)  # a generator that always says "3": nothing of x_init may survive into x_θ
+    method.step(n, torch.zeros(4, L, dtype=torch.long), ctx("generator"))
+    (gen_call,) = n["generator"].calls
+    x_init = gen_call["x"]
+    assert ((x_init == MASK).sum(1) == round(0.6 * L)).all()
+    scale, noise = gen_call["embed_noise"]
+    assert scale == 0.3 and noise.shape == (4, L, D)
+    assert noise.std().item() == pytest.approx(0.5, rel=0.3)  # scaled to the embedding RMS (0.5)
+    assert gen_call["sigma"][0].item() == pytest.approx(-math.log(0.4), rel=1e-6)
+    for other in ("teacher", "aux"):
+        (call,) = n[other].calls
+        assert "embed_noise" not in call
+        xt = call["x"]
+        assert ((xt == 3) | (xt == MASK)).all()  # x̃_t = the generator's sample, re-masked: no input token copied
+        assert torch.equal(call["rows"], xt == MASK)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, -0.2])
+def test_generator_gradient_is_the_jeffreys_gradient_at_masked_rows(beta):
+    method = DiMO(DiMOConfig(beta=beta), vocab_size=V, mask_id=MASK)
+    n = nets()
+    out = method.step(n, torch.zeros(3, L, dtype=torch.long), ctx("generator", gbs=3))
+    out.losses["generator"].backward()
+    z = n["generator"].outputs[0]
+    masked = n["teacher"].calls[0]["rows"]
+    xt = n["teacher"].calls[0]["x"]
+    zq = n["aux"].table[xt][masked][:, :MASK].clone().requires_grad_(True)
+    zp = n["teacher"].table[xt][masked][:, :MASK]
+    log_q, log_p = torch.log_softmax(zq, -1), torch.log_softmax(zp, -1)
+    jeffreys = (1 - beta) * (log_p.exp() * (log_p - log_q)).sum() + beta * (log_q.exp() * (log_q - log_p)).sum()
+    (g,) = torch.autograd.grad(jeffreys, zq)
+    want = torch.zeros_like(z)
+    want[masked] = torch.cat([g, torch.zeros(g.shape[0], 1, dtype=g.dtype)], 1) / 3  # /B; 0 on the mask column
+    torch.testing.assert_close(z.grad, want, rtol=1e-5, atol=1e-7)
+    assert out.losses["generator"].item() == pytest.approx(0.5 * g.square().sum().item() / 3, rel=1e-5)
+
+
+def test_aux_loss_is_the_label_smoothed_masked_cross_entropy_over_the_global_batch():
+    method = DiMO(DiMOConfig(label_smoothing=0.1), vocab_size=V, mask_id=MASK)
+    n = nets()
+    gbs, rows, offset = 6, 2, 2
+    out = method.step(n, torch.zeros(rows, L, dtype=torch.long), ctx("aux", gbs=gbs, offset=offset))
+    (gen_call,) = n["generator"].calls
+    (aux_call,) = n["aux"].calls
+    assert not n["teacher"].calls and "embed_noise" in gen_call and "embed_noise" not in aux_call
+    xt, masked = aux_call["x"], aux_call["rows"]
+    # the generator's sample at the masked positions: recompute it from the same draws
+    c = ctx("aux", gbs=gbs, offset=offset)
+    method.initial_tokens(c, rows, L)
+    method.embed_noise(c, n["generator"], rows, L)
+    x_gen = method.sample_generator(n["generator"].outputs[0], c)
+    assert torch.equal(xt[~masked], x_gen[~masked])
+    # global number of masked positions: every rank can compute it from the global draw of the ratios
+    full = torch.rand((gbs,), generator=c.generator, dtype=torch.float64)
+    counts = (remask_ratio(full, "arccos") * L).round().clamp(1, L)
+    assert torch.equal(masked.sum(1).double(), counts[offset : offset + rows])
+    log_q = torch.log_softmax(n["aux"].table[xt][masked][:, :MASK], -1)
+    y = x_gen[masked]
+    ce = 0.9 * -log_q.gather(1, y[:, None]).squeeze(1) + 0.1 * -log_q.mean(1)
+    want = ce.sum() / (counts.sum() * rows / gbs)
+    assert out.losses["aux"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_remask_schedules():
+    u = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.allclose(remask_ratio(u, "arccos"), torch.arccos(u) * 2 / math.pi)
+    cos = remask_ratio(u, "cosine")
+    assert cos.min() == 0.02 and cos.max() == 0.98
+    assert torch.equal(remask_ratio(u, "linear"), u)
+    with pytest.raises(ValueError, match="remask schedule"):
+        remask_ratio(u, "square")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="r_init"):
+        DiMOConfig(r_init=0.0)
+    with pytest.raises(ValueError, match="deterministic input"):
+        DiMOConfig(r_init=1.0, embed_noise=0.0)
+    with pytest.raises(ValueError, match="aux_steps"):
+        DiMOConfig(aux_steps=0)
+
+
+def test_dimo_sampler_one_and_several_steps():
+    net = ToyNet(5)
+
+    def draw(steps, **kw):
+        return sample_dimo(net, batch_size=5, length=L, num_steps=steps, mask_id=MASK, vocab_size=V, embed_dim=D,
+                           generator=torch.Generator().manual_seed(1), device="cpu", **kw)
+
+    one = draw(1)
+    assert one.nfe == 1 and (one.tokens != MASK).all()
+    assert "embed_noise" in net.calls[0] and ((net.calls[0]["x"] == MASK).sum(1) == round(0.6 * L)).all()
+    net.calls.clear()
+    four = draw(4)
+    assert four.nfe == 4 and (four.tokens != MASK).all() and len(net.calls) == 4
+    # step k >= 2 feeds round(r_init·L·(N−k+1)/N) masks: 6 * 3/4, 6 * 2/4, 6 * 1/4
+    assert [int((c["x"] == MASK).sum(1).max()) for c in net.calls[1:]] == [round(6 * 3 / 4), 3, round(6 / 4)]
+    net.calls.clear()
+    net.outputs.clear()
+    cold = draw(1, temperature=1e-4)  # T → 0: the argmax of the generator's logits (mask id excluded)
+    logits = net.outputs[0].detach().clone()
+    logits[..., MASK] = float("-inf")
+    assert (cold.tokens == logits.argmax(-1)).float().mean() > 0.95
+    prefix = torch.full((5, 3), 2)
+    assert (draw(3, prefix=prefix).tokens[:, :3] == 2).all()
+
+
+def test_recipes_load_and_set_per_network_optimizers():
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.methods.dimo import DiMO
+
+    owt = load_run_config("configs/experiments/dimo_owt_small.yaml", ["networks.aux.optim.lr=2e-5"])
+    tiny = load_run_config("configs/experiments/dimo_classics_tiny.yaml", ["init_from=somewhere"])
+    for cfg in (owt, tiny):
+        assert cfg.method.name == "dimo" and cfg.method.config.r_init == 0.6
+        specs = DiMO(cfg.method.config, vocab_size=cfg.model.vocab_size, mask_id=cfg.model.vocab_size - 1).networks()
+        gen, aux = cfg.network_optim("generator", specs["generator"].optim), cfg.network_optim("aux", specs["aux"].optim)
+        assert gen.algorithm == aux.algorithm == "adam" and gen.grad_clip == 1.0 and aux.grad_clip == 0.0
+    assert owt.network_optim("aux", {}).lr == 2e-5 and owt.network_optim("generator", specs["generator"].optim).eps == 1e-6
+    assert tiny.network_optim("aux", specs["aux"].optim).lr == 1e-4
