@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ddistill.exit_codes import ExitCode
+
 COMMANDS = ("train", "sample", "eval", "prepare", "demo", "submit")
 
 
@@ -238,13 +240,13 @@ def cmd_submit(argv: Sequence[str]) -> None:
 def cmd_train(argv: Sequence[str]) -> None:
     import os
 
-    from ddistill.engine.trainer import train_main
+    from ddistill.engine.trainer import train_command
 
-    train_main(list(argv))
+    code = train_command(list(argv))
     # Leave without interpreter teardown: gloo can abort a finished rank at exit (reference/deepspeed.md P5).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -262,12 +264,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         globals()[f"cmd_{command}"](rest)
     except ConfigError as err:
-        raise SystemExit(f"ddistill {command}: configuration error: {err}") from None
+        print(f"ddistill {command}: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT) from None
     except (ValueError, FileNotFoundError) as err:
         # Bad arguments, paths or checkpoints: the message names the problem; DDISTILL_DEBUG=1 keeps the traceback.
         if os.environ.get("DDISTILL_DEBUG"):
             raise
-        raise SystemExit(f"ddistill {command}: {type(err).__name__}: {err}") from None
+        print(f"ddistill {command}: {type(err).__name__}: {err}", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT) from None
 
 
 if __name__ == "__main__":
