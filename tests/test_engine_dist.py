@@ -157,7 +157,7 @@ def _worker(mode: str, args: dict) -> None:
         state = full_state(trainer.nets["student"])
         ema = full_state(trainer.nets["student"], use_ema=True)
         if rank == 0:
-            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"]}, out)
+            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"], "metrics": metrics}, out)
     elif mode == "init":  # init="pretrained" for a trained and a frozen network (dropout override on the latter)
         from ddistill.models.checkpoints import load_pretrained
 
@@ -276,6 +276,10 @@ def test_zero2_two_ranks_equal_one_rank_with_doubled_micro_batch(tmp_path):
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=2e-6)
     moved = max(float((b["raw"][k] - b["ema"][k]).abs().max()) for k in b["raw"])
     assert moved > 1e-4  # the steps changed the weights (EMA lags the raw weights)
+    # Logged values are global: rank 0 reports the mean over both ranks' micro-batches, the tokens of both ranks.
+    assert a["metrics"]["tokens"] == b["metrics"]["tokens"] == 8 * BLOCK
+    for key in ("loss/student", "nll", "mask_rate"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-6, abs=0), key
 
 
 def test_zero3_teacher_is_partitioned_and_matches_unsharded_model(tmp_path):
