@@ -240,7 +240,10 @@ class Trainer:
 
         expected = self._model_cfg(spec.model_overrides)
         overrides = {**{k: getattr(expected, k) for k in INIT_RUN_SETTINGS}, **spec.model_overrides}
-        model, loaded = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
+        try:
+            model, loaded = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
+        except (OSError, ValueError) as err:  # missing path, unreachable hub id, a file that is not a checkpoint
+            raise ConfigError(f"init_from={self.cfg.init_from}: {err}") from err
         wrong = [f"model.{k}={getattr(expected, k)!r} (checkpoint: {getattr(loaded, k)!r})" for k in INIT_ARCHITECTURE
                  if getattr(expected, k) != getattr(loaded, k)]
         if wrong:
