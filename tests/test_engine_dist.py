@@ -301,13 +301,14 @@ def test_pretrained_init_of_trained_and_frozen_networks(tmp_path):
     from ddistill.models.dit import build_model
 
     torch.manual_seed(5)
-    model = build_model({"size": "test", "vocab_size": V, "time_conditioning": False})
+    model = build_model({"size": "test", "vocab_size": V, "length": BLOCK, "time_conditioning": False})
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
     save_pretrained(model, tmp_path / "init", flavor="mdlm")
     result = tmp_path / "init_run"
     _launch(tmp_path, "init", ["method.name=test_finetune", f"init_from={tmp_path / 'init'}", "train.max_steps=2",
+                               "model.time_conditioning=false",
                                "train.global_batch_size=4", "train.micro_batch_size=2",
                                f"train.out_dir={tmp_path / 'o'}"], result)
     for r in _summaries(result):
