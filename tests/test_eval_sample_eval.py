@@ -223,6 +223,6 @@ def test_progress_bar_counts_step_counts_times_batches(tmp_path, judge, model_to
                   schedule=LogLinearSchedule(), mask_id=model_tokenizer.mask_token_id)
     evaluate_sampler(_denoiser(V, model_tokenizer.unk_token_id), out_dir=tmp_path / "a", **common)
     err = capsys.readouterr().err
-    assert "sampling bar" in err and "6/6" in err and "7/6" not in err  # 2 step counts x 3 batches (2 + 2 + 1)
+    assert "sampling bar" in err and "6/6" in err and "7/6" not in err  # 2 step counts x batches of 2, 2, 1
     evaluate_sampler(_denoiser(V, model_tokenizer.unk_token_id), out_dir=tmp_path / "b", progress=False, **common)
     assert "sampling bar" not in capsys.readouterr().err

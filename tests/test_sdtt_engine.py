@@ -110,6 +110,7 @@ def test_init_from_with_another_architecture_is_refused_naming_the_fields(tmp_pa
     with pytest.raises(ConfigError) as err:
         Trainer(_config(tmp_path, init, model={"length": 32, "time_conditioning": True}), train_blocks=_blocks())
     message = str(err.value)
-    assert "model.length=32 (checkpoint: 16)" in message and "model.time_conditioning=True (checkpoint: False)" in message
+    assert "model.length=32 (checkpoint: 16)" in message
+    assert "model.time_conditioning=True (checkpoint: False)" in message
     assert "hidden_size" not in message  # only the fields that disagree
     assert not (tmp_path / "run").exists()  # nothing was written

@@ -164,7 +164,8 @@ def config_sections() -> str:
     for key, cls in _SECTIONS.items():
         lines.append(f"  {key}: {', '.join(f.name for f in dataclasses.fields(cls))}")
     lines.insert(2, f"  method: name ({', '.join(available_methods())}) and that method's own keys")
-    lines.append("  init_from: public-layout checkpoint (HF dir, Lightning .ckpt, hub id) of init='pretrained' networks")
+    lines.append("  init_from: public-layout checkpoint (HF dir, Lightning .ckpt, hub id) of the init='pretrained' "
+                 "networks")
     lines.append("  init_from_ema: load that checkpoint's EMA weights (Lightning .ckpt)")
     return "\n".join(lines)
 

@@ -244,12 +244,12 @@ class Trainer:
             model, loaded = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
         except (OSError, ValueError) as err:  # missing path, unreachable hub id, a file that is not a checkpoint
             raise ConfigError(f"init_from={self.cfg.init_from}: {err}") from err
-        wrong = [f"model.{k}={getattr(expected, k)!r} (checkpoint: {getattr(loaded, k)!r})" for k in INIT_ARCHITECTURE
-                 if getattr(expected, k) != getattr(loaded, k)]
+        wrong = [f"model.{k}={getattr(expected, k)!r} (checkpoint: {getattr(loaded, k)!r})"
+                 for k in INIT_ARCHITECTURE if getattr(expected, k) != getattr(loaded, k)]
         if wrong:
             raise ConfigError(f"init_from={self.cfg.init_from}: the checkpoint's architecture disagrees with the run's "
-                              f"model config (model.size={self.cfg.model.size!r} and the keys set): {'; '.join(wrong)}. "
-                              "Set these model.* keys to the checkpoint's values")
+                              f"model config (model.size={self.cfg.model.size!r} and the keys set): "
+                              f"{'; '.join(wrong)}. Set these model.* keys to the checkpoint's values")
         return model
 
     def _build_networks(self, resuming: bool) -> dict[str, Network]:
