@@ -357,6 +357,10 @@ def test_interrupted_resume_equals_uninterrupted_and_truncated_checkpoint_is_ref
               "train.micro_batch_size=2", "train.ckpt_every=2", "train.keep_last=5"]
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     _launch(tmp_path, "train", common + [f"train.out_dir={full_dir}"], tmp_path / "full_run")
+    # The ZeRO-3 teacher is written at the first checkpoint after each change (step 2: the initial copy; step 4:
+    # swapped after step 3) and linked by the next ones (step 6), not gathered and written again.
+    inode = {s: (full_dir / f"checkpoints/step_{s:08d}/frozen/teacher.pt").stat().st_ino for s in (2, 4, 6)}
+    assert inode[2] != inode[4] == inode[6]
     _launch(tmp_path, "train", common + [f"train.out_dir={split_dir}", "train.stop_after_steps=3"],
             tmp_path / "split_a")
     (first,) = [s for s in _summaries(tmp_path / "split_a")[:1]]
