@@ -7,17 +7,94 @@
     ddistill prepare dataset=classics block_size=128  # fetch, tokenise and cache a corpus
     ddistill demo key=value ...                     # the README's main job (see ddistill.demo)
     ddistill submit CONFIG.yaml key=value ... --launcher slurm|deepspeed|torchrun
+
+`ddistill COMMAND --help` explains each command. Exit codes (ddistill/exit_codes.py): 0 finished, 1 unexpected error,
+2 bad input (one line, nothing overwritten), 3 training stopped on non-finite losses, 75 training preempted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from ddistill.exit_codes import ExitCode
+
 COMMANDS = ("train", "sample", "eval", "rounds", "prepare", "demo", "submit")
+
+
+class BadInput(ValueError):
+    """A command-line argument that cannot work: `main` prints the message as one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`ddistill sample: argument --batch-size: must be >= 1, got 0`)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default; keeps the description's line breaks."""
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
+# owner/name[@revision], as ddistill.models.checkpoints fetches it with snapshot_download.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _exports_of(run_dir: Path) -> str:
+    exports = sorted(p.parent for p in (run_dir / "export").glob("*/config.json"))
+    if exports:
+        return "sample its export instead: " + " or ".join(str(p) for p in exports)
+    return (f"its run writes export/<network> in the public layout when it finishes (train.export_final=true); "
+            f"{run_dir / 'export'} holds none yet")
+
+
+def _check_checkpoint(text: str) -> None:
+    """Refuse, with one line, a checkpoint argument that `load_pretrained` cannot read."""
+    path = Path(text).expanduser()
+    if path.is_dir() and ((path / "MANIFEST.json").is_file() or (path / "trainer.pt").is_file()):
+        raise BadInput(f"{text} is a training checkpoint (DeepSpeed state of every network), not a public-layout "
+                       f"export; {_exports_of(path.parent.parent)}")
+    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "config.json").is_file():
+        raise BadInput(f"{text} is a training run directory, not a public-layout export; {_exports_of(path)}")
+    if path.exists() or (_HUB_ID.match(text) and not _hub_offline()):
+        return
+    hub = " (nor fetched as a hub id: HF_HUB_OFFLINE is set)" if _HUB_ID.match(text) else ""
+    raise BadInput(f"checkpoint {text} does not exist{hub}; expected a public-layout directory (config.json + "
+                   "model.safetensors, e.g. a run's export/student), a Lightning .ckpt file or a hub id owner/name")
 
 
 def _process_of(checkpoint: str, requested: str) -> str:
@@ -29,10 +106,8 @@ def _process_of(checkpoint: str, requested: str) -> str:
         model_type = json.loads(config.read_text()).get("model_type")
         if model_type in ("mdlm", "duo"):
             return "absorbing" if model_type == "mdlm" else "uniform"
-    raise SystemExit(
-        f"ddistill: cannot tell whether {checkpoint} is a masked (MDLM/SDTT) or uniform-state (DUO) model; "
-        "pass --process absorbing or --process uniform"
-    )
+    raise BadInput(f"cannot tell whether {checkpoint} is a masked (MDLM/SDTT) or uniform-state (DUO) model (its "
+                   "config.json has no model_type mdlm/duo); pass --process absorbing or --process uniform")
 
 
 def _device(name: str):
@@ -41,7 +116,7 @@ def _device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"ddistill: --device {name} requested but CUDA is not available")
+        raise BadInput(f"--device {name} requested but CUDA is not available")
     return torch.device(name)
 
 
@@ -51,8 +126,13 @@ def _load(args):
     overrides = {"dropout": 0.0}
     if args.time_conditioning is not None:
         overrides["time_conditioning"] = args.time_conditioning == "on"
+    device = _device(args.device)
     model, cfg = load_pretrained(args.checkpoint, use_ema=args.ema, overrides=overrides)
-    return model.to(_device(args.device)), cfg
+    if args.length is not None and args.length > cfg.length:
+        print(f"ddistill: warning: --length {args.length} is beyond the {cfg.length} tokens this model was trained on "
+              "(its config's length); rotary positions extend, but samples past that length are out of distribution",
+              file=sys.stderr)
+    return model.to(device), cfg
 
 
 def _model_tokenizer(checkpoint: str, vocab_size: int):
@@ -62,26 +142,29 @@ def _model_tokenizer(checkpoint: str, vocab_size: int):
     try:
         return load_model_tokenizer(checkpoint, vocab_size)
     except ValueError as err:
-        raise SystemExit(f"ddistill: {err}") from None
+        raise BadInput(str(err)) from None
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="public-layout checkpoint: HF directory, Lightning .ckpt, or hub id")
+    p.add_argument("checkpoint", help="public-layout checkpoint: HF directory (a run's export/<network>), Lightning "
+                   ".ckpt, or hub id owner/name[@revision]")
     p.add_argument("--process", choices=("auto", "absorbing", "uniform", "dimo"), default="auto",
-                   help="dimo: a DiMO generator (x_init + embedding noise, re-mask the least confident per step)")
+                   help="masked (MDLM/SDTT) or uniform-state (DUO) diffusion, or dimo: a DiMO generator (x_init + "
+                        "embedding noise, re-mask the least confident per step); auto: from config.json's model_type")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a Lightning .ckpt")
     p.add_argument("--time-conditioning", choices=("on", "off"), default=None,
-                   help="override when the checkpoint's config does not record it")
-    p.add_argument("--length", type=int, default=None, help="sequence length (default: the model's)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nucleus-p", type=float, default=1.0)
+                   help="override when the checkpoint's config does not record it (None: as recorded)")
+    p.add_argument("--length", type=_at_least(1), default=None,
+                   help="tokens per sample (None: the model's training length)")
+    p.add_argument("--num-samples", type=_at_least(1), default=8, help="samples to draw (per step count for eval)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8, help="samples drawn together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator (same seed, same samples)")
+    p.add_argument("--nucleus-p", type=_probability, default=1.0, help="top-p of each draw (1.0: the full softmax)")
     p.add_argument("--greedy-tail", action=argparse.BooleanOptionalAction, default=None,
-                   help="final step argmax (default: on for DUO, off for MDLM)")
-    p.add_argument("--device", default="auto")
+                   help="argmax at the final step (None: on for DUO, off for MDLM)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     dimo = p.add_argument_group("--process dimo (defaults: the DiMO training defaults, methods/dimo.py)")
-    dimo.add_argument("--r-init", type=float, default=0.6, help="mask fraction of the generator's input")
+    dimo.add_argument("--r-init", type=_probability, default=0.6, help="mask fraction of the generator's input")
     dimo.add_argument("--embed-noise", type=float, default=0.1, help="σ of the input-embedding noise")
     dimo.add_argument("--embed-noise-rms", action=argparse.BooleanOptionalAction, default=True,
                       help="scale the noise to the RMS of the embedding table (as in training)")
@@ -99,24 +182,32 @@ def _sampler_kwargs(args, process: str, model=None) -> dict:
     return kwargs
 
 
-def cmd_sample(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="ddistill sample", description="Draw samples from a checkpoint and print them.")
+def sample_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ddistill sample", formatter_class=_Formatter,
+                description="Draw samples from a public-layout checkpoint and print them (progress on stderr).")
     _sampling_args(p)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--out", default=None, help="write the samples as JSONL here (text, token ids, nfe)")
-    args = p.parse_args(argv)
+    p.add_argument("--steps", type=_at_least(1), default=64, help="sampling steps")
+    p.add_argument("--out", default=None, help="also write the samples as JSONL here (text, token ids, nfe)")
+    return p
+
+
+def cmd_sample(argv: Sequence[str]) -> None:
+    args = sample_parser().parse_args(argv)
+    _check_checkpoint(args.checkpoint)
+    process = _process_of(args.checkpoint, args.process)
     import torch
 
     from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_duo, sample_mdlm
     from ddistill.eval.decode import decode_samples
+    from ddistill.eval.sample_eval import sampling_progress
 
-    process = _process_of(args.checkpoint, args.process)
     model, cfg = _load(args)
     device = next(model.parameters()).device
     length = args.length or cfg.length
     tokenizer = _model_tokenizer(args.checkpoint, cfg.vocab_size)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     records = []
+    bar = sampling_progress(-(-args.num_samples // args.batch_size), desc=f"sampling T={args.steps}")
     for start in range(0, args.num_samples, args.batch_size):
         batch = min(args.batch_size, args.num_samples - start)
         common = dict(batch_size=batch, length=length, num_steps=args.steps, vocab_size=cfg.vocab_size,
@@ -131,6 +222,8 @@ def cmd_sample(argv: Sequence[str]) -> None:
         mask_id = None if process == "uniform" else cfg.vocab_size - 1
         for ids, text in zip(out.tokens.cpu(), decode_samples(out.tokens.cpu(), tokenizer, mask_id=mask_id)):
             records.append({"text": text, "token_ids": ids.tolist(), "nfe": out.nfe, "steps": args.steps})
+        bar.update(1)
+    bar.close()
     for i, rec in enumerate(records):
         print(f"--- sample {i} (steps={rec['steps']}, NFE={rec['nfe']}) ---\n{rec['text']}")
     if args.out:
@@ -141,24 +234,44 @@ def cmd_sample(argv: Sequence[str]) -> None:
         print(f"wrote {len(records)} samples to {args.out}", file=sys.stderr)
 
 
-def cmd_eval(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="ddistill eval",
-                                description="Gen-PPL, entropy (and MAUVE) against sampling steps: CSV, Markdown, PNG.")
+def eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ddistill eval", formatter_class=_Formatter,
+                description="Gen-PPL, entropy (and MAUVE) against sampling steps: CSV, Markdown, PNG in --out-dir.")
     _sampling_args(p)
-    p.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 1024])
-    p.add_argument("--label", default=None, help="curve label (default: the checkpoint's name)")
-    p.add_argument("--judge", default="smollm2", help="gpt2-large | smollm2 | a local causal-LM directory")
-    p.add_argument("--judge-batch-size", type=int, default=8)
+    p.add_argument("--steps", type=_at_least(1), nargs="+", default=[8, 16, 32, 64, 128, 256, 1024],
+                   help="the sampling step counts to evaluate")
+    p.add_argument("--label", default=None, help="curve label (None: the checkpoint's name)")
+    p.add_argument("--judge", default="smollm2",
+                   help="Gen-PPL judge: smollm2 (offline), gpt2-large (hub), or a local causal-LM directory / .gguf")
+    p.add_argument("--judge-batch-size", type=_at_least(1), default=8, help="samples the judge scores together")
     p.add_argument("--mauve-reference", default=None,
-                   help="JSONL/text file of reference documents: adds MAUVE of prompt continuations")
-    p.add_argument("--mauve-prompts", type=int, default=256)
-    p.add_argument("--out-dir", default="runs/eval")
-    args = p.parse_args(argv)
+                   help="JSONL/text file of reference documents: adds MAUVE of prompt continuations (None: no MAUVE)")
+    p.add_argument("--mauve-prompts", type=_at_least(1), default=256, help="reference documents used as prompts")
+    p.add_argument("--out-dir", default="runs/eval", help="where the table, plot and sample texts go")
+    return p
+
+
+def _check_judge(name: str) -> None:
+    from ddistill.eval.judge import HUB_JUDGES, SMOLLM2
+
+    path = Path(name).expanduser()
+    if name in HUB_JUDGES or name == SMOLLM2 or path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return
+    raise BadInput(f"--judge {name!r} is neither a known judge ({sorted([*HUB_JUDGES, SMOLLM2])}) nor an existing "
+                   "directory or .gguf file")
+
+
+def cmd_eval(argv: Sequence[str]) -> None:
+    args = eval_parser().parse_args(argv)
+    _check_checkpoint(args.checkpoint)  # every argument is checked before the model or the judge is loaded
+    _check_judge(args.judge)
+    if args.mauve_reference and not Path(args.mauve_reference).is_file():
+        raise BadInput(f"--mauve-reference {args.mauve_reference} is not a file")
+    process = _process_of(args.checkpoint, args.process)
     from ddistill.diffusion import LogLinearSchedule
     from ddistill.eval.judge import load_judge
     from ddistill.eval.sample_eval import evaluate_sampler
 
-    process = _process_of(args.checkpoint, args.process)
     model, cfg = _load(args)
     tokenizer = _model_tokenizer(args.checkpoint, cfg.vocab_size)
     references = _read_references(args.mauve_reference) if args.mauve_reference else None
@@ -278,13 +391,31 @@ def _read_references(path: str) -> list[str]:
     return [doc for doc in text.split("\n\n") if doc.strip()]
 
 
+def prepare_usage() -> str:
+    import dataclasses
+
+    from ddistill.data.corpora import DataConfig
+
+    keys = "\n".join(f"  {f.name}={f.default!r}" for f in dataclasses.fields(DataConfig))
+    return f"""usage: ddistill prepare [key=value ...]
+
+Fetch (where the corpus needs it), tokenise and pack a corpus into token blocks, and cache them, so that a run
+starts at once (and offline). The keys are those of a run config's data section, without the `data.` prefix, each
+value read as YAML: ddistill prepare dataset=openwebtext block_size=1024 num_proc=16. A run with the same data.*
+keys reads this cache; running prepare again reuses what is cached (cache_dir, default
+$DDISTILL_CACHE/tokens or ~/.cache/ddistill/tokens). Unknown keys and bad values are errors naming the key.
+
+Keys and defaults:
+{keys}"""
+
+
 def cmd_prepare(argv: Sequence[str]) -> None:
     from ddistill.config import apply_overrides, from_dict
     from ddistill.data.corpora import DataConfig
     from ddistill.data.prepare import prepare
 
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: ddistill prepare [dataset=classics] [block_size=1024] [other DataConfig key=value ...]")
+        print(prepare_usage())
         return
     cfg = from_dict(DataConfig, apply_overrides({}, list(argv)), "data")
     prepare(cfg)
@@ -352,38 +483,38 @@ def cmd_submit(argv: Sequence[str]) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> None:
-    import os
+    from ddistill.engine.trainer import train_command
 
-    from ddistill.engine.trainer import train_main
-
-    train_main(list(argv))
+    code = train_command(list(argv))
     # Leave without interpreter teardown: gloo can abort a finished rank at exit (reference/deepspeed.md P5).
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        raise SystemExit(0 if argv else 2)
+        raise SystemExit(ExitCode.FINISHED if argv else ExitCode.BAD_INPUT)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        raise SystemExit(f"ddistill: unknown command {command!r}; choose one of {list(COMMANDS)}")
-    import os
-
+        print(f"ddistill: unknown command {command!r}; choose one of {list(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT)
     from ddistill.config import ConfigError
 
     try:
         globals()[f"cmd_{command}"](rest)
     except ConfigError as err:
-        raise SystemExit(f"ddistill {command}: configuration error: {err}") from None
+        print(f"ddistill {command}: configuration error: {err}", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT) from None
     except (ValueError, FileNotFoundError) as err:
         # Bad arguments, paths or checkpoints: the message names the problem; DDISTILL_DEBUG=1 keeps the traceback.
         if os.environ.get("DDISTILL_DEBUG"):
             raise
-        raise SystemExit(f"ddistill {command}: {type(err).__name__}: {err}") from None
+        kind = "" if isinstance(err, BadInput) else f"{type(err).__name__}: "
+        print(f"ddistill {command}: {kind}{err}", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT) from None
 
 
 if __name__ == "__main__":

@@ -59,11 +59,98 @@ def test_bad_inputs_get_clear_errors(mdlm_checkpoint, tmp_path):
     proc = run_cli("sample", str(tmp_path / "nope"), "--process", "absorbing")
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     proc = run_cli("sample", str(mdlm_checkpoint), "--steps", "0", "--device", "cpu")
-    assert proc.returncode != 0 and "num_steps=0 must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "argument --steps: must be >= 1, got 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = run_cli("frobnicate")
     assert proc.returncode != 0 and "unknown command 'frobnicate'" in proc.stderr
     proc = run_cli("prepare", "dataset=imagenet")
     assert proc.returncode != 0 and "imagenet" in proc.stderr
+
+
+def _main_fails(capsys, *argv):
+    """`ddistill ARGV` in this process: exits 2 with one line on stderr (no traceback); returns that line."""
+    from ddistill.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--num-samples", "0", "argument --num-samples: must be >= 1, got 0"),
+    ("--num-samples", "-3", "argument --num-samples: must be >= 1, got -3"),
+    ("--batch-size", "0", "argument --batch-size: must be >= 1, got 0"),
+    ("--length", "0", "argument --length: must be >= 1, got 0"),
+    ("--steps", "0", "argument --steps: must be >= 1, got 0"),
+    ("--nucleus-p", "0", "argument --nucleus-p: must lie in (0, 1], got 0.0"),
+])
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_bad_numbers_are_one_line(mdlm_checkpoint, capsys, command, flag, value, message):
+    assert message in _main_fails(capsys, command, str(mdlm_checkpoint), flag, value)
+
+
+def test_missing_paths_and_training_directories_are_named(mdlm_checkpoint, tmp_path, capsys):
+    err = _main_fails(capsys, "sample", str(tmp_path / "nope"))
+    assert f"checkpoint {tmp_path / 'nope'} does not exist" in err and "--process" not in err
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "MANIFEST.json").write_text("{}")
+    (step / "trainer.pt").write_bytes(b"")
+    err = _main_fails(capsys, "sample", str(step))
+    assert "is a training checkpoint" in err and "holds none yet" in err
+    (run / "export" / "student").mkdir(parents=True)
+    (run / "export" / "student" / "config.json").write_text("{}")
+    for path in (step, run):
+        err = _main_fails(capsys, "eval", str(path))
+        assert f"sample its export instead: {run / 'export' / 'student'}" in err
+
+
+def test_eval_checks_its_arguments_before_loading_anything(mdlm_checkpoint, tmp_path, capsys, monkeypatch):
+    import ddistill.models.checkpoints
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ddistill.models.checkpoints, "load_pretrained", no_load)
+    err = _main_fails(capsys, "eval", str(mdlm_checkpoint), "--judge", str(tmp_path / "no_judge"))
+    assert "is neither a known judge" in err
+    err = _main_fails(capsys, "eval", str(mdlm_checkpoint), "--mauve-reference", str(tmp_path / "refs.jsonl"))
+    assert "--mauve-reference" in err and "is not a file" in err
+
+
+def test_length_beyond_the_model_warns_and_samples(mdlm_checkpoint, capsys):
+    from ddistill.cli import main
+
+    main(["sample", str(mdlm_checkpoint), "--steps", "2", "--num-samples", "3", "--batch-size", "2",
+          "--length", "30", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert "warning: --length 30 is beyond the 24 tokens this model was trained on" in captured.err
+    assert "sampling T=2" in captured.err and "2/2" in captured.err  # the progress bar: 2 batches
+    assert captured.out.count("--- sample ") == 3
+
+
+def test_help_explains_train_and_prepare_and_shows_every_default(capsys):
+    from ddistill.cli import eval_parser, main, sample_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    main(["prepare", "--help"])  # returns: nothing to prepare
+    out = capsys.readouterr().out
+    train_help, prepare_help = out.split("usage: ddistill prepare")
+    for needle in ("CONFIG.yaml", "key=value", "train.out_dir", "resumes", "train.allow_config_change=true",
+                   "train.restart_from_scratch=true", "75 preempted", "  model: size,", "  data: dataset,",
+                   "  method: name (", "  optim: algorithm, lr,", "  networks: <trained network>.optim", "  train: max_steps,", "  deepspeed: ", "  logging: wandb"):
+        assert needle in train_help, needle
+    assert "key=value" in prepare_help and "block_size=1024" in prepare_help and "cache" in prepare_help
+    for parser in (sample_parser(), eval_parser()):
+        options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+        assert all(a.help for a in parser._actions), parser.prog
+        assert parser.format_help().count("(default:") == len(options), parser.prog
 
 
 def test_submit_validates_the_config_then_builds_the_launch(tmp_path):

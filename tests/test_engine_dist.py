@@ -157,7 +157,7 @@ def _worker(mode: str, args: dict) -> None:
         state = full_state(trainer.nets["student"])
         ema = full_state(trainer.nets["student"], use_ema=True)
         if rank == 0:
-            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"]}, out)
+            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"], "metrics": metrics}, out)
     elif mode == "init":  # init="pretrained" for a trained and a frozen network (dropout override on the latter)
         from ddistill.models.checkpoints import load_pretrained
 
@@ -276,6 +276,10 @@ def test_zero2_two_ranks_equal_one_rank_with_doubled_micro_batch(tmp_path):
         torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=2e-6)
     moved = max(float((b["raw"][k] - b["ema"][k]).abs().max()) for k in b["raw"])
     assert moved > 1e-4  # the steps changed the weights (EMA lags the raw weights)
+    # Logged values are global: rank 0 reports the mean over both ranks' micro-batches, the tokens of both ranks.
+    assert a["metrics"]["tokens"] == b["metrics"]["tokens"] == 8 * BLOCK
+    for key in ("loss/student", "nll", "mask_rate"):
+        assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-6, abs=0), key
 
 
 def test_zero3_teacher_is_partitioned_and_matches_unsharded_model(tmp_path):
@@ -297,13 +301,14 @@ def test_pretrained_init_of_trained_and_frozen_networks(tmp_path):
     from ddistill.models.dit import build_model
 
     torch.manual_seed(5)
-    model = build_model({"size": "test", "vocab_size": V, "time_conditioning": False})
+    model = build_model({"size": "test", "vocab_size": V, "length": BLOCK, "time_conditioning": False})
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()
     save_pretrained(model, tmp_path / "init", flavor="mdlm")
     result = tmp_path / "init_run"
     _launch(tmp_path, "init", ["method.name=test_finetune", f"init_from={tmp_path / 'init'}", "train.max_steps=2",
+                               "model.time_conditioning=false",
                                "train.global_batch_size=4", "train.micro_batch_size=2",
                                f"train.out_dir={tmp_path / 'o'}"], result)
     for r in _summaries(result):
@@ -352,6 +357,10 @@ def test_interrupted_resume_equals_uninterrupted_and_truncated_checkpoint_is_ref
               "train.micro_batch_size=2", "train.ckpt_every=2", "train.keep_last=5"]
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     _launch(tmp_path, "train", common + [f"train.out_dir={full_dir}"], tmp_path / "full_run")
+    # The ZeRO-3 teacher is written at the first checkpoint after each change (step 2: the initial copy; step 4:
+    # swapped after step 3) and linked by the next ones (step 6), not gathered and written again.
+    inode = {s: (full_dir / f"checkpoints/step_{s:08d}/frozen/teacher.pt").stat().st_ino for s in (2, 4, 6)}
+    assert inode[2] != inode[4] == inode[6]
     _launch(tmp_path, "train", common + [f"train.out_dir={split_dir}", "train.stop_after_steps=3"],
             tmp_path / "split_a")
     (first,) = [s for s in _summaries(tmp_path / "split_a")[:1]]

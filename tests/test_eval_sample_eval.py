@@ -214,3 +214,15 @@ def test_evaluate_sampler_with_dit_and_gpt2_tokenizer(tmp_path, judge, time_cond
     assert len(texts) == 2 and all("[MASK]" not in t and t for t in texts)
     # a time-conditioned DiT is sampled uncached (one call per step); an unconditioned one may reuse x_θ
     assert rows[0].nfe == 4.0 if time_conditioning else rows[0].nfe <= 5.0
+
+
+def test_progress_bar_counts_step_counts_times_batches(tmp_path, judge, model_tokenizer, capsys):
+    V = len(model_tokenizer)
+    common = dict(process="absorbing", steps_list=[2, 3], num_samples=5, batch_size=2, judge=judge,
+                  tokenizer=model_tokenizer, seed=0, label="bar", length=LENGTH, vocab_size=V,
+                  schedule=LogLinearSchedule(), mask_id=model_tokenizer.mask_token_id)
+    evaluate_sampler(_denoiser(V, model_tokenizer.unk_token_id), out_dir=tmp_path / "a", **common)
+    err = capsys.readouterr().err
+    assert "sampling bar" in err and "6/6" in err and "7/6" not in err  # 2 step counts x batches of 2, 2, 1
+    evaluate_sampler(_denoiser(V, model_tokenizer.unk_token_id), out_dir=tmp_path / "b", progress=False, **common)
+    assert "sampling bar" not in capsys.readouterr().err

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_engine_dist import V, _launch
+from test_engine_dist import BLOCK, V, _launch
 from ddistill.models.checkpoints import save_pretrained
 from ddistill.models.dit import build_model
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def _teacher(tmp_path):
     torch.manual_seed(3)
-    model = build_model({"size": "test", "vocab_size": V, "time_conditioning": False, "dropout": 0.0})
+    model = build_model({"size": "test", "vocab_size": V, "length": BLOCK, "time_conditioning": False, "dropout": 0.0})
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -36,6 +36,7 @@ def test_sdtt_with_partitioned_zero3_teacher_two_ranks_equal_one_rank(tmp_path, 
     common = ["method.name=sdtt", f"method.loss_impl={impl}", "method.divergence=kl_rev",
               "method.initial_teacher_steps=16", "method.num_rounds=2", "method.steps_per_round=1",
               "method.num_teacher_steps=2", f"init_from={_teacher(tmp_path)}",
+              "model.time_conditioning=false", "model.dropout=0.0",  # the teacher's architecture, no dropout
               "deepspeed.frozen_zero_stage=3", "deepspeed.frozen_persistence_threshold=0",
               "train.max_steps=2", "train.global_batch_size=8", "train.ema_decay=0.5", "optim.grad_clip=1e9",
               f"train.out_dir={tmp_path / 'unused'}"]

@@ -3,12 +3,12 @@
 import os
 import sys
 
-from ddistill.engine.trainer import train_main
+from ddistill.engine.trainer import train_command
 
 if __name__ == "__main__":
-    train_main()
+    code = train_command()
     # All work and output are done; skip interpreter finalisation, where gloo's threads can abort the process
     # (deepspeed.md P5, pytorch/pytorch#190489) and turn a finished run into a failed rank.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -3,10 +3,13 @@
     <out_dir>/checkpoints/step_00001000/
         ds/<network>/state/...        every trained engine's DeepSpeed state (module, its own ZeRO optimizer partitions)
         ema/<network>.pt              EMA shadow weights, decay, update count
-        frozen/<network>.pt           frozen networks' CURRENT weights (a swapped teacher survives a resume)
+        frozen/<network>.pt           frozen networks' CURRENT weights (a swapped teacher survives a resume); written
+                                      at the first checkpoint after a change, then hard-linked (or copied) by the
+                                      next ones, so each directory stays complete and pruning never breaks one
         trainer.pt                    step, counters (incl. optimizer updates per network), method state
         rank_00000.pt ...             per rank: loader position, RNG states (python, numpy, torch CPU, CUDA)
-        config.yaml                   the resolved run config (enough to relaunch)
+        config.yaml                   the resolved run config (enough to relaunch; a relaunch is compared with it,
+                                      see relaunch.py)
         MANIFEST.json                 sha256 + size of every file above, written LAST
 
 Writing: all ranks write into ``step_XXXXXXXX.tmp``; after a barrier rank 0 hashes every file, writes the manifest

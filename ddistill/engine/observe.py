@@ -1,13 +1,18 @@
 """Run observability on rank 0: a tqdm bar (loss, tokens/s, ETA), a JSONL metrics file and Weights & Biases.
 
-wandb is imported only when enabled (`logging.wandb` offline|online); tests use `disabled`. Peak memory is the
-CUDA allocator's peak on GPU and the process's peak RSS on CPU (both per rank, gathered by the trainer).
+wandb is imported only when enabled (`logging.wandb` offline|online); tests use `disabled`. The wandb run id is kept
+in `out_dir/wandb_run_id`, so a resumed run continues the same wandb run. Peak memory is the CUDA allocator's peak
+on GPU and the process's peak RSS on CPU (both per rank, gathered by the trainer).
+
+`metrics.jsonl` holds one JSON record per logged step; a resume first cuts it back to the records of the steps up to
+its checkpoint (`truncate_metrics`), so every step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -16,7 +21,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["MetricsLogger", "peak_memory_gib"]
+__all__ = ["MetricsLogger", "peak_memory_gib", "truncate_metrics", "wandb_run_id", "WANDB_ID_FILE"]
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -32,6 +39,41 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep the records of `path` with step <= last_step (and drop a line cut by a kill), atomically; returns the
+    number of lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+def wandb_run_id(out_dir: Path, new_id) -> str:
+    """The wandb run id of the run in out_dir: read from out_dir/wandb_run_id, or `new_id()` written there."""
+    path = Path(out_dir) / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = str(new_id())
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
 
 
 class MetricsLogger:
@@ -51,8 +93,9 @@ class MetricsLogger:
         if wandb_mode != "disabled":
             import wandb
 
+            run_id = wandb_run_id(out_dir, wandb.util.generate_id)
             self._wandb = wandb.init(project=project, name=run_name, mode=wandb_mode, dir=str(out_dir),
-                                     config=config, resume="allow")
+                                     config=config, id=run_id, resume="allow")
         if progress_bar:
             from tqdm import tqdm
 
@@ -68,10 +111,12 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float | None, tokens_per_s: float) -> None:
+        """loss None: every step of the window was skipped (non-finite)."""
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            shown = "skipped" if loss is None else f"{loss:.4f}"
+            self._bar.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             self._bar.refresh()
 
     def message(self, text: str) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "RunConfig",
     "load_run_config",
     "run_config_from_dict",
+    "config_sections",
 ]
 
 
@@ -84,6 +85,10 @@ class TrainConfig:
     device: Literal["auto", "cuda", "cpu"] = "auto"
     stop_after_steps: int | None = None  # test/preemption hook: checkpoint and stop once this step count is reached
     export_final: bool = True  # write the EMA student in the public HF layout at the end
+    # One launch only (engine/relaunch.py; recorded as false): resume although settings other than the safe ones
+    # changed, or start from step 0 over a run in out_dir that has no usable checkpoint.
+    allow_config_change: bool = False
+    restart_from_scratch: bool = False
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "ckpt_every", "keep_last", "log_every"):
@@ -173,6 +178,20 @@ _SECTIONS = {
     "logging": LoggingConfig,
 }
 _TOP_LEVEL = set(_SECTIONS) | {"method", "init_from", "init_from_ema", "networks"}
+
+
+def config_sections() -> str:
+    """One line per config section with its keys (for `ddistill train --help`)."""
+    lines = []
+    for key, cls in _SECTIONS.items():
+        lines.append(f"  {key}: {', '.join(f.name for f in dataclasses.fields(cls))}")
+    lines.insert(2, f"  method: name ({', '.join(available_methods())}) and that method's own keys")
+    lines.append("  networks: <trained network>.optim.<optim key> overrides the method's optimizer defaults per network "
+                 "(e.g. networks.aux.optim.lr=1e-5)")
+    lines.append("  init_from: public-layout checkpoint (HF dir, Lightning .ckpt, hub id) of the init='pretrained' "
+                 "networks")
+    lines.append("  init_from_ema: load that checkpoint's EMA weights (Lightning .ckpt)")
+    return "\n".join(lines)
 
 
 def run_config_from_dict(data: Mapping[str, Any]) -> RunConfig:

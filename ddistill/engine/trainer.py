@@ -22,6 +22,15 @@ rank back-propagate NaN, so DeepSpeed's ZeRO overflow check (forced on) skips th
 no parameter, moment or EMA update. `train.max_consecutive_nonfinite` skipped steps in a row stop the run with a
 checkpoint of the last good state. A preemption signal (SIGUSR2 from SLURM/submitit, SIGTERM) sets a flag that is
 all-reduced at the next step boundary; all ranks then checkpoint and return with `summary["preempted"] = True`.
+`ddistill train` exits with `ddistill.exit_codes.exit_code_for_stop(summary["stop_reason"])`.
+
+Launching: `engine.relaunch.plan_launch` inspects train.out_dir first (new run, resume, restart, or a refusal that
+changes nothing). A resume builds every network from the run's config and loads the checkpoint: `init_from` is
+read only by a run that starts at step 0. Logged metrics are global: losses and method metrics are averaged over
+ranks, token counts summed (one all-reduce per step); the windowed `loss` is the mean over the window's applied
+steps, carried across a resume in the checkpoint, and absent (with `skipped_in_window`) when every step of the
+window was skipped. A frozen network is gathered and written only at the first checkpoint after it changed; the
+next checkpoints hard-link (or copy) that file, so every checkpoint directory stays complete on its own.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch
 
 from ddistill.config import ConfigError, dump_yaml
 from ddistill.engine import checkpoint as ckpt
+from ddistill.engine import relaunch
 from ddistill.engine.distributed import (
     DistEnv,
     all_reduce_max,
@@ -57,14 +67,16 @@ from ddistill.engine.networks import (
     copy_into,
     frozen_ds_config,
     full_state,
+    gathered,
     reset_optimizer_state,
     trained_ds_config,
 )
-from ddistill.engine.observe import MetricsLogger, peak_memory_gib
+from ddistill.engine.observe import MetricsLogger, peak_memory_gib, truncate_metrics
 from ddistill.engine.run_config import RunConfig, load_run_config
+from ddistill.exit_codes import ExitCode, exit_code_for_stop
 from ddistill.methods import Phase, StepContext, get_method
 
-__all__ = ["Trainer", "run_training", "train_main", "RankFailure", "derive_seed", "lr_at"]
+__all__ = ["Trainer", "run_training", "train_main", "train_command", "RankFailure", "derive_seed", "lr_at"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +84,11 @@ PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 # Handlers that were installed before ours (e.g. submitit's requeue handler); launchers.slurm hands them the signal
 # once every rank has checkpointed.
 PREVIOUS_HANDLERS: dict[int, Any] = {}
+# What an `init_from` checkpoint must agree on with the run's model config (the public layout records them).
+INIT_ARCHITECTURE = ("hidden_size", "n_blocks", "n_heads", "cond_dim", "length", "vocab_size", "time_conditioning",
+                     "causal")
+# Run settings that are not in the public layout: a pretrained network takes the run's.
+INIT_RUN_SETTINGS = ("dropout", "attn_backend", "autocast_dtype", "pad_vocab_multiple")
 
 
 class _Sums:
@@ -101,6 +118,26 @@ class RankFailure(RuntimeError):
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across runs and platforms)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@torch.no_grad()
+def _state_on_main(net: Network, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """A network's full weights on CPU on rank 0 only; a collective (one parameter gathered at a time)."""
+    out: dict[str, torch.Tensor] | None = {} if is_main else None
+    for pname, param in net.module.named_parameters():
+        with gathered([param]):
+            if out is not None:
+                out[pname] = param.detach().cpu().clone()
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links on this filesystem (or across devices)
+        import shutil
+
+        shutil.copyfile(src, dst)
 
 
 def lr_at(step: int, *, lr: float, warmup_steps: int, schedule: str, min_lr: float, max_steps: int) -> float:
@@ -145,7 +182,8 @@ class Trainer:
         # The last id of the vocabulary is the absorbing [MASK] (GPT-2: 50257 = ddistill.data.tokenizer.MASK_ID).
         self.method = get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
         self.optims = {}  # trained network -> its OptimConfig
-        self.nets = self._build_networks()
+        self.plan = self._plan_launch()
+        self.nets = self._build_networks(resuming=self.plan.checkpoint is not None)
         self.trained = {n: net for n, net in self.nets.items() if net.trained}
         if not self.trained:
             raise ValueError(f"method {cfg.method.name!r} declares no trained network")
@@ -167,11 +205,32 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.total_nonfinite = 0
         self.resumed_from: str | None = None
-        self.damaged_checkpoints: list[str] = []
+        self.damaged_checkpoints: list[str] = list(self.plan.damaged)
+        # The logging window (this rank's view; losses are already global): applied steps' loss sum and counts.
+        self.window = {"loss": 0.0, "steps": 0, "skipped": 0}
+        # Per frozen network: the checkpoint file that holds its current weights (None: changed since written).
+        self._frozen_file: dict[str, str | None] = {n: None for n, net in self.nets.items() if not net.trained}
         self._preempt = threading.Event()
-        self._resume()
+        if self.plan.checkpoint is not None:
+            self.load_checkpoint(Path(self.plan.checkpoint))
 
     # ------------------------------------------------------------------ construction
+    def _plan_launch(self) -> relaunch.LaunchPlan:
+        """Rank 0 inspects out_dir; every rank gets the plan, or raises the same ConfigError (nothing written)."""
+        plan = error = None
+        if self.dist.is_main:
+            tc = self.cfg.train
+            try:
+                plan = relaunch.plan_launch(self.out_dir, self.cfg.to_dict(),
+                                            allow_config_change=tc.allow_config_change,
+                                            restart_from_scratch=tc.restart_from_scratch)
+            except ConfigError as err:
+                error = str(err)
+        plan, error = broadcast_object((plan, error))
+        if error is not None:
+            raise ConfigError(error)
+        return plan
+
     def _blocks(self, split: str):
         from ddistill.data.packing import build_token_blocks
 
@@ -191,25 +250,14 @@ class Trainer:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model overrides {overrides} of method {self.cfg.method.name!r}: {err}") from err
 
-    def _initial_module(self, name: str, spec, built: dict):
+    def _initial_module(self, name: str, spec, built: dict, resuming: bool):
         from ddistill.models.dit import build_model
 
-        if spec.init == "config":
+        if spec.init == "config" or (spec.init == "pretrained" and resuming):  # a resume loads the checkpoint's
             torch.manual_seed(derive_seed(self.cfg.train.seed, 0xC0F16, sorted(self.method.networks()).index(name)))
             return build_model(self._model_cfg(spec.model_overrides))
         if spec.init == "pretrained":
-            if not self.cfg.init_from:
-                raise ConfigError(f"network {name!r} has init='pretrained' but init_from is not set")
-            from ddistill.models.checkpoints import checkpoint_tokenizer, load_pretrained
-
-            trained_with = checkpoint_tokenizer(self.cfg.init_from)
-            if trained_with != self.cfg.data.tokenizer:
-                raise ConfigError(f"init_from={self.cfg.init_from} was trained with tokenizer {trained_with!r} but "
-                                  f"data.tokenizer={self.cfg.data.tokenizer!r}; set data.tokenizer={trained_with} "
-                                  f"(and model.vocab_size to match)")
-            overrides = {"autocast_dtype": "bfloat16" if self.bf16 else "float32", **spec.model_overrides}
-            model, _ = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
-            return model
+            return self._pretrained_module(name, spec)
         source = spec.init.removeprefix("copy:")
         if source not in built:
             raise ValueError(f"network {name!r}: init={spec.init!r} but {source!r} is not a network built before it")
@@ -223,12 +271,38 @@ class Trainer:
             model = fresh
         return model
 
-    def _build_networks(self) -> dict[str, Network]:
+    def _pretrained_module(self, name: str, spec) -> torch.nn.Module:
+        """The init_from checkpoint, refused unless its architecture is the run's (so config.yaml and the export
+        record what runs); the run's dropout / attention / precision settings apply to it."""
+        if not self.cfg.init_from:
+            raise ConfigError(f"network {name!r} has init='pretrained' but init_from is not set")
+        from ddistill.models.checkpoints import checkpoint_tokenizer, load_pretrained
+
+        trained_with = checkpoint_tokenizer(self.cfg.init_from)
+        if trained_with != self.cfg.data.tokenizer:
+            raise ConfigError(f"init_from={self.cfg.init_from} was trained with tokenizer {trained_with!r} but "
+                              f"data.tokenizer={self.cfg.data.tokenizer!r}; set data.tokenizer={trained_with} "
+                              f"(and model.vocab_size to match)")
+        expected = self._model_cfg(spec.model_overrides)
+        overrides = {**{k: getattr(expected, k) for k in INIT_RUN_SETTINGS}, **spec.model_overrides}
+        try:
+            model, loaded = load_pretrained(self.cfg.init_from, use_ema=self.cfg.init_from_ema, overrides=overrides)
+        except (OSError, ValueError) as err:  # missing path, unreachable hub id, a file that is not a checkpoint
+            raise ConfigError(f"init_from={self.cfg.init_from}: {err}") from err
+        wrong = [f"model.{k}={getattr(expected, k)!r} (checkpoint: {getattr(loaded, k)!r})"
+                 for k in INIT_ARCHITECTURE if getattr(expected, k) != getattr(loaded, k)]
+        if wrong:
+            raise ConfigError(f"init_from={self.cfg.init_from}: the checkpoint's architecture disagrees with the run's "
+                              f"model config (model.size={self.cfg.model.size!r} and the keys set): "
+                              f"{'; '.join(wrong)}. Set these model.* keys to the checkpoint's values")
+        return model
+
+    def _build_networks(self, resuming: bool) -> dict[str, Network]:
         specs = self.method.networks()
         order = sorted(specs, key=lambda n: specs[n].init.startswith("copy:"))
         modules: dict[str, torch.nn.Module] = {}
         for name in order:
-            modules[name] = self._initial_module(name, specs[name], modules)
+            modules[name] = self._initial_module(name, specs[name], modules, resuming)
         tc, ds = self.cfg.train, self.cfg.deepspeed
         nets: dict[str, Network] = {}
         for name in sorted(specs, key=lambda n: specs[n].role != "frozen"):  # frozen engines first
@@ -269,6 +343,8 @@ class Trainer:
     def copy_weights(self, dst: str, src: str, *, use_ema: bool = False) -> None:
         """dst <- src (raw or EMA weights); collective, call on every rank."""
         copy_into(self.nets[dst], full_state(self.nets[src], use_ema=use_ema))
+        if dst in self._frozen_file:
+            self._frozen_file[dst] = None  # to be written at the next checkpoint
 
     def reset_optimizer(self, name: str) -> None:
         reset_optimizer_state(self.nets[name])
@@ -302,7 +378,8 @@ class Trainer:
         return bool(any_nonfinite)
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
-        """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns local metrics."""
+        """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns global metrics
+        (losses and method metrics averaged over ranks, micro-batches and phase repeats, `tokens` summed over ranks)."""
         assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
         lrs = self._set_lr()
         sums = _Sums()
@@ -311,9 +388,13 @@ class Trainer:
             for repeat in range(phase.repeats):
                 skipped |= self._run_phase(micro_batches, index, phase, repeat, sums)
         self.step += 1
-        metrics: dict[str, Any] = {f"loss/{n}": s / sums.loss_count[n] for n, s in sums.loss.items()}
-        metrics.update({k: v / sums.metric_count[k] for k, v in sums.metrics.items()})
-        metrics.update(lr=lrs[self.output_name], skipped=float(skipped), tokens=sums.tokens)
+        local = {**{f"loss/{n}": v for n, v in sums.loss.items()}, **sums.metrics}
+        counts = {**{f"loss/{n}": c for n, c in sums.loss_count.items()}, **sums.metric_count}
+        keys = sorted(local)  # the same keys and counts on every rank: one all-reduce for all of them
+        *totals, tokens = all_reduce_sum([local[k] for k in keys] + [float(sums.tokens)], self.device)
+        ws = self.dist.world_size
+        metrics: dict[str, Any] = {k: v / (counts[k] * ws) for k, v in zip(keys, totals)}
+        metrics.update(lr=lrs[self.output_name], skipped=float(skipped), tokens=int(tokens))
         if len(self.trained) > 1:
             metrics.update({f"lr/{n}": lr for n, lr in lrs.items()})
         metrics.update(sums.grad_norms)
@@ -432,9 +513,16 @@ class Trainer:
         barrier()
         for name, net in self.trained.items():
             net.engine.save_checkpoint(str(tmp / "ds" / name), tag="state", save_latest=False)
-        frozen = {name: full_state(net) for name, net in self.nets.items() if not net.trained}  # collective
+        # A frozen network unchanged since a checkpoint that still exists is linked from it, not gathered again.
+        unchanged = None
+        if self.dist.is_main:
+            unchanged = {n: f for n, f in self._frozen_file.items() if f is not None and Path(f).is_file()}
+        unchanged = broadcast_object(unchanged)
+        frozen = {name: _state_on_main(net, self.dist.is_main)  # collective
+                  for name, net in self.nets.items() if not net.trained and name not in unchanged}
         rank_state = {
             "loader": self.loader.state_dict(),
+            "window": dict(self.window),
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -446,35 +534,28 @@ class Trainer:
         if self.dist.is_main:
             for name, state in frozen.items():
                 torch.save(state, tmp / "frozen" / f"{name}.pt")
+            for name, source in unchanged.items():
+                _link_or_copy(Path(source), tmp / "frozen" / f"{name}.pt")
             for name, net in self.trained.items():
                 if net.ema is not None:
                     torch.save(net.ema.state_dict(), tmp / "ema" / f"{name}.pt")
             torch.save({"step": self.step, "consecutive_nonfinite": self.consecutive_nonfinite,
                         "total_nonfinite": self.total_nonfinite, "world_size": self.dist.world_size,
                         "updates": dict(self.updates), "method": self.method.state_dict()}, tmp / "trainer.pt")
-            dump_yaml(self.cfg.to_dict(), tmp / "config.yaml")
+            dump_yaml(relaunch.recorded_config(self.cfg.to_dict()), tmp / "config.yaml")
         barrier()
         if self.dist.is_main:
             ckpt.finalize(tmp, final, self.step)
             ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
         barrier()
+        self._frozen_file = {name: str(final / "frozen" / f"{name}.pt") for name in self._frozen_file}
         return final
-
-    def _resume(self) -> None:
-        found = None
-        if self.dist.is_main:
-            path, problems = ckpt.find_latest_valid(self.ckpt_root)
-            found = (str(path) if path else None, problems)
-        path, self.damaged_checkpoints = broadcast_object(found)
-        if path is None:
-            return
-        self.load_checkpoint(Path(path))
 
     def load_checkpoint(self, path: Path) -> None:
         trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         if trainer_state["world_size"] != self.dist.world_size:
-            raise RuntimeError(f"checkpoint {path.name} was written with world_size={trainer_state['world_size']}; "
-                               f"this run has {self.dist.world_size} (ZeRO partitions depend on it)")
+            raise ConfigError(f"checkpoint {path.name} was written with world_size={trainer_state['world_size']}; "
+                              f"this run has {self.dist.world_size} (ZeRO partitions depend on it)")
         for name, net in self.trained.items():
             load_path, _ = net.engine.load_checkpoint(str(path / "ds" / name), tag="state",
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -485,8 +566,10 @@ class Trainer:
         for name, net in self.nets.items():
             if not net.trained:
                 copy_into(net, torch.load(path / "frozen" / f"{name}.pt", map_location="cpu"))
+                self._frozen_file[name] = str(path / "frozen" / f"{name}.pt")
         rank_state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", map_location="cpu", weights_only=False)
         self.loader.load_state_dict(rank_state["loader"])
+        self.window = dict(rank_state.get("window", {"loss": 0.0, "steps": 0, "skipped": 0}))
         rng = rank_state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -535,19 +618,22 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         tc, lc = self.cfg.train, self.cfg.logging
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # The steps after the checkpoint are run again: their records go (all records, on a fresh start).
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            relaunch.append_history(self.out_dir, self.plan, self.step)
+            dump_yaml(relaunch.recorded_config(self.cfg.to_dict()), self.out_dir / "config.yaml")
         logger = MetricsLogger(out_dir=self.out_dir, enabled=self.dist.is_main, jsonl=lc.jsonl, wandb_mode=lc.wandb,
                                project=lc.project, run_name=lc.run_name, config=self.cfg.to_dict(),
                                total_steps=tc.max_steps, start_step=self.step, progress_bar=lc.progress_bar)
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(self.cfg.to_dict(), self.out_dir / "config.yaml")
-        for problem in self.damaged_checkpoints:
-            logger.message(f"damaged checkpoint skipped: {problem}")
+        for line in self.plan.messages():
+            logger.message(line)
         if self.resumed_from:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
         self._install_signal_handlers()
         start_step, stop_reason, last = self.step, "max_steps", {}
-        window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+        window_tokens, window_time = 0, 0.0
         tokens_per_s = 0.0
         try:
             while self.step < tc.max_steps:
@@ -561,19 +647,24 @@ class Trainer:
                 skipped = bool(metrics["skipped"])
                 self.total_nonfinite += skipped
                 self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
-                main_loss = metrics.get(f"loss/{self.output_name}", float("nan"))
-                if not skipped:
-                    window_loss += main_loss
-                    window_steps += 1
+                main_loss = metrics.get(f"loss/{self.output_name}")
+                if skipped:
+                    self.window["skipped"] += 1
+                elif main_loss is not None:
+                    self.window["loss"] += main_loss
+                    self.window["steps"] += 1
                 (preempt,) = all_reduce_max([float(self._preempt.is_set())], self.device)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    loss_sum, steps_sum = all_reduce_sum([window_loss, window_steps], self.device)
-                    tokens_per_s = window_tokens / max(window_time, 1e-9)
-                    last = {**metrics, "loss": loss_sum / max(steps_sum, 1), "tokens_per_s_per_rank": tokens_per_s,
-                            "peak_mem_gib": peak_memory_gib(self.device), "nonfinite_total": self.total_nonfinite}
+                    tokens_per_s = window_tokens / self.dist.world_size / max(window_time, 1e-9)
+                    last = {**metrics, "skipped_in_window": self.window["skipped"],
+                            "tokens_per_s_per_rank": tokens_per_s, "peak_mem_gib": peak_memory_gib(self.device),
+                            "nonfinite_total": self.total_nonfinite}
+                    if self.window["steps"]:  # a window of skipped steps has no loss
+                        last["loss"] = self.window["loss"] / self.window["steps"]
                     logger.log(self.step, last)
-                    logger.progress(self.step, last["loss"], tokens_per_s)
-                    window_tokens, window_time, window_loss, window_steps = 0, 0.0, 0.0, 0
+                    logger.progress(self.step, last.get("loss"), tokens_per_s)
+                    window_tokens, window_time = 0, 0.0
+                    self.window = {"loss": 0.0, "steps": 0, "skipped": 0}
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.valid_blocks is not None:
                     val = self.evaluate()
                     logger.log(self.step, val)
@@ -583,7 +674,7 @@ class Trainer:
                     logger.message(
                         f"stopping: {self.consecutive_nonfinite} consecutive steps with a non-finite loss or "
                         f"gradient (last at step {self.step - 1}); checkpointing the last good state (the skipped "
-                        "steps changed nothing). Lower optim.lr, check the data, or raise optim.grad_clip.")
+                        f"steps changed nothing). {nonfinite_advice(self.cfg)}")
                     self.save_checkpoint()
                     break
                 if preempt:
@@ -629,6 +720,15 @@ class Trainer:
         return all_reduce_sum(values, self.device)
 
 
+def nonfinite_advice(cfg: RunConfig) -> str:
+    """What to try after a stop on non-finite losses, given the run's settings."""
+    oc = cfg.optim
+    clip = (f"clip harder (optim.grad_clip below {oc.grad_clip:g})" if oc.grad_clip > 0
+            else "turn gradient clipping on (e.g. optim.grad_clip=1.0; it is off)")
+    warmup = f"a longer warm-up (optim.warmup_steps, now {oc.warmup_steps})"
+    return f"Try a lower optim.lr (now {oc.lr:g}), {warmup}, or {clip}; and check the data."
+
+
 def run_training(cfg: RunConfig, *, train_blocks: Sequence | None = None,
                  valid_blocks: Sequence | None = None) -> dict[str, Any]:
     """Initialise distributed, train to completion/preemption/stop, tear down; returns the summary dict."""
@@ -649,8 +749,8 @@ def train_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`ddistill train CONFIG.yaml key=value ...` (ignores the `--local_rank=N` the deepspeed launcher appends)."""
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if not args or args[0] in ("-h", "--help"):
-        print("usage: ddistill train CONFIG.yaml [dotted.key=value ...]", file=sys.stderr)
-        raise SystemExit(0 if args else 2)
+        print(train_usage(), file=sys.stdout if args else sys.stderr)
+        raise SystemExit(ExitCode.FINISHED if args else ExitCode.BAD_INPUT)
     logging.basicConfig(level=os.environ.get("DDISTILL_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_run_config(args[0], args[1:])
@@ -660,3 +760,40 @@ def train_main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         print("SUMMARY " + json.dumps(summary), flush=True)
     return summary
+
+
+def train_command(argv: Sequence[str] | None = None) -> int:
+    """`train_main` as a command: the exit code of `ddistill.exit_codes` (bad input: one line on stderr, 2)."""
+    try:
+        summary = train_main(argv)
+    except ConfigError as err:
+        print(f"ddistill train: configuration error: {err}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
+    return exit_code_for_stop(summary["stop_reason"])
+
+
+def train_usage() -> str:
+    from ddistill.engine.run_config import config_sections
+
+    return f"""usage: ddistill train CONFIG.yaml [dotted.key=value ...]
+
+Train (or distil) with the method named by method.name, on this process or under any launcher (torchrun,
+deepspeed, srun; `ddistill submit` builds those commands).
+
+CONFIG.yaml is a run config (configs/experiments/*.yaml; a `base:` key merges other files underneath). Each
+key=value after it overrides one dotted key, its value read as YAML: train.max_steps=2000 optim.lr=3e-4
+method.steps_per_round=[100,200] init_from=null. Unknown keys and bad values are errors naming the key.
+
+train.out_dir holds the run: config.yaml (the resolved config), metrics.jsonl, checkpoints/step_*/ and export/.
+Launching the same command again resumes from the newest valid checkpoint there (bit for bit on CPU). A resume accepts
+changes of max_steps, checkpoint/log/eval cadence and logging (printed); it refuses a different architecture, data
+or method; any other change needs train.allow_config_change=true and is recorded in config_history.yaml. An
+out_dir with files that are not a ddistill run is refused; a run without a usable checkpoint is started over only
+with train.restart_from_scratch=true. init_from (a public-layout checkpoint) is read only at step 0 and must have
+the run's architecture.
+
+Exit codes: 0 finished (or stopped at train.stop_after_steps), 1 unexpected error, 2 bad config or input,
+3 stopped on non-finite losses, 75 preempted (checkpointed; relaunch to resume).
+
+Config sections and their keys:
+{config_sections()}"""

@@ -14,7 +14,8 @@ fills a ``mauve_length``-token canvas whose prefix is clamped to the prompt, and
 Data parallel: every rank draws ``num_samples / world_size`` samples (batch ``i`` of rank ``r`` is seeded from
 ``(seed, T, global index of its first sample)``), ``all_gather_fn`` concatenates the per-rank tensors along dim 0 in
 rank order, and rank 0 scores, writes the report (CSV / Markdown / PNG, merged with earlier labels in ``out_dir``)
-and returns the rows; other ranks return ``[]``.
+and returns the rows; other ranks return ``[]``. Rank 0 shows a progress bar on stderr over every sampled batch
+(step counts × batches, MAUVE continuations included).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -102,9 +104,11 @@ def _sample_shard(
     steps: int,
     device: torch.device,
     prefixes: torch.Tensor | None,
+    on_batch: Callable[[], None] = lambda: None,
     **draw_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_local, L) tokens and the NFE of each batch (float64) for this rank's slice of the global samples."""
+    """(num_local, L) tokens and the NFE of each batch (float64) for this rank's slice of the global samples;
+    `on_batch()` after each batch."""
     tokens, nfes = [], []
     for start in range(0, num_local, batch_size):
         size = min(batch_size, num_local - start)
@@ -115,6 +119,7 @@ def _sample_shard(
         )
         tokens.append(result.tokens.to(torch.long))
         nfes.append(float(result.nfe))
+        on_batch()
     return torch.cat(tokens), torch.tensor(nfes, dtype=torch.float64, device=device)
 
 
@@ -168,6 +173,15 @@ def write_samples_markdown(out_dir: str | Path, *, per_cell: int = 3, max_chars:
     return path
 
 
+def sampling_progress(total_batches: int, *, desc: str = "sampling", enabled: bool = True):
+    """A tqdm bar on stderr over `total_batches` sampled batches (None when disabled)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_batches, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
 def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
@@ -202,12 +216,13 @@ def evaluate_sampler(
     world_size: int = 1,
     all_gather_fn: AllGather | None = None,
     stem: str = "sample_eval",
+    progress: bool = True,
 ) -> list[EvalRow]:
     """Sample at every T in ``steps_list`` and score (module docstring). ``denoiser(x, sigma) -> logits`` may be a
     DiT (put in eval mode for the call, its mode restored after; for MDLM its ``config.time_conditioning`` sets the
     sampler's ``time_conditioning`` and ``cached`` unless given). ``sampler_kwargs`` go to the sampler
     (``nucleus_p``, ``greedy_tail``, ``cached``, ``time_conditioning``, ``t_end``, ``dtype``).
-    ``judge`` is only needed on rank 0.
+    ``judge`` is only needed on rank 0. ``progress``: the progress bar of rank 0 (module docstring).
     """
     if process not in SAMPLERS:
         raise ValueError(f"process must be one of {SAMPLERS}, got {process!r}")
@@ -259,9 +274,16 @@ def evaluate_sampler(
             raise ValueError(f"{prompts.shape[0]} MAUVE prompts cannot be split over world_size={world_size}")
         prompts, human = prompts[:usable], human[:usable]
 
+    per_steps = math.ceil(num_local / batch_size)
+    if prompts is not None:
+        per_steps += math.ceil(prompts.shape[0] // world_size / batch_size)
+    bar = sampling_progress(len(steps_list) * per_steps, desc=f"sampling {label}", enabled=progress and rank == 0)
+    tick = (lambda: None) if bar is None else (lambda: bar.update(1))
     rows = []
     with eval_mode(denoiser):
         for steps in [int(s) for s in steps_list]:
+            if bar is not None:
+                bar.set_postfix(steps=steps, refresh=False)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start_time = time.perf_counter()
@@ -274,6 +296,7 @@ def evaluate_sampler(
                 steps=steps,
                 device=device,
                 prefixes=None,
+                on_batch=tick,
                 **draw_kwargs,
             )
             if device.type == "cuda":
@@ -293,6 +316,7 @@ def evaluate_sampler(
                     steps=steps,
                     device=device,
                     prefixes=prompts[rank * per_rank : (rank + 1) * per_rank].to(device),
+                    on_batch=tick,
                     **{**draw_kwargs, "length": mauve_length},
                 )
                 continuations = gather(local_cont)
@@ -338,6 +362,8 @@ def evaluate_sampler(
             rows.append(row)
             if save_texts:
                 _write_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}.jsonl", texts)
+    if bar is not None:
+        bar.close()
     if rank == 0:
         write_report(rows, out_dir, stem=stem)
         if save_texts:
