@@ -1,11 +1,15 @@
 """A method's networks as DeepSpeed engines.
 
 * Trained network -> one ZeRO-2 (or 1) engine: torch AdamW client optimizer (DeepSpeed's config-driven "AdamW" is
-  FusedAdam, a 73 s JIT on CPU), global-norm gradient clipping, gradient accumulation, learning rate set by the
+  FusedAdam, a 73 s JIT on CPU; on CUDA torch's fused=True single-kernel AdamW, the same update to fp32 rounding), global-norm gradient clipping, gradient accumulation, learning rate set by the
   trainer before every step, optional fp32 EMA (see ema.py).
 * Frozen network -> ZeRO-3 inference engine (no optimizer): parameters larger than the persistence threshold are
-  partitioned over ranks (each holds ~1/N), gathered layer by layer during the forward, optionally offloaded to
-  CPU. Its forward is a collective: every rank must call it equally often. Always run under no_grad, eval mode.
+  partitioned over ranks (each holds ~1/N), optionally offloaded to CPU. Its forward is a collective: every rank
+  must call it equally often. Always run under no_grad, eval mode. Two ways to gather (`deepspeed.frozen_gather`):
+  "module" = DeepSpeed's own, module by module at every call (memory: the largest layers in flight); "micro_batch"
+  = `Network.resident()`: the trainer gathers all partitions once per micro-batch with one coalesced all-gather,
+  and every call inside (an SDTT micro-batch calls its teacher k times) runs the plain module, without ZeRO-3's
+  per-module fetch/release hooks (memory: one full copy of the network while the micro-batch runs).
 
 Precision: the DeepSpeed engines hold fp32 weights. On CUDA with bf16 on, the DiT runs its own bf16 autocast
 (`ModelConfig.autocast_dtype`), as the MDLM/DUO references (Lightning "bf16-mixed"). DeepSpeed's `bf16` section is
@@ -18,6 +22,7 @@ not used: it casts the weights to bf16 and the DiT's fp32 σ-embedding then fail
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -28,7 +33,9 @@ from ddistill.engine.ema import EMA
 from ddistill.methods.base import NetworkSpec
 
 __all__ = ["DiTEntry", "Network", "trained_ds_config", "frozen_ds_config", "build_trained", "build_frozen", "copy_into",
-           "full_state", "gathered", "reset_optimizer_state"]
+           "full_state", "gathered", "reset_optimizer_state", "FROZEN_GATHER_MODES"]
+
+FROZEN_GATHER_MODES = ("micro_batch", "module")
 
 
 class DiTEntry(nn.Module):
@@ -84,6 +91,7 @@ class Network:
     spec: NetworkSpec
     engine: object  # deepspeed.DeepSpeedEngine
     ema: EMA | None = None
+    _resident: bool = False  # inside `resident()`: all parameters gathered, forwards bypass the ZeRO-3 hooks
 
     @property
     def trained(self) -> bool:
@@ -108,13 +116,47 @@ class Network:
         if self.trained:
             return self.engine(x, sigma, rows=rows)
         with torch.no_grad():
-            return self.engine(x, sigma, rows=rows)
+            return self._frozen_forward(x, sigma, rows=rows)
 
     def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         if self.trained:
             return self.engine(x, sigma, hidden=True)
         with torch.no_grad():
-            return self.engine(x, sigma, hidden=True)
+            return self._frozen_forward(x, sigma, hidden=True)
+
+    def _frozen_forward(self, *args, **kwargs) -> torch.Tensor:
+        # Resident: the parameters are all there and the hooks are suspended, so the module runs as a plain one
+        # (the engine's forward adds nothing for an inference-only network: no optimizer, no output hooks).
+        return self.engine.module(*args, **kwargs) if self._resident else self.engine(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[None]:
+        """Frozen ZeRO-3 network: all partitioned parameters gathered by ONE coalesced all-gather on entry and
+        re-partitioned on exit; in between, forwards skip ZeRO-3's per-module hooks (no fetch, release, trace or
+        stream synchronisation per layer). A collective: every rank must enter. A no-op for trained, replicated
+        or already resident networks."""
+        if self.trained or self._resident or not _is_partitioned(self.module):
+            yield
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        root = self.engine.module
+        missing = [p for p in root.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        persistent = [p for p in missing if p.ds_persist]
+        if persistent:  # gathered for good, as DeepSpeed's own first fetch of a persistent parameter does
+            persistent[0].all_gather(param_list=persistent)
+        with gathered([p for p in missing if not p.ds_persist]):
+            modules = list(root.modules())
+            hooks = [(m._forward_pre_hooks, m._forward_hooks) for m in modules]
+            for module in modules:  # the handles keep pointing at the saved dicts, which are put back below
+                module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
+            self._resident = True
+            try:
+                yield
+            finally:
+                self._resident = False
+                for module, (pre, post) in zip(modules, hooks):
+                    module._forward_pre_hooks, module._forward_hooks = pre, post
 
     def head_dtype(self, device: torch.device) -> torch.dtype:
         return self.module.head_dtype(device)
@@ -130,7 +172,7 @@ class Network:
         return self.module.output_bias
 
     def _require_replicated(self, what: str) -> None:
-        if not self.trained and _is_partitioned(self.module):
+        if not self.trained and not self._resident and _is_partitioned(self.module):
             raise RuntimeError(
                 f"{self.name}.{what}: the frozen network's parameters are ZeRO-3 partitioned; use "
                 f"`with {self.name}.gathered_output() as (weight, bias):` to read them"
@@ -139,6 +181,9 @@ class Network:
     @contextlib.contextmanager
     def gathered_output(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The full output weight and bias (a collective under ZeRO-3: every rank must enter)."""
+        if self._resident:
+            yield self.module.output_weight, self.module.output_bias
+            return
         layer = self.module.output_layer.linear
         with gathered(list(layer.parameters())):
             yield self.module.output_weight, self.module.output_bias
@@ -162,11 +207,13 @@ def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
 
 
 def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict, lr: float,
-                  betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None) -> Network:
+                  betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None,
+                  fused_optimizer: bool = False) -> Network:
     import deepspeed
 
     entry = DiTEntry(model)
-    optimizer = torch.optim.AdamW(entry.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(entry.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                  fused=fused_optimizer or None)
     engine, *_ = deepspeed.initialize(model=entry, optimizer=optimizer, config=ds_config)
     engine.train()  # returns None (deepspeed.md P2): never chain
     ema = EMA(engine.module.net, ema_decay) if spec.ema else None

@@ -20,6 +20,7 @@ all-reduced at the next step boundary; all ranks then checkpoint and return with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -38,6 +39,7 @@ from ddistill.engine import checkpoint as ckpt
 from ddistill.engine.distributed import (
     DistEnv,
     all_reduce_max,
+    all_reduce_max_,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -185,6 +187,11 @@ class Trainer:
         for name in order:
             modules[name] = self._initial_module(name, specs[name], modules)
         tc, ds, oc = self.cfg.train, self.cfg.deepspeed, self.cfg.optim
+        if tc.compile:  # regional: the DiT blocks only; ZeRO-3's per-module hooks would split a frozen net's graphs
+            hooked = ds.frozen_zero_stage == 3 and ds.frozen_gather == "module"
+            for name, model in modules.items():
+                if not (specs[name].role == "frozen" and hooked):
+                    model.compile_blocks()
         nets: dict[str, Network] = {}
         for name in sorted(specs, key=lambda n: specs[n].role != "frozen"):  # frozen engines first
             spec, model = specs[name], modules[name]
@@ -199,7 +206,8 @@ class Trainer:
                                          world_size=self.dist.world_size, grad_clip=oc.grad_clip,
                                          zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm)
                 net = build_trained(name, spec, model, ds_config=conf, lr=oc.lr, betas=tuple(oc.betas),
-                                    eps=oc.eps, weight_decay=oc.weight_decay, ema_decay=tc.ema_decay)
+                                    eps=oc.eps, weight_decay=oc.weight_decay, ema_decay=tc.ema_decay,
+                                    fused_optimizer=self.device.type == "cuda")
                 # Skipping a step on non-finite gradients must not depend on the precision or on clipping.
                 net.engine.optimizer.check_grad_overflow = True
                 nets[name] = net
@@ -230,23 +238,46 @@ class Trainer:
                 group["lr"] = lr
         return lr
 
-    def _agree(self, error: BaseException | None, nonfinite: bool) -> bool:
-        """All-reduce (error, non-finite); raise on every rank on error; return whether any loss was non-finite."""
-        any_error, any_nonfinite = all_reduce_max([float(error is not None), float(nonfinite)], self.device)
-        if any_error:
+    def _agree(self, error: BaseException | None, local_bad: torch.Tensor | None) -> torch.Tensor:
+        """Raise on every rank if any rank failed; return the device flag "some rank's loss is non-finite".
+
+        One rank: nothing to agree on, so the flag stays on the device (no host sync before the backward). Several
+        ranks: the error flag must reach the host before anyone issues the backward's collectives, so the two flags
+        travel in one all-reduce and the error flag is read (one sync per micro-batch)."""
+        bad = local_bad if local_bad is not None else torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.dist.world_size == 1:
+            if error is not None:
+                raise error
+            return bad
+        flags = torch.stack([torch.tensor(float(error is not None), dtype=torch.float64, device=self.device),
+                             bad.to(torch.float64)])
+        all_reduce_max_(flags)
+        if bool(flags[0]):
             if error is not None:
                 raise error
             raise RankFailure(f"another rank failed during step {self.step} (see its log); stopping all ranks")
-        return bool(any_nonfinite)
+        return flags[1] > 0
+
+    def _frozen_resident(self) -> contextlib.ExitStack:
+        """With deepspeed.frozen_gather=micro_batch: every frozen ZeRO-3 network gathered once for the micro-batch
+        (networks.Network.resident); a collective, entered on every rank."""
+        stack = contextlib.ExitStack()
+        if self.cfg.deepspeed.frozen_gather == "micro_batch":
+            for net in self.nets.values():
+                stack.enter_context(net.resident())
+        return stack
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
-        """One optimizer step over this rank's `grad_accum` micro-batches; returns local metrics."""
+        """One optimizer step over this rank's `grad_accum` micro-batches; returns local metrics.
+
+        Losses and metrics are summed on the device in float64 (the same sums as Python floats of the fp32 values)
+        and read once at the end of the step: one host sync per step instead of several per micro-batch."""
         assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
         tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
         lr = self._set_lr()
-        nonfinite = False
-        loss_sums = {name: 0.0 for name in self.trained}
-        metric_sums: dict[str, float] = {}
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        loss_sums: dict[str, float | torch.Tensor] = {name: 0.0 for name in self.trained}
+        metric_sums: dict[str, float | torch.Tensor] = {}
         num_tokens = 0
         for micro, batch in enumerate(micro_batches):
             self._seed_micro(self.step, micro)
@@ -255,41 +286,47 @@ class Trainer:
             ctx = StepContext(step=self.step, micro_step=micro, global_offset=(micro * ws + rank) * tc.micro_batch_size,
                               global_batch_size=tc.global_batch_size, generator=generator, device=self.device,
                               rank=rank, world_size=ws)
-            error, local_bad, out = None, False, None
+            error, local_bad, out = None, None, None
             try:
-                out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
+                with self._frozen_resident():
+                    out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
                 if set(out.losses) != set(self.trained):
                     raise ValueError(f"method {self.cfg.method.name!r} returned losses for {sorted(out.losses)}, "
                                      f"expected one per trained network {sorted(self.trained)}")
-                local_bad = not all(bool(torch.isfinite(loss.detach())) for loss in out.losses.values())
+                local_bad = torch.stack([~torch.isfinite(loss.detach()) for loss in out.losses.values()]).any()
             except Exception as err:  # agreed below, then re-raised on every rank
                 error = err
-            nonfinite |= self._agree(error, local_bad)
+            nonfinite = nonfinite | self._agree(error, local_bad)
+            # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring); × 1.0 (a finite
+            # step) leaves the loss and its gradients bit for bit unchanged.
+            scale = torch.where(nonfinite, float("nan"), 1.0).to(torch.float32)
             for name, loss in out.losses.items():
-                # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring).
-                self.nets[name].engine.backward(loss * float("nan") if nonfinite else loss)
-                loss_sums[name] += float(loss.detach())
+                self.nets[name].engine.backward(loss * scale.to(loss.dtype))
+                loss_sums[name] = loss_sums[name] + loss.detach().to(torch.float64)
             for key, value in out.metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+                value = value.detach().to(torch.float64) if torch.is_tensor(value) else float(value)
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
             num_tokens += out.num_tokens
             for net in self.trained.values():
                 net.engine.step()
         applied = [net.engine.was_step_applied() for net in self.trained.values()]
         assert len(set(applied)) == 1, f"networks disagree on whether the step was applied: {applied}"
         skipped = not applied[0]
-        assert skipped or not nonfinite, "a non-finite loss was agreed but DeepSpeed applied the step"
         if not skipped:
             for net in self.trained.values():
                 if net.ema is not None:
                     net.ema.update(net.module)
         self.step += 1
-        metrics: dict[str, Any] = {f"loss/{n}": s / self.grad_accum for n, s in loss_sums.items()}
-        metrics.update({k: v / self.grad_accum for k, v in metric_sums.items()})
+        norms = {name: net.engine.get_global_grad_norm() for name, net in self.trained.items()}
+        values = _to_floats({**{f"loss/{n}": s for n, s in loss_sums.items()}, **metric_sums,
+                             **{f"grad_norm/{n}": v for n, v in norms.items() if v is not None},
+                             "_nonfinite": nonfinite})
+        agreed_nonfinite = values.pop("_nonfinite")
+        assert skipped or not agreed_nonfinite, "a non-finite loss was agreed but DeepSpeed applied the step"
+        metrics: dict[str, Any] = {k: v / self.grad_accum for k, v in values.items() if not k.startswith("grad_norm/")}
         metrics.update(lr=lr, skipped=float(skipped), tokens=num_tokens)
-        for name, net in self.trained.items():
-            norm = net.engine.get_global_grad_norm()
-            if norm is not None and not skipped:
-                metrics[f"grad_norm/{name}"] = float(norm)
+        if not skipped:
+            metrics.update({k: v for k, v in values.items() if k.startswith("grad_norm/")})
         metrics.update(self.method.on_step_end(self.step - 1, self))
         return metrics
 
@@ -523,6 +560,16 @@ class Trainer:
         values = [0.0] * self.dist.world_size
         values[self.dist.rank] = peak_memory_gib(self.device)
         return all_reduce_sum(values, self.device)
+
+
+def _to_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Python floats of scalars that are Python numbers or device tensors, with one device-to-host copy."""
+    tensors = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    if tensors:
+        stacked = torch.stack([values[k].detach().to(torch.float64).reshape(()) for k in tensors]).tolist()
+        out.update(zip(tensors, stacked))
+    return {k: out[k] for k in values}
 
 
 def run_training(cfg: RunConfig, *, train_blocks: Sequence | None = None,
