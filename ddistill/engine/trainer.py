@@ -348,7 +348,8 @@ class Trainer:
             ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
                               global_batch_size=tc.micro_batch_size * ws, generator=generator, device=self.device,
                               rank=rank, world_size=ws)
-            out = self.method.step(self.nets, next(loader).to(self.device), ctx)
+            with self._frozen_resident():
+                out = self.method.step(self.nets, next(loader).to(self.device), ctx)
             for name, loss in out.losses.items():
                 sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
         for net in self.trained.values():
