@@ -77,3 +77,40 @@ def test_bench_engine_cpu_smoke():
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("mdlm_test"))
     assert "ok (" in line and float(line.split("tokens/s ")[1].split()[0]) > 0, out.stdout[-3000:]
+
+
+def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path):
+    """One rank keeps the non-finite flag on the device (no sync before the backward): a NaN loss still skips the
+    step (weights and EMA unchanged, skipped=1), the next finite step applies, and a method error is raised."""
+    from ddistill.engine.networks import full_state
+
+    blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
+    trainer = Trainer(_cfg(tmp_path, optim={"warmup_steps": 0}), train_blocks=blocks)
+    student = trainer.nets["student"]
+    step = trainer.method.step
+    poison = {"on": True}
+
+    def maybe_nan(nets, batch, ctx):
+        out = step(nets, batch, ctx)
+        if poison["on"]:
+            # a NaN value with finite gradients: only the trainer's non-finite flag can make DeepSpeed skip
+            out.losses["student"] = out.losses["student"] + torch.tensor(float("nan"))
+        return out
+
+    trainer.method.step = maybe_nan
+    before, ema_before = full_state(student), full_state(student, use_ema=True)
+    metrics = trainer.train_step([next(trainer.loader)])
+    assert metrics["skipped"] == 1.0 and "grad_norm/student" not in metrics
+    assert all(torch.equal(before[k], v) for k, v in full_state(student).items())
+    assert all(torch.equal(ema_before[k], v) for k, v in full_state(student, use_ema=True).items())
+    poison["on"] = False
+    metrics = trainer.train_step([next(trainer.loader)])
+    assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss/student"]) and metrics["grad_norm/student"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in full_state(student).items())
+
+    def broken(nets, batch, ctx):
+        raise RuntimeError("method failed")
+
+    trainer.method.step = broken
+    with pytest.raises(RuntimeError, match="method failed"):
+        trainer.train_step([next(trainer.loader)])
