@@ -8,7 +8,8 @@ A CPU smoke run with a tiny config:
 Forward+backward: the MDLM loss (masking at stratified times, SUBS, weight α'/(1−α)) on random tokens, the model's
 default autocast (bf16 on CUDA), one AdamW step excluded (the optimizer is not part of the DiT). Sampler: MDLM
 ancestral with caching (not time-conditioned) and DUO ancestral with the greedy tail (time-conditioned), float64
-categorical sampling; tokens/s = generated tokens / wall time of one call after a 2-step warm-up call, NFE reported. Results are appended to
+categorical sampling; tokens/s = generated tokens / wall time of one call after a 2-step warm-up call, NFE
+reported. Results are appended to
 benchmarks/results/dit.csv (keyed by device, torch version and git revision) and benchmarks/results/dit.md is
 regenerated from it.
 """

@@ -35,7 +35,8 @@ def test_compiled_blocks_match_eager_forward_and_backward():
             model.zero_grad(set_to_none=True)
             logits = model(x, sigma)
             (logits.float().square().mean()).backward()
-            outs.append((logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+            grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+            outs.append((logits.float().detach(), grads))
         (le, ge), (lc, gc) = outs
         assert _rel(lc, le) < 2e-2, trial  # bf16 operands: 1e-3..1e-2
         assert set(gc) == set(ge)
@@ -58,14 +59,15 @@ def _plain_mdlm(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-
     x = torch.full((batch_size, length), mask, dtype=torch.long, device="cuda")
     ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device="cuda")
     for k in range(num_steps + 1):
-        u_unmask = torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64) if k < num_steps else None
+        last = k == num_steps  # the last draw fills every remaining mask and takes no unmasking uniforms
+        u_unmask = None if last else torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
         u_token = torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
         logits = denoiser(x, sched.sigma(ts[k]).float().reshape(1).expand(batch_size)).to(torch.float64)
         logits[..., mask] = float("-inf")
         cdf = torch.softmax(logits, dim=-1).cumsum(-1)
         token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(V - 2)
         chosen = x == mask
-        if k < num_steps:
+        if not last:
             a_t, a_s = sched.alpha(ts[k]), sched.alpha(ts[k + 1])
             chosen &= u_unmask < (a_s - a_t) / (1 - a_t)
         x = torch.where(chosen, token, x)

@@ -125,8 +125,9 @@ def test_mdlm_cache_identical_samples_fewer_nfe(nucleus_p):
 
 
 def _mdlm_reference(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-5):
-    """Plain transcription of the MDLM ancestral step (module docstring of samplers): the float64 SUBS x_θ at every
-    position of every step, unmask w.p. (α_s − α_t)/(1 − α_t), token by inverse CDF; the same random numbers."""
+    """Plain transcription of the MDLM ancestral step (module docstring of samplers): the float64 SUBS x_θ at
+    every position of every step, unmask w.p. (α_s − α_t)/(1 − α_t), token by inverse CDF; the same random
+    numbers."""
     sched = LogLinearSchedule()
     x = torch.full((batch_size, length), MASK_ID, dtype=torch.long)
     ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64)

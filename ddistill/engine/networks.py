@@ -1,8 +1,9 @@
 """A method's networks as DeepSpeed engines.
 
 * Trained network -> one ZeRO-2 (or 1) engine: torch AdamW client optimizer (DeepSpeed's config-driven "AdamW" is
-  FusedAdam, a 73 s JIT on CPU; on CUDA torch's fused=True single-kernel AdamW, the same update to fp32 rounding), global-norm gradient clipping, gradient accumulation, learning rate set by the
-  trainer before every step, optional fp32 EMA (see ema.py).
+  FusedAdam, a 73 s JIT on CPU; on CUDA torch's single-kernel fused=True AdamW, the same update to fp32 rounding),
+  global-norm gradient clipping, gradient accumulation, learning rate set by the trainer before every step,
+  optional fp32 EMA (see ema.py).
 * Frozen network -> ZeRO-3 inference engine (no optimizer): parameters larger than the persistence threshold are
   partitioned over ranks (each holds ~1/N), optionally offloaded to CPU. Its forward is a collective: every rank
   must call it equally often. Always run under no_grad, eval mode. Two ways to gather (`deepspeed.frozen_gather`):
@@ -33,9 +34,7 @@ from ddistill.engine.ema import EMA
 from ddistill.methods.base import NetworkSpec
 
 __all__ = ["DiTEntry", "Network", "trained_ds_config", "frozen_ds_config", "build_trained", "build_frozen", "copy_into",
-           "full_state", "gathered", "reset_optimizer_state", "FROZEN_GATHER_MODES"]
-
-FROZEN_GATHER_MODES = ("micro_batch", "module")
+           "full_state", "gathered", "reset_optimizer_state"]
 
 
 class DiTEntry(nn.Module):
