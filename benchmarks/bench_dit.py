@@ -8,7 +8,8 @@ A CPU smoke run with a tiny config:
 Forward+backward: the MDLM loss (masking at stratified times, SUBS, weight α'/(1−α)) on random tokens, the model's
 default autocast (bf16 on CUDA), one AdamW step excluded (the optimizer is not part of the DiT). Sampler: MDLM
 ancestral with caching (not time-conditioned) and DUO ancestral with the greedy tail (time-conditioned), float64
-categorical sampling; tokens/s = generated tokens / wall time, NFE reported. Results are appended to
+categorical sampling; tokens/s = generated tokens / wall time of one call after a 2-step warm-up call, NFE
+reported. Results are appended to
 benchmarks/results/dit.csv (keyed by device, torch version and git revision) and benchmarks/results/dit.md is
 regenerated from it.
 """
@@ -73,19 +74,27 @@ def bench_train(model, batch: int, length: int, vocab: int, device, iters: int, 
     return sorted(times)[len(times) // 2], peak_gb(device)
 
 
-def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: int, device) -> tuple[float, int, float]:
+def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: int, device,
+                  warmup: bool = True) -> tuple[float, int, float]:
+    """Wall ms of one sampler call (after a 2-step warm-up call that pays cuBLAS/SDPA/allocator start-up), NFE,
+    peak GB."""
     schedule = LogLinearSchedule()
-    gen = torch.Generator(device=device).manual_seed(0)
+
+    def run(num_steps: int):
+        gen = torch.Generator(device=device).manual_seed(0)
+        with torch.no_grad():
+            if kind == "mdlm":
+                return sample_mdlm(model, batch_size=batch, length=length, num_steps=num_steps, mask_id=vocab - 1,
+                                   vocab_size=vocab, schedule=schedule, cached=True, generator=gen, device=device)
+            return sample_duo(model, batch_size=batch, length=length, num_steps=num_steps, vocab_size=vocab,
+                              schedule=schedule, generator=gen, device=device)
+
+    if warmup:
+        run(2)
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
-    with torch.no_grad():
-        if kind == "mdlm":
-            out = sample_mdlm(model, batch_size=batch, length=length, num_steps=steps, mask_id=vocab - 1,
-                              vocab_size=vocab, schedule=schedule, cached=True, generator=gen, device=device)
-        else:
-            out = sample_duo(model, batch_size=batch, length=length, num_steps=steps, vocab_size=vocab,
-                             schedule=schedule, generator=gen, device=device)
+    out = run(steps)
     sync(device)
     return (time.perf_counter() - start) * 1e3, out.nfe, peak_gb(device)
 
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sampler-steps", type=int, nargs="+", default=[16, 128])
+    p.add_argument("--samplers", default="mdlm,duo", help="comma list of mdlm, duo")
+    p.add_argument("--no-train", action="store_true", help="time the samplers only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     base = dict(device=device_name(device), torch=torch.__version__, git=git_revision(), size=args.size,
                 length=args.length)
     for kind, time_cond in (("mdlm", False), ("duo", True)):
+        if kind not in args.samplers.split(","):
+            continue
         model = build_model(ModelConfig(size=args.size, vocab_size=args.vocab, length=args.length,
                                         time_conditioning=time_cond, dropout=0.0)).to(device)
         with torch.no_grad():  # zero-initialised output layers would make sampling trivially uniform
@@ -130,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 if prm.dim() >= 2 and prm.abs().sum() == 0:
                     prm.normal_(0, 0.02)
         params = model.num_parameters()
-        if kind == "mdlm":
+        if kind == "mdlm" and not args.no_train:
             ms, mem = bench_train(model, args.batch, args.length, args.vocab, device, args.iters, args.warmup)
             rows.append(dict(base, params=params, batch=args.batch, what="train fwd+bwd (MDLM loss)", steps="",
                              nfe="", ms=ms, tokens_per_s=args.batch * args.length / ms * 1e3, peak_mem_gb=mem))

@@ -188,6 +188,12 @@ def _worker(mode: str, args: dict) -> None:
         got = teacher(x, sigma)
         with teacher.gathered_output() as (weight, bias):
             out_weight = weight.detach().clone()
+        with teacher.resident():  # gathered once, hooks off: the same numbers, then partitioned again
+            got_resident = [teacher(x, sigma), teacher(x, sigma)]
+            with teacher.gathered_output() as (weight, bias):
+                resident_weight = weight.detach().clone()
+            gathered_inside = sum(p.numel() for p in params)
+        partitioned_after = all(p.numel() == 0 and p.ds_status.name == "NOT_AVAILABLE" for p in params)
         for step in range(3):  # move the student away from the teacher, then swap in its EMA
             trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
         inner = student.engine.optimizer.optimizer
@@ -206,7 +212,10 @@ def _worker(mode: str, args: dict) -> None:
                   "diff_after": float((got_after - want_after).abs().max()),
                   "moved": float((want_after - want).abs().max()),
                   "out_weight_diff": float((out_weight - student_weight).abs().max()),
-                  "grad_enabled_params": sum(p.requires_grad for p in params)}
+                  "grad_enabled_params": sum(p.requires_grad for p in params),
+                  "resident_diff": max(float((g - got).abs().max()) for g in got_resident),
+                  "resident_weight_diff": float((resident_weight - out_weight).abs().max()),
+                  "gathered_inside": gathered_inside, "partitioned_after": partitioned_after}
         (out.parent / f"{out.name}.rank{rank}.json").write_text(json.dumps(result))
     shutdown_distributed()
 
@@ -293,6 +302,10 @@ def test_zero3_teacher_is_partitioned_and_matches_unsharded_model(tmp_path):
         assert r["diff_after"] < 1e-5, r
         assert r["grad_enabled_params"] == 0
         assert r["out_weight_diff"] == 0.0
+        # Network.resident (deepspeed.frozen_gather=micro_batch, used by train_step above): every parameter whole
+        # inside, outputs bit-equal to the per-module hook path, partitioned again on exit
+        assert r["resident_diff"] == 0.0 and r["resident_weight_diff"] == 0.0, r
+        assert r["gathered_inside"] == r["total"] and r["partitioned_after"], r
         assert r["had_moments"] and r["zeroed"]  # reset_optimizer cleared AdamW's moments and step counts
 
 

@@ -124,6 +124,40 @@ def test_mdlm_cache_identical_samples_fewer_nfe(nucleus_p):
     assert all(not torch.equal(a, b) for a, b in zip(calls_c, calls_c[1:]))
 
 
+def _mdlm_reference(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-5):
+    """Plain transcription of the MDLM ancestral step (module docstring of samplers): the float64 SUBS x_θ at
+    every position of every step, unmask w.p. (α_s − α_t)/(1 − α_t), token by inverse CDF; the same random
+    numbers."""
+    sched = LogLinearSchedule()
+    x = torch.full((batch_size, length), MASK_ID, dtype=torch.long)
+    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64)
+    for k in range(num_steps + 1):
+        u_unmask = torch.rand(x.shape, generator=generator, dtype=torch.float64) if k < num_steps else None
+        u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+        logits = denoiser(x, sched.sigma(ts[k]).float().reshape(1).expand(batch_size)).to(torch.float64)
+        logits[..., MASK_ID] = -math.inf
+        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+        token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(K - 1)
+        masked = x == MASK_ID
+        if k < num_steps:
+            a_t, a_s = sched.alpha(ts[k]), sched.alpha(ts[k + 1])
+            masked &= u_unmask < (a_s - a_t) / (1 - a_t)
+        x = torch.where(masked, token, x)
+    return x
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 16])
+def test_mdlm_samples_equal_plain_transcription(num_steps):
+    """The sampler's float64 softmax only on the rows that take a token draws exactly what the plain per-position
+    float64 posterior draws, with the same random numbers (context-dependent denoiser, so every row differs)."""
+    kw = dict(batch_size=6, length=L, num_steps=num_steps)
+    fast = sample_mdlm(_context_denoiser([]), mask_id=MASK_ID, vocab_size=K + 1, schedule=LogLinearSchedule(),
+                       cached=False, device="cpu", generator=torch.Generator().manual_seed(11), **kw)
+    plain = _mdlm_reference(_context_denoiser([]), generator=torch.Generator().manual_seed(11), **kw)
+    assert (fast.tokens != MASK_ID).all()
+    assert torch.equal(fast.tokens, plain)
+
+
 def test_mdlm_cache_rejects_time_conditioning():
     with pytest.raises(ValueError, match="time_conditioning"):
         sample_mdlm(mdlm_exact_denoiser, batch_size=2, length=L, num_steps=4, mask_id=MASK_ID, vocab_size=K + 1,

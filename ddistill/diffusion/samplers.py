@@ -128,40 +128,35 @@ def sample_mdlm(
     alphas = schedule.alpha(ts)
     mask_col = torch.tensor([mask_id], device=device)
     nfe = 0
-    probs = None  # x_θ(x) at the masked positions of the current x (row-major order), when valid
-    masked_at_denoise = None  # those positions, (B, L) bool
+    logits = None  # the denoiser's logits (B, L, V) for the current x, when valid
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # SUBS without the carry-over: only rows that are masked in x are ever read, so only they are converted
-        # to `dtype` and normalised (the float64 softmax over V dominates the sampler's cost otherwise).
-        masked = x == mask_id
-        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size)[masked].to(dtype)
-        return masked, torch.softmax(logits.index_fill(-1, mask_col, float("-inf")), dim=-1)
-
-    def draw(probs: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        # Nucleus and the categorical draw only on the rows that take a new token (row-wise, so caching-safe);
-        # `rows` ⊆ masked_at_denoise, and both enumerate positions in row-major order.
-        p = nucleus_filter(probs[rows[masked_at_denoise]], nucleus_p)
+    def draw(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        # x_θ (SUBS without the carry-over: the rows that take a new token are masked in x), then nucleus and the
+        # categorical draw, only on the rows that take a new token: the float64 softmax over V is the sampler's
+        # main cost besides the denoiser, and a step reveals a fraction of the masked rows. Row-wise, so the same
+        # numbers as converting every masked row; `rows` enumerates positions in row-major order, as masked_scatter.
+        row_logits = logits[rows].to(dtype).index_fill(-1, mask_col, float("-inf"))
+        p = nucleus_filter(torch.softmax(row_logits, dim=-1), nucleus_p)
         return p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows])
 
     for k in range(num_steps):
         u_unmask = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-        if probs is None or not cached:
-            masked_at_denoise, probs = denoise(x, ts[k])
+        if logits is None or not cached:
+            logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
             nfe += 1
         p_unmask = (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
         unmask = (x == mask_id) & (u_unmask < p_unmask)
         if bool(unmask.any()):
-            x = x.masked_scatter(unmask, draw(probs, unmask, u_token))
-            probs = None
+            x = x.masked_scatter(unmask, draw(logits, unmask, u_token))
+            logits = None
     u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
     still_masked = x == mask_id
     if bool(still_masked.any()):
-        if probs is None or not cached:
-            masked_at_denoise, probs = denoise(x, ts[-1])
+        if logits is None or not cached:
+            logits = _call(denoiser, x, _sigma(schedule, ts[-1]), vocab_size)
             nfe += 1
-        x = x.masked_scatter(still_masked, draw(probs, still_masked, u_token, greedy=greedy_tail))
+        x = x.masked_scatter(still_masked, draw(logits, still_masked, u_token, greedy=greedy_tail))
     return SampleResult(tokens=x, nfe=nfe)
 
 

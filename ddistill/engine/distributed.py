@@ -35,6 +35,7 @@ __all__ = [
     "init_distributed",
     "shutdown_distributed",
     "all_reduce_max",
+    "all_reduce_max_",
     "all_reduce_sum",
     "broadcast_object",
     "barrier",
@@ -149,11 +150,23 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _reduce(values: list[float], op: dist.ReduceOp, device: torch.device) -> list[float]:
+    if not _multi_rank():  # nothing to reduce: no device tensor, no host sync
+        return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=op)
+    dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise max over ranks of a device tensor (no host sync)."""
+    if _multi_rank():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:

@@ -1,12 +1,17 @@
 """A method's networks as DeepSpeed engines.
 
 * Trained network -> one ZeRO-2 (or 1) engine: torch Adam or AdamW client optimizer (DeepSpeed's config-driven
-  "AdamW" is FusedAdam, a 73 s JIT on CPU) over the parameters not excluded by `NetworkSpec.frozen_params` (those
-  get requires_grad=False and never change), its own global-norm gradient clipping, gradient accumulation, learning
-  rate set by the trainer before every step, optional fp32 EMA (see ema.py).
+  "AdamW" is FusedAdam, a 73 s JIT on CPU; on CUDA torch's single-kernel fused=True variant, the same update to fp32
+  rounding) over the parameters not excluded by `NetworkSpec.frozen_params` (those get requires_grad=False and never
+  change), its own global-norm gradient clipping, gradient accumulation, learning rate set by the trainer before
+  every step, optional fp32 EMA (see ema.py).
 * Frozen network -> ZeRO-3 inference engine (no optimizer): parameters larger than the persistence threshold are
-  partitioned over ranks (each holds ~1/N), gathered layer by layer during the forward, optionally offloaded to
-  CPU. Its forward is a collective: every rank must call it equally often. Always run under no_grad, eval mode.
+  partitioned over ranks (each holds ~1/N), optionally offloaded to CPU. Its forward is a collective: every rank
+  must call it equally often. Always run under no_grad, eval mode. Two ways to gather (`deepspeed.frozen_gather`):
+  "module" = DeepSpeed's own, module by module at every call (memory: the largest layers in flight); "micro_batch"
+  = `Network.resident()`: the trainer gathers all partitions once per micro-batch with one coalesced all-gather,
+  and every call inside (an SDTT micro-batch calls its teacher k times) runs the plain module, without ZeRO-3's
+  per-module fetch/release hooks (memory: one full copy of the network while the micro-batch runs).
 
 Precision: the DeepSpeed engines hold fp32 weights. On CUDA with bf16 on, the DiT runs its own bf16 autocast
 (`ModelConfig.autocast_dtype`), as the MDLM/DUO references (Lightning "bf16-mixed"). DeepSpeed's `bf16` section is
@@ -20,6 +25,7 @@ stay intact); keyword arguments reach the DiT's forward.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -67,6 +73,11 @@ def frozen_ds_config(*, micro_batch_size: int, world_size: int, zero_stage: int,
                      cpu_offload: bool) -> dict:
     zero: dict = {"stage": zero_stage}
     if zero_stage == 3:
+        # DeepSpeed's default True replaces torch.nn.functional.linear for the whole PROCESS ("persists unless
+        # manually reset") with an autograd.Function that re-materialises weights: the trained student's every
+        # linear then ran through it (matmul + separate bias add, Python backward), 13% of an SDTT step on an H200.
+        # An inference-only network gains nothing from it.
+        zero["memory_efficient_linear"] = False
         zero["stage3_param_persistence_threshold"] = persistence_threshold
         if cpu_offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -88,6 +99,7 @@ class Network:
     spec: NetworkSpec
     engine: object  # deepspeed.DeepSpeedEngine
     ema: EMA | None = None
+    _resident: bool = False  # inside `resident()`: all parameters gathered, forwards bypass the ZeRO-3 hooks
 
     @property
     def trained(self) -> bool:
@@ -112,13 +124,47 @@ class Network:
         if self.trained:
             return self.engine(x, sigma, rows=rows, **model_kwargs)
         with torch.no_grad():
-            return self.engine(x, sigma, rows=rows, **model_kwargs)
+            return self._frozen_forward(x, sigma, rows=rows, **model_kwargs)
 
     def hidden_states(self, x: torch.Tensor, sigma: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         if self.trained:
             return self.engine(x, sigma, hidden=True, **model_kwargs)
         with torch.no_grad():
-            return self.engine(x, sigma, hidden=True, **model_kwargs)
+            return self._frozen_forward(x, sigma, hidden=True, **model_kwargs)
+
+    def _frozen_forward(self, *args, **kwargs) -> torch.Tensor:
+        # Resident: the parameters are all there and the hooks are suspended, so the module runs as a plain one
+        # (the engine's forward adds nothing for an inference-only network: no optimizer, no output hooks).
+        return self.engine.module(*args, **kwargs) if self._resident else self.engine(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def resident(self) -> Iterator[None]:
+        """Frozen ZeRO-3 network: all partitioned parameters gathered by ONE coalesced all-gather on entry and
+        re-partitioned on exit; in between, forwards skip ZeRO-3's per-module hooks (no fetch, release, trace or
+        stream synchronisation per layer). A collective: every rank must enter. A no-op for trained, replicated
+        or already resident networks."""
+        if self.trained or self._resident or not _is_partitioned(self.module):
+            yield
+            return
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        root = self.engine.module
+        missing = [p for p in root.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        persistent = [p for p in missing if p.ds_persist]
+        if persistent:  # gathered for good, as DeepSpeed's own first fetch of a persistent parameter does
+            persistent[0].all_gather(param_list=persistent)
+        with gathered([p for p in missing if not p.ds_persist]):
+            modules = list(root.modules())
+            hooks = [(m._forward_pre_hooks, m._forward_hooks) for m in modules]
+            for module in modules:  # the handles keep pointing at the saved dicts, which are put back below
+                module._forward_pre_hooks, module._forward_hooks = OrderedDict(), OrderedDict()
+            self._resident = True
+            try:
+                yield
+            finally:
+                self._resident = False
+                for module, (pre, post) in zip(modules, hooks):
+                    module._forward_pre_hooks, module._forward_hooks = pre, post
 
     def head_dtype(self, device: torch.device) -> torch.dtype:
         return self.module.head_dtype(device)
@@ -134,7 +180,7 @@ class Network:
         return self.module.output_bias
 
     def _require_replicated(self, what: str) -> None:
-        if not self.trained and _is_partitioned(self.module):
+        if not self.trained and not self._resident and _is_partitioned(self.module):
             raise RuntimeError(
                 f"{self.name}.{what}: the frozen network's parameters are ZeRO-3 partitioned; use "
                 f"`with {self.name}.gathered_output() as (weight, bias):` to read them"
@@ -143,6 +189,9 @@ class Network:
     @contextlib.contextmanager
     def gathered_output(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The full output weight and bias (a collective under ZeRO-3: every rank must enter)."""
+        if self._resident:
+            yield self.module.output_weight, self.module.output_bias
+            return
         layer = self.module.output_layer.linear
         with gathered(list(layer.parameters())):
             yield self.module.output_weight, self.module.output_bias
@@ -184,7 +233,8 @@ def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
 
 
 def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict, algorithm: str, lr: float,
-                  betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None) -> Network:
+                  betas: tuple[float, float], eps: float, weight_decay: float, ema_decay: float | None,
+                  fused_optimizer: bool = False) -> Network:
     import deepspeed
 
     if algorithm not in OPTIMIZERS:
@@ -192,7 +242,8 @@ def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: 
     freeze_parameters(model, tuple(spec.frozen_params))
     entry = DiTEntry(model)
     trainable = [p for p in entry.parameters() if p.requires_grad]
-    optimizer = OPTIMIZERS[algorithm](trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    optimizer = OPTIMIZERS[algorithm](trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      fused=fused_optimizer or None)
     engine, *_ = deepspeed.initialize(model=entry, optimizer=optimizer, config=ds_config)
     engine.train()  # returns None (deepspeed.md P2): never chain
     ema = EMA(engine.module.net, ema_decay) if spec.ema else None

@@ -89,6 +89,9 @@ class TrainConfig:
     # changed, or start from step 0 over a run in out_dir that has no usable checkpoint.
     allow_config_change: bool = False
     restart_from_scratch: bool = False
+    # Regional torch.compile of every network's DiT blocks (models.dit.DiT.compile_blocks); the losses (fused Triton
+    # kernels included) stay eager. Dropout then draws from Inductor's RNG, so losses differ from eager's.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "ckpt_every", "keep_last", "log_every"):
@@ -117,6 +120,7 @@ class DeepSpeedConfig:
     frozen_zero_stage: Literal[0, 3] = 3
     frozen_cpu_offload: bool = False
     frozen_persistence_threshold: int = 10_000
+    frozen_gather: Literal["micro_batch", "module"] = "micro_batch"
     timeout_minutes: float = 30.0
     overlap_comm: bool = False
 

@@ -35,6 +35,7 @@ next checkpoints hard-link (or copy) that file, so every checkpoint directory st
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -54,6 +55,7 @@ from ddistill.engine import relaunch
 from ddistill.engine.distributed import (
     DistEnv,
     all_reduce_max,
+    all_reduce_max_,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -92,21 +94,23 @@ INIT_RUN_SETTINGS = ("dropout", "attn_backend", "autocast_dtype", "pad_vocab_mul
 
 
 class _Sums:
-    """Per-step sums of losses and metrics over micro-batches and phases, each with its count."""
+    """Per-step sums of losses and metrics over micro-batches and phases, each with its count; values may be float64
+    device tensors, read once at the end of the step."""
 
     def __init__(self) -> None:
-        self.loss: dict[str, float] = {}
+        self.loss: dict[str, float | torch.Tensor] = {}
         self.loss_count: dict[str, int] = {}
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float | torch.Tensor] = {}
         self.metric_count: dict[str, int] = {}
-        self.grad_norms: dict[str, float] = {}
+        self.grad_norms: dict[str, float | torch.Tensor] = {}
         self.tokens = 0
+        self.applied_nonfinite: list[tuple[bool, torch.Tensor]] = []  # (skipped, agreed non-finite) per update
 
-    def add_loss(self, name: str, value: float) -> None:
+    def add_loss(self, name: str, value: float | torch.Tensor) -> None:
         self.loss[name] = self.loss.get(name, 0.0) + value
         self.loss_count[name] = self.loss_count.get(name, 0) + 1
 
-    def add_metric(self, key: str, value: float) -> None:
+    def add_metric(self, key: str, value: float | torch.Tensor) -> None:
         self.metrics[key] = self.metrics.get(key, 0.0) + value
         self.metric_count[key] = self.metric_count.get(key, 0) + 1
 
@@ -304,6 +308,11 @@ class Trainer:
         for name in order:
             modules[name] = self._initial_module(name, specs[name], modules, resuming)
         tc, ds = self.cfg.train, self.cfg.deepspeed
+        if tc.compile:  # regional: the DiT blocks only; ZeRO-3's per-module hooks would split a frozen net's graphs
+            hooked = ds.frozen_zero_stage == 3 and ds.frozen_gather == "module"
+            for name, model in modules.items():
+                if not (specs[name].role == "frozen" and hooked):
+                    model.compile_blocks()
         nets: dict[str, Network] = {}
         for name in sorted(specs, key=lambda n: specs[n].role != "frozen"):  # frozen engines first
             spec, model = specs[name], modules[name]
@@ -320,7 +329,7 @@ class Trainer:
                                          zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm)
                 net = build_trained(name, spec, model, ds_config=conf, algorithm=oc.algorithm, lr=oc.lr,
                                     betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
-                                    ema_decay=tc.ema_decay)
+                                    ema_decay=tc.ema_decay, fused_optimizer=self.device.type == "cuda")
                 # Skipping a step on non-finite gradients must not depend on the precision or on clipping.
                 net.engine.optimizer.check_grad_overflow = True
                 nets[name] = net
@@ -368,18 +377,41 @@ class Trainer:
                 group["lr"] = lr
         return lrs
 
-    def _agree(self, error: BaseException | None, nonfinite: bool) -> bool:
-        """All-reduce (error, non-finite); raise on every rank on error; return whether any loss was non-finite."""
-        any_error, any_nonfinite = all_reduce_max([float(error is not None), float(nonfinite)], self.device)
-        if any_error:
+    def _agree(self, error: BaseException | None, local_bad: torch.Tensor | None) -> torch.Tensor:
+        """Raise on every rank if any rank failed; return the device flag "some rank's loss is non-finite".
+
+        One rank: nothing to agree on, so the flag stays on the device (no host sync before the backward). Several
+        ranks: the error flag must reach the host before anyone issues the backward's collectives, so the two flags
+        travel in one all-reduce and the error flag is read (one sync per micro-batch)."""
+        bad = local_bad if local_bad is not None else torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.dist.world_size == 1:
+            if error is not None:
+                raise error
+            return bad
+        flags = torch.stack([torch.tensor(float(error is not None), dtype=torch.float64, device=self.device),
+                             bad.to(torch.float64)])
+        all_reduce_max_(flags)
+        if bool(flags[0]):
             if error is not None:
                 raise error
             raise RankFailure(f"another rank failed during step {self.step} (see its log); stopping all ranks")
-        return bool(any_nonfinite)
+        return flags[1] > 0
+
+    def _frozen_resident(self) -> contextlib.ExitStack:
+        """With deepspeed.frozen_gather=micro_batch: every frozen ZeRO-3 network gathered once for the micro-batch
+        (networks.Network.resident); a collective, entered on every rank."""
+        stack = contextlib.ExitStack()
+        if self.cfg.deepspeed.frozen_gather == "micro_batch":
+            for net in self.nets.values():
+                stack.enter_context(net.resident())
+        return stack
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns global metrics
-        (losses and method metrics averaged over ranks, micro-batches and phase repeats, `tokens` summed over ranks)."""
+        (losses and method metrics averaged over ranks, micro-batches and phase repeats, `tokens` summed over ranks).
+
+        Losses and metrics are summed on the device in float64 (the same sums as Python floats of the fp32 values)
+        and read once at the end of the step: one host sync per step instead of several per micro-batch."""
         assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
         lrs = self._set_lr()
         sums = _Sums()
@@ -390,14 +422,19 @@ class Trainer:
         self.step += 1
         local = {**{f"loss/{n}": v for n, v in sums.loss.items()}, **sums.metrics}
         counts = {**{f"loss/{n}": c for n, c in sums.loss_count.items()}, **sums.metric_count}
+        flags = {f"_nonfinite{i}": agreed for i, (_, agreed) in enumerate(sums.applied_nonfinite)}
+        values = _to_floats({**local, **sums.grad_norms, **flags})  # the step's one device-to-host copy
+        for i, (phase_skipped, _) in enumerate(sums.applied_nonfinite):
+            assert phase_skipped or not values[f"_nonfinite{i}"], \
+                "a non-finite loss was agreed but DeepSpeed applied the step"
         keys = sorted(local)  # the same keys and counts on every rank: one all-reduce for all of them
-        *totals, tokens = all_reduce_sum([local[k] for k in keys] + [float(sums.tokens)], self.device)
+        *totals, tokens = all_reduce_sum([values[k] for k in keys] + [float(sums.tokens)], self.device)
         ws = self.dist.world_size
         metrics: dict[str, Any] = {k: v / (counts[k] * ws) for k, v in zip(keys, totals)}
         metrics.update(lr=lrs[self.output_name], skipped=float(skipped), tokens=int(tokens))
         if len(self.trained) > 1:
             metrics.update({f"lr/{n}": lr for n, lr in lrs.items()})
-        metrics.update(sums.grad_norms)
+        metrics.update({k: values[k] for k in sums.grad_norms})
         metrics.update(self.method.on_step_end(self.step - 1, self))
         return metrics
 
@@ -411,7 +448,7 @@ class Trainer:
         """One repetition of one phase over all micro-batches; returns whether its update was skipped."""
         tc, ws, rank = self.cfg.train, self.dist.world_size, self.dist.rank
         phase_key = self._phase_key(index, repeat)
-        nonfinite = False
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         updated: tuple[str, ...] | None = None
         for micro, batch in enumerate(micro_batches):
             self._seed_micro(self.step, micro, phase_key)
@@ -420,22 +457,26 @@ class Trainer:
             ctx = StepContext(step=self.step, micro_step=micro, global_offset=(micro * ws + rank) * tc.micro_batch_size,
                               global_batch_size=tc.global_batch_size, generator=generator, device=self.device,
                               rank=rank, world_size=ws, phase=phase.name, phase_repeat=repeat)
-            error, local_bad, out = None, False, None
+            error, local_bad, out = None, None, None
             try:
-                out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
+                with self._frozen_resident():
+                    out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
                 names = self._phase_losses(phase, out.losses, updated)
                 updated = names
-                local_bad = not all(bool(torch.isfinite(out.losses[n].detach())) for n in names)
+                if names:
+                    local_bad = torch.stack([~torch.isfinite(out.losses[n].detach()) for n in names]).any()
             except Exception as err:  # agreed below, then re-raised on every rank
                 error = err
-            nonfinite |= self._agree(error, local_bad)
+            nonfinite = nonfinite | self._agree(error, local_bad)
+            # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring); × 1.0 (a finite
+            # step) leaves the loss and its gradients bit for bit unchanged.
+            scale = torch.where(nonfinite, float("nan"), 1.0).to(torch.float32)
             for name in updated:
                 loss = out.losses[name]
-                # NaN gradients make ZeRO's overflow check skip the step on every rank (module docstring).
-                self.nets[name].engine.backward(loss * float("nan") if nonfinite else loss)
-                sums.add_loss(name, float(loss.detach()))
+                self.nets[name].engine.backward(loss * scale.to(loss.dtype))
+                sums.add_loss(name, loss.detach().to(torch.float64))
             for key, value in out.metrics.items():
-                sums.add_metric(key, float(value))
+                sums.add_metric(key, value.detach().to(torch.float64) if torch.is_tensor(value) else float(value))
             sums.tokens += out.num_tokens
             for name in updated:
                 self.nets[name].engine.step()
@@ -444,7 +485,7 @@ class Trainer:
         applied = [self.nets[n].engine.was_step_applied() for n in updated]
         assert len(set(applied)) == 1, f"networks disagree on whether the step was applied: {applied}"
         skipped = not applied[0]
-        assert skipped or not nonfinite, "a non-finite loss was agreed but DeepSpeed applied the step"
+        sums.applied_nonfinite.append((skipped, nonfinite))  # checked once per step (no host sync here)
         for name in updated:
             net = self.nets[name]
             if not skipped:
@@ -453,7 +494,7 @@ class Trainer:
                     net.ema.update(net.module)
                 norm = net.engine.get_global_grad_norm()
                 if norm is not None:
-                    sums.grad_norms[f"grad_norm/{name}"] = float(norm)
+                    sums.grad_norms[f"grad_norm/{name}"] = norm
         return skipped
 
     def _phase_losses(self, phase: Phase, losses: dict, before: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -489,7 +530,8 @@ class Trainer:
                 ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
                                   global_batch_size=tc.micro_batch_size * ws, generator=generator,
                                   device=self.device, rank=rank, world_size=ws, phase=phase.name)
-                out = self.method.step(self.nets, batch, ctx)
+                with self._frozen_resident():
+                    out = self.method.step(self.nets, batch, ctx)
                 for name, loss in out.losses.items():
                     sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
         for net in self.trained.values():
@@ -727,6 +769,16 @@ def nonfinite_advice(cfg: RunConfig) -> str:
             else "turn gradient clipping on (e.g. optim.grad_clip=1.0; it is off)")
     warmup = f"a longer warm-up (optim.warmup_steps, now {oc.warmup_steps})"
     return f"Try a lower optim.lr (now {oc.lr:g}), {warmup}, or {clip}; and check the data."
+
+
+def _to_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Python floats of scalars that are Python numbers or device tensors, with one device-to-host copy."""
+    tensors = [k for k, v in values.items() if torch.is_tensor(v)]
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    if tensors:
+        stacked = torch.stack([values[k].detach().to(torch.float64).reshape(()) for k in tensors]).tolist()
+        out.update(zip(tensors, stacked))
+    return {k: out[k] for k in values}
 
 
 def run_training(cfg: RunConfig, *, train_blocks: Sequence | None = None,

@@ -379,6 +379,13 @@ class DiT(nn.Module):
         dtype = AUTOCAST_DTYPES[self.config.autocast_dtype]
         return dtype if device.type == "cuda" and dtype is not None else torch.float32
 
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional torch.compile: each DiTBlock compiled in place (`nn.Module.compile`; the state dict keeps its
+        keys). The blocks share their code and shapes, so one graph serves all of them; the embedding, σ-map, output
+        layer and every loss stay eager, so the fused Triton losses stay outside the graphs."""
+        for block in self.blocks:
+            block.compile(**options)
+
     def _autocast(self, device: torch.device) -> torch.autocast:
         dtype = AUTOCAST_DTYPES[self.config.autocast_dtype]
         enabled = device.type == "cuda" and dtype is not None

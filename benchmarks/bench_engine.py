@@ -1,0 +1,270 @@
+"""`ddistill train` itself, timed: tokens/s, ms per step, peak memory and model FLOP utilisation per recipe row.
+
+    python benchmarks/bench_engine.py                                   # every row, every variant (one GPU)
+    python benchmarks/bench_engine.py --rows sdtt_small --variants fused --set deepspeed.frozen_zero_stage=0
+    python benchmarks/bench_engine.py --rows mdlm_tiny --profile        # host profile + host syncs per step
+    python benchmarks/bench_engine.py --device cpu --rows mdlm_test --steps 4 --no-save   # CPU smoke run
+
+Each (row, variant) runs `python -m ddistill.engine CONFIG overrides...` in a fresh process on the classics corpus
+(`data.dataset=classics`, no download) for `--steps` optimizer steps, logging every steps/2: the figure is the
+trainer's own tokens/s over the second half (warm-up, JIT and compilation fall in the first), read from the
+`SUMMARY` line; peak memory is the trainer's (max allocated over the run). SDTT rows start from a random
+public-layout checkpoint of the row's size written once per invocation (`init_from`; the speed does not depend on
+the weights: the teacher's reveal decisions don't read its outputs).
+
+Variants: `baseline` = the straightforward PyTorch path (`method.loss_impl=torch`: materialised logits, eager), the
+reference's style; `fused` = the fused Triton losses; `fused+compile` = fused + regional torch.compile of the DiT
+blocks (`train.compile=true`). Every row prints its speed-up over its own baseline when both ran.
+
+MFU = tokens/s × model FLOPs per token / `--peak-tflops` (default 790, the bf16 matrix rate measured on an H200 of
+this workplace). Model FLOPs per token, N = parameters without the input embedding (the output layer included),
+n = blocks, d = width, L = length: training 6N + 12·n·d·L (attention scores and values, fwd + bwd); an SDTT step
+adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere).
+Results go to results/engine.csv (card, versions, git revision, command) and results/engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from harness import RESULTS, ROOT, append_csv, environment
+
+CSV_PATH = RESULTS / "engine.csv"
+MD_PATH = RESULTS / "engine.md"
+FIELDS = ["timestamp", "gpu", "torch", "triton", "git_rev", "row", "variant", "extra", "params_M", "batch", "length",
+          "steps", "tokens_per_s", "step_ms", "mfu", "peak_mem_gib", "final_loss", "status", "command"]  # fmt: skip
+
+ROWS: dict[str, dict] = {
+    "mdlm_tiny": dict(config="configs/experiments/classics_mdlm_tiny.yaml", method="mdlm",
+                      overrides=["train.global_batch_size=64", "train.micro_batch_size=64"]),
+    "mdlm_small": dict(config="configs/experiments/owt_mdlm_small.yaml", method="mdlm",
+                       overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
+    "sdtt_small": dict(config="configs/experiments/sdtt_owt_small.yaml", method="sdtt",
+                       overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
+    "mdlm_test": dict(config="configs/experiments/classics_mdlm_test.yaml", method="mdlm",  # CPU smoke size
+                      overrides=["train.global_batch_size=4", "train.micro_batch_size=4"]),
+}
+VARIANTS: dict[str, list[str]] = {
+    "baseline": ["method.loss_impl=torch"],
+    "fused": ["method.loss_impl=triton"],
+    "fused+compile": ["method.loss_impl=triton", "train.compile=true"],
+}
+
+
+def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tuple[float, int]:
+    """(model FLOPs per token of one training step, parameter count) by the module docstring's count."""
+    import torch
+
+    from ddistill.models.dit import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    params = model.num_parameters()
+    n_prime = params - model_cfg.vocab_size * model_cfg.hidden_size  # without the input embedding
+    attention = model_cfg.n_blocks * model_cfg.hidden_size * model_cfg.length
+    flops = 6 * n_prime + 12 * attention
+    if method == "sdtt":
+        flops += num_teacher_steps * (2 * n_prime + 4 * attention)
+    return float(flops), params
+
+
+def random_checkpoint(model_cfg, out: Path) -> Path:
+    """A public-layout MDLM checkpoint with random weights (output layer included) for the SDTT rows."""
+    import torch
+
+    from ddistill.models.checkpoints import save_pretrained
+    from ddistill.models.dit import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    with torch.no_grad():
+        model.output_weight.normal_(0.0, 0.02)
+    return save_pretrained(model, out, flavor="mdlm")
+
+
+def engine_args(row: dict, variant: str, extra: list[str], steps: int, out_dir: Path, device: str) -> list[str]:
+    return [row["config"], *row["overrides"], *VARIANTS[variant], f"train.max_steps={steps}",
+            f"train.log_every={max(1, steps // 2)}", f"train.ckpt_every={10**9}", "train.eval_every=0",
+            "train.export_final=false", f"train.out_dir={out_dir}", f"train.device={device}",
+            "logging.wandb=disabled", "logging.progress_bar=false", "logging.jsonl=false", *extra]  # fmt: skip
+
+
+def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
+    from ddistill.engine.run_config import load_run_config
+
+    row = ROWS[name]
+    out_dir = work / f"{name}-{variant}".replace("+", "_")
+    extra = list(args.set)
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
+    if row["method"] == "sdtt" and cfg.init_from is not None and not Path(cfg.init_from).exists():
+        init = work / f"init-{cfg.model.size}-{cfg.model.length}"
+        if not init.exists():
+            random_checkpoint(cfg.model, init)
+        extra.append(f"init_from={init}")
+    k = getattr(cfg.method.config, "num_teacher_steps", 0)
+    flops, params = model_flops_per_token(cfg.model, row["method"], k)
+    command = [sys.executable, "-m", "ddistill.engine", *engine_args(row, variant, extra, args.steps, out_dir,
+                                                                    args.device)]  # fmt: skip
+    result = dict(row=name, variant=variant, extra=" ".join(args.set), params_M=round(params / 1e6, 1),
+                  batch=cfg.train.micro_batch_size, length=cfg.model.length, steps=args.steps,
+                  command=" ".join(command[1:]))
+    started = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = next((json.loads(line[len("SUMMARY "):]) for line in proc.stdout.splitlines()
+                    if line.startswith("SUMMARY ")), None)  # fmt: skip
+    if proc.returncode != 0 or summary is None:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"== {name} / {variant} failed (rc {proc.returncode}):\n{tail}", flush=True)
+        status = "OOM" if "OutOfMemoryError" in tail else f"error rc={proc.returncode}"
+        return result | dict(status=status)
+    tokens_per_s = summary["tokens_per_s_per_rank"]
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.length / summary["world_size"]
+    return result | dict(
+        tokens_per_s=round(tokens_per_s, 1), step_ms=round(1e3 * tokens_per_step / tokens_per_s, 2),
+        mfu=round(tokens_per_s * flops / (args.peak_tflops * 1e12), 4),
+        peak_mem_gib=round(max(summary["peak_mem_gib_per_rank"]), 2),
+        final_loss=summary["last_metrics"].get("loss"), status=f"ok ({time.perf_counter() - started:.0f} s)",
+    )  # fmt: skip
+
+
+def profile_row(name: str, variant: str, args, work: Path) -> None:
+    """In-process: warm up, then cProfile `--steps` steps and count the host<->device syncs per step."""
+    import torch
+
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.engine.trainer import Trainer
+
+    row = ROWS[name]
+    extra = list(args.set)
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
+    if row["method"] == "sdtt" and cfg.init_from is not None and not Path(cfg.init_from).exists():
+        init = work / "init-profile"
+        random_checkpoint(cfg.model, init)
+        extra.append(f"init_from={init}")
+    overrides = engine_args(row, variant, extra, args.steps, work / "profile", args.device)[1:]
+    trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
+
+    def step():
+        trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
+
+    for _ in range(5):
+        step()
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+    profiler = cProfile.Profile()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        profiler.enable()
+        for _ in range(args.steps):
+            step()
+        profiler.disable()
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    if cuda:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    print(f"== profile {name} / {variant}: {1e3 * elapsed / args.steps:.2f} ms per step, "
+          f"{len(syncs) / args.steps:.1f} host syncs per step", flush=True)  # fmt: skip
+    where: dict[str, int] = {}
+    for w in syncs:
+        key = f"{Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    for key, count in sorted(where.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"   sync {count / args.steps:5.1f}/step at {key}")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(text.getvalue()[-9000:], flush=True)
+
+
+def write_markdown() -> None:
+    """results/engine.md: the latest measurement per (gpu, row, variant, extra), with the speed-up over baseline."""
+    import csv
+
+    latest: dict[tuple, dict] = {}
+    with CSV_PATH.open() as fh:
+        for r in csv.DictReader(fh):
+            latest[(r["gpu"], r["row"], r["variant"], r["extra"])] = r
+    lines = ["# `ddistill train` through the engine (benchmarks/bench_engine.py)", "",
+             "Generated from `engine.csv`; latest run per (card, row, variant, extra overrides). × baseline = "
+             "tokens/s over the same row's `baseline` (method.loss_impl=torch, eager) with the same extra overrides.",
+             "", "| card | git | row | variant | extra | batch×L | tokens/s | ms/step | MFU | × baseline | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (gpu, row, variant, extra), r in sorted(latest.items()):
+        if not r["tokens_per_s"]:
+            lines.append(f"| {gpu} | {r['git_rev']} | {row} | {variant} | {extra} | {r['batch']}×{r['length']} | "
+                         f"{r['status']} | | | | |")  # fmt: skip
+            continue
+        base = latest.get((gpu, row, "baseline", extra))
+        ratio = (f"{float(r['tokens_per_s']) / float(base['tokens_per_s']):.2f}"
+                 if base and base["tokens_per_s"] else "")  # fmt: skip
+        lines.append(f"| {gpu} | {r['git_rev']} | {row} | {variant} | {extra} | {r['batch']}×{r['length']} | "
+                     f"{float(r['tokens_per_s']):,.0f} | {r['step_ms']} | {float(r['mfu']):.1%} | {ratio} | "
+                     f"{r['peak_mem_gib']} |")  # fmt: skip
+    MD_PATH.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="mdlm_tiny,mdlm_small,sdtt_small", help=f"comma list of {sorted(ROWS)}")
+    parser.add_argument("--variants", default="baseline,fused,fused+compile", help=f"comma list of {list(VARIANTS)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra dotted override for every run (repeatable), e.g. deepspeed.frozen_zero_stage=0")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--profile", action="store_true", help="host profile of the first row/variant; no results")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args()
+    rows, variants = args.rows.split(","), args.variants.split(",")
+    for bad, known, what in ((set(rows) - set(ROWS), ROWS, "--rows"), (set(variants) - set(VARIANTS), VARIANTS,
+                                                                        "--variants")):  # fmt: skip
+        if bad:
+            parser.error(f"{what}: unknown {sorted(bad)}; choose from {sorted(known)}")
+    if args.steps < 2:
+        parser.error(f"--steps={args.steps} must be >= 2 (the second half is timed)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if args.device == "cpu":
+        env.setdefault("TRITON_INTERPRET", "1")
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        work = Path(tmp)
+        if args.profile:
+            profile_row(rows[0], variants[0], args, work)
+            return
+        info = environment()
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        results = []
+        for name in rows:
+            for variant in variants:
+                result = {"timestamp": stamp, **info, **run_row(name, variant, args, work, env)}
+                results.append(result)
+                base = next((r for r in results if r["row"] == name and r["variant"] == "baseline"
+                             and r.get("tokens_per_s")), None)  # fmt: skip
+                ratio = (f"  x{result['tokens_per_s'] / base['tokens_per_s']:.2f} vs baseline"
+                         if base and result.get("tokens_per_s") else "")  # fmt: skip
+                print(f"{name:11s} {variant:14s} {' '.join(args.set):30s} tokens/s {result.get('tokens_per_s', '-')}"
+                      f"  ms/step {result.get('step_ms', '-')}  MFU {result.get('mfu', '-')}  peak GiB "
+                      f"{result.get('peak_mem_gib', '-')}  {result['status']}{ratio}", flush=True)  # fmt: skip
+    if not args.no_save:
+        append_csv(results, CSV_PATH, FIELDS)
+        write_markdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Speed switches on CPU: regional compile of the DiT blocks (plumbing and equality through a trace-only backend),
+the deepspeed.frozen_gather / train.compile config keys, and bench_engine.py's CPU smoke run."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddistill.config import ConfigError
+from ddistill.engine.run_config import run_config_from_dict
+from ddistill.engine.trainer import Trainer
+from ddistill.models import ModelConfig, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+V, L = 37, 16
+
+
+def _cfg(tmp_path, **sections):
+    base = {"model": {"size": "test", "vocab_size": V, "length": L, "dropout": 0.0},
+            "data": {"dataset": "classics", "block_size": L}, "method": {"name": "mdlm"},
+            "train": {"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 2, "out_dir": str(tmp_path / "run"),
+                      "device": "cpu", "export_final": False},
+            "logging": {"wandb": "disabled", "progress_bar": False, "jsonl": False}}  # fmt: skip
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return run_config_from_dict(base)
+
+
+def test_compile_blocks_wraps_every_block_and_computes_the_same_function():
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(size="test", vocab_size=V, dropout=0.0))
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0.0, 0.2)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks(backend="aot_eager")  # Dynamo + AOTAutograd tracing without Inductor's C++ build
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert eager.blocks[0]._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x, sigma = torch.randint(0, V, (2, L)), torch.rand(2)
+    out_e, out_c = eager(x, sigma), compiled(x, sigma)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    out_e.square().mean().backward()
+    out_c.square().mean().backward()
+    for (name, pe), pc in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_compile_switch_compiles_the_trained_networks_blocks(tmp_path):
+    blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
+    plain = Trainer(_cfg(tmp_path / "a"), train_blocks=blocks)
+    assert all(b._compiled_call_impl is None for b in plain.nets["student"].module.blocks)
+    switched = Trainer(_cfg(tmp_path / "b", train={"compile": True}), train_blocks=blocks)
+    assert all(b._compiled_call_impl is not None for b in switched.nets["student"].module.blocks)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [({"deepspeed": {"frozen_gather": "layer"}}, "deepspeed.frozen_gather"),
+                                                ({"train": {"compile": "yes"}}, "train.compile")])
+def test_bad_speed_switches_name_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _cfg(tmp_path, **overrides)
+
+
+def test_bench_engine_cpu_smoke():
+    # without the process-group variables an in-process Trainer of an earlier test left behind (its port is taken)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}  # fmt: skip
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--device", "cpu", "--rows",
+                          "mdlm_test", "--variants", "baseline", "--steps", "2", "--no-save"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("mdlm_test"))
+    assert "ok (" in line and float(line.split("tokens/s ")[1].split()[0]) > 0, out.stdout[-3000:]
+
+
+def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path):
+    """One rank keeps the non-finite flag on the device (no sync before the backward): a NaN loss still skips the
+    step (weights and EMA unchanged, skipped=1), the next finite step applies, and a method error is raised."""
+    from ddistill.engine.networks import full_state
+
+    blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
+    trainer = Trainer(_cfg(tmp_path, optim={"warmup_steps": 0}), train_blocks=blocks)
+    student = trainer.nets["student"]
+    step = trainer.method.step
+    poison = {"on": True}
+
+    def maybe_nan(nets, batch, ctx):
+        out = step(nets, batch, ctx)
+        if poison["on"]:
+            # a NaN value with finite gradients: only the trainer's non-finite flag can make DeepSpeed skip
+            out.losses["student"] = out.losses["student"] + torch.tensor(float("nan"))
+        return out
+
+    trainer.method.step = maybe_nan
+    before, ema_before = full_state(student), full_state(student, use_ema=True)
+    metrics = trainer.train_step([next(trainer.loader)])
+    assert metrics["skipped"] == 1.0 and "grad_norm/student" not in metrics
+    assert all(torch.equal(before[k], v) for k, v in full_state(student).items())
+    assert all(torch.equal(ema_before[k], v) for k, v in full_state(student, use_ema=True).items())
+    poison["on"] = False
+    metrics = trainer.train_step([next(trainer.loader)])
+    assert metrics["skipped"] == 0.0 and np.isfinite(metrics["loss/student"]) and metrics["grad_norm/student"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in full_state(student).items())
+
+    def broken(nets, batch, ctx):
+        raise RuntimeError("method failed")
+
+    trainer.method.step = broken
+    with pytest.raises(RuntimeError, match="method failed"):
+        trainer.train_step([next(trainer.loader)])

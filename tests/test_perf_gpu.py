@@ -1,0 +1,86 @@
+"""On CUDA: the regional torch.compile of the DiT blocks (train.compile) against the eager blocks, forward and
+backward under the default bf16 autocast, and the MDLM sampler's tokens against the plain float64 transcription."""
+
+import copy
+
+import pytest
+import torch
+
+from ddistill.diffusion import LogLinearSchedule, sample_mdlm
+from ddistill.models import ModelConfig, build_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+V = 101
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_compiled_blocks_match_eager_forward_and_backward():
+    torch.manual_seed(0)
+    eager = build_model(ModelConfig(size="test", vocab_size=V, dropout=0.0, n_blocks=3)).cuda()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0.0, 0.1)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    assert set(compiled.state_dict()) == set(eager.state_dict())  # checkpoints keep their keys
+    for trial in range(2):  # fresh inputs each time: the compiled graph must compute the same function
+        x = torch.randint(0, V, (3, 37), device="cuda")
+        sigma = torch.rand(3, device="cuda")
+        outs = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            logits = model(x, sigma)
+            (logits.float().square().mean()).backward()
+            grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+            outs.append((logits.float().detach(), grads))
+        (le, ge), (lc, gc) = outs
+        assert _rel(lc, le) < 2e-2, trial  # bf16 operands: 1e-3..1e-2
+        assert set(gc) == set(ge)
+        for name in ge:
+            if ge[name].norm() > 0:
+                assert _rel(gc[name], ge[name]) < 5e-2, (trial, name)
+
+
+def _context_denoiser(x, sigma):
+    n_unmasked = (x != V - 1).sum(-1, keepdim=True).float()
+    logits = torch.zeros(*x.shape, V, device=x.device)
+    logits[..., : V - 1] = torch.linspace(-2, 2, V - 1, device=x.device) * (1 + 0.1 * n_unmasked[..., None])
+    logits[..., : V - 1] += (x[..., :1] % 7).float()[..., None] * 0.3
+    return logits
+
+
+def _plain_mdlm(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-5):
+    """Plain transcription on CUDA: float64 SUBS x_θ at every position of every step (tests/test_samplers.py)."""
+    sched, mask = LogLinearSchedule(), V - 1
+    x = torch.full((batch_size, length), mask, dtype=torch.long, device="cuda")
+    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device="cuda")
+    for k in range(num_steps + 1):
+        last = k == num_steps  # the last draw fills every remaining mask and takes no unmasking uniforms
+        u_unmask = None if last else torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
+        u_token = torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
+        logits = denoiser(x, sched.sigma(ts[k]).float().reshape(1).expand(batch_size)).to(torch.float64)
+        logits[..., mask] = float("-inf")
+        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+        token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(V - 2)
+        chosen = x == mask
+        if not last:
+            a_t, a_s = sched.alpha(ts[k]), sched.alpha(ts[k + 1])
+            chosen &= u_unmask < (a_s - a_t) / (1 - a_t)
+        x = torch.where(chosen, token, x)
+    return x
+
+
+@pytest.mark.parametrize("num_steps", [1, 8, 64])
+def test_mdlm_sampler_on_gpu_equals_plain_transcription(num_steps):
+    """float64 softmax on the drawn rows only (samplers.sample_mdlm) = the per-position float64 posterior, token for
+    token, with the same CUDA random numbers."""
+    kw = dict(batch_size=4, length=33, num_steps=num_steps)
+    fast = sample_mdlm(_context_denoiser, mask_id=V - 1, vocab_size=V, schedule=LogLinearSchedule(), cached=False,
+                       device="cuda", generator=torch.Generator(device="cuda").manual_seed(3), **kw)
+    plain = _plain_mdlm(_context_denoiser, generator=torch.Generator(device="cuda").manual_seed(3), **kw)
+    assert (fast.tokens != V - 1).all()
+    assert torch.equal(fast.tokens, plain)
