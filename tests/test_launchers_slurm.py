@@ -112,10 +112,22 @@ def _run_time_s(cluster, job_id: str) -> int:
     return int(days or 0) * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
+def _status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return {}
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
 def _usr2_pending(pid: int) -> bool:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    mask = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+    status = _status(pid)
+    mask = int(status.get("ShdPnd", "0"), 16) | int(status.get("SigPnd", "0"), 16)
     return bool(mask & (1 << (signal.SIGUSR2 - 1)))
+
+
+def _stopped(pid: int) -> bool:
+    return _status(pid).get("State", "").startswith("T")
 
 
 def _final(out_dir: Path):
@@ -181,11 +193,15 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
     cluster.scontrol("update", f"JobId={job_id}", f"TimeLimit={_run_time_s(cluster, job_id) // 60 + 2}")
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
-    try:
-        _wait("USR2 pending on both tasks", lambda: all(_usr2_pending(pid) for pid in pids), cluster, job, timeout=90)
+    try:  # slurmd sends SIGCONT with the warning signal; continue them ourselves should it not
+        _wait("USR2 from the controller", lambda: all(_usr2_pending(pid) or not _stopped(pid) for pid in pids),
+              cluster, job, timeout=90)
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     _release_when_requeued(cluster, job_id, job, "TimeLimit=10")
     text = err0.read_text()
     assert "Caught signal SIGUSR2" in text and "timed-out" in text, text[-3000:]

@@ -22,7 +22,7 @@ Preemption and time limits (submitit's `--signal=USR2@signal_delay_s` reaches ev
 3. all ranks write one checkpoint (ZeRO saves are collective, so submitit's rank-0 hook inside a signal handler
    could not) and leave the training loop;
 4. SIGUSR2 (time limit, or a preemption announced with a signal): rank 0 hands it to submitit's handler, which
-   pickles `TrainJob.__submitit_checkpoint__` (a fresh job, no engine state) and runs `scontrol requeue`. submitit
+   pickles `TrainJob.checkpoint()` (a fresh job, no engine state) and runs `scontrol requeue`. submitit
    counts a requeue as a time-out when the job ran past min(0.8 T, T - 10 min) of its limit T and stops after
    `max_num_timeout` of them; other requeues are unbounded. SIGTERM (`scontrol requeue`, `scancel`, a
    PreemptMode=REQUEUE preemption, the time limit itself): SLURM already decides what comes next, so every rank
@@ -320,8 +320,9 @@ class TrainJob:
 
         return run_training(cfg)
 
-    def __submitit_checkpoint__(self, *args: Any, **kwargs: Any):
-        """A fresh job with the original arguments: all state is resumed from the checkpoint on disk."""
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """submitit's Checkpointable hook (its requeue handler requires a method of this name): a fresh job with
+        the original arguments; all state is resumed from the checkpoint on disk."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(type(self)(self.config, self.overrides))
