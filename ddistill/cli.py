@@ -343,7 +343,7 @@ def cmd_submit(argv: Sequence[str]) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print the command (torchrun/deepspeed) or the sbatch script and each task's command "
                         "(slurm); start nothing, write nothing")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after the flags
     from ddistill.engine.run_config import load_run_config
     from ddistill.launchers import check_world_size
 
