@@ -30,24 +30,29 @@ class SlurmUnavailable(RuntimeError):
     """SLURM is not installed and cannot be installed here (not root, no apt-get, or apt-get failed)."""
 
 
-def _missing_binaries() -> list[str]:
-    return [name for name in BINARIES if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+def apt_install(packages: tuple[str, ...] | list[str], binaries: tuple[str, ...] | list[str]) -> None:
+    """Install Debian `packages` when one of `binaries` is missing (root with apt-get only); SlurmUnavailable
+    with the reason otherwise."""
+    def missing() -> list[str]:
+        return [name for name in binaries if shutil.which(name) is None and not Path(f"/usr/sbin/{name}").exists()]
+
+    if not missing():
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise SlurmUnavailable(f"missing {missing()} and cannot install {list(packages)} (needs root + apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    if missing():
+        raise SlurmUnavailable(f"still missing after installing {list(packages)}: {missing()}")
 
 
 def ensure_installed() -> None:
     """Install the Debian SLURM packages when a binary is missing (root with apt-get only)."""
-    if not _missing_binaries():
-        return
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"missing {_missing_binaries()} and cannot install {PACKAGES} (needs root + apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    if _missing_binaries():
-        raise SlurmUnavailable(f"still missing after installing {PACKAGES}: {_missing_binaries()}")
+    apt_install(PACKAGES, BINARIES)
 
 
 def _sbin(name: str) -> str:
@@ -159,6 +164,10 @@ class LocalSlurm:
     def node_state(self) -> str:
         return self._run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip()
 
+    def queue(self) -> list[str]:
+        """The ids of the jobs the controller lists as pending or running."""
+        return self._run(["squeue", "-h", "-o", "%i"]).stdout.split()
+
     def job_state(self, job_id: str) -> str:
         out = self._run(["squeue", "-h", "-j", str(job_id), "-o", "%T"]).stdout.strip()
         return out or "GONE"
@@ -192,6 +201,10 @@ class LocalSlurm:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
+            try:  # job step daemons (slurmstepd) and tasks left in the daemon's process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self._procs.clear()
 
     # ------------------------------------------------------------------ helpers

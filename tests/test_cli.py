@@ -77,7 +77,8 @@ def test_submit_validates_the_config_then_builds_the_launch(tmp_path):
                    "--folder", str(tmp_path / "slurm"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()  # the sbatch script (tests/test_launchers*.py check it in detail)
-    assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=2" in lines and "#SBATCH --gpus-per-node=2" in lines
+    for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=2", "#SBATCH --gpus-per-node=2"):
+        assert expected in lines, proc.stdout
     assert not (tmp_path / "slurm").exists()
     proc = run_cli("submit", config, "train.max_stpes=7", "--launcher", "torchrun", "--dry-run")
     assert proc.returncode != 0 and "train.max_stpes" in proc.stderr and "max_steps" in proc.stderr

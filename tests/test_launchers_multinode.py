@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from ddistill.launchers import deepspeed_command, hostfile_text, srun_deepspeed_command
+from local_slurm import SlurmUnavailable, apt_install
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -44,9 +45,10 @@ def two_hosts():
     tag = f"{os.getpid() % 100000}"
     hosts = [(f"ddh0-{tag}", f"ddv0-{tag}", f"{SUBNET}.1"), (f"ddh1-{tag}", f"ddv1-{tag}", f"{SUBNET}.2")]
     try:
+        apt_install(["iproute2"], ["ip"])  # a fresh CI machine may lack `ip`
         for ns, _, _ in hosts:
             _ip("netns", "add", ns)
-    except (RuntimeError, FileNotFoundError) as err:
+    except (RuntimeError, FileNotFoundError, SlurmUnavailable) as err:
         for ns, _, _ in hosts:
             _ip("netns", "del", ns, check=False)
         if os.geteuid() == 0:

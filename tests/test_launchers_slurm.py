@@ -224,14 +224,18 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
     assert sorted(i_losses) == list(range(1, MAX_STEPS + 1)) and i_losses == r_losses
 
 
-def test_submit_refuses_a_world_size_that_does_not_divide_the_batch(cluster, tmp_path):
-    env = _env(cluster, tmp_path)
+def test_submit_refuses_a_world_size_that_does_not_divide_the_batch(cluster, tmp_path, monkeypatch, capsys):
+    from ddistill.cli import main
+
+    cluster.activate(monkeypatch)
     job = tmp_path / "bad"
-    proc = _cli(env, "submit", CONFIG, *RUN, "train.global_batch_size=6", *SLURM, "--job-dir", str(job))
-    assert proc.returncode != 0 and not job.exists()
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr and last.startswith("ddistill submit: configuration error:"), proc.stderr
-    assert "global_batch_size=6" in last and "world size 2" in last, last
+    with pytest.raises(SystemExit) as stop:
+        main(["submit", CONFIG, *RUN, "train.global_batch_size=6", *SLURM, "--job-dir", str(job)])
+    message = str(stop.value.code)
+    assert message.startswith("ddistill submit: configuration error:") and "\n" not in message, message
+    assert "global_batch_size=6" in message and "world size 2 (1 nodes x 2 tasks per node)" in message
+    assert not job.exists() and cluster.queue() == []  # nothing written, nothing queued
+    assert "submitted" not in capsys.readouterr().out
 
 
 def test_scontrol_hostnames_and_hostfile_of_an_allocation(cluster, tmp_path, monkeypatch):
@@ -247,3 +251,22 @@ def test_scontrol_hostnames_and_hostfile_of_an_allocation(cluster, tmp_path, mon
                           env=_env(cluster, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == "localhost slots=2\n"
+
+
+def test_scancel_leaves_one_complete_checkpoint_and_jobs_reports_it(cluster, tmp_path):
+    """scancel = SIGTERM to every task (then SIGKILL after KillWait): the ranks checkpoint at one step boundary;
+    a checkpoint directory only gets its name once complete, so nothing half-written is ever left."""
+    from ddistill.engine.checkpoint import list_checkpoints, verify_checkpoint
+
+    env = _env(cluster, tmp_path)
+    job, out = tmp_path / "jobs" / "job", tmp_path / "out"
+    job_id = _submit(env, job, out)
+    _wait("a few steps", lambda: len(_records(out)) >= 3, cluster, job)
+    proc = subprocess.run(["scancel", job_id], env=cluster.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    _wait("the cancelled job to end", lambda: cluster.job_state(job_id) == "GONE", cluster, job, timeout=120)
+    entries = sorted(p.name for p in (out / "checkpoints").iterdir())
+    (step, path), = list_checkpoints(out / "checkpoints")
+    assert entries == [path.name] and verify_checkpoint(path) == step >= 3
+    row = _jobs(env, job.parent)
+    assert row["state"] == "PREEMPTED" and row["detail"] == f"checkpoint at step {step}", row
