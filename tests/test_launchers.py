@@ -327,6 +327,42 @@ def test_only_rank0_hands_a_time_limit_signal_to_submitit(monkeypatch, rank, sig
     assert calls == ([signal.SIGUSR2] if handed else [])
 
 
+@pytest.mark.parametrize("ran_min, countdown, outcome", [
+    (1, 3, ("requeued", 3)),  # a signal long before the limit (a preemption): the count is not touched
+    (50, 3, ("requeued", 2)),  # past min(0.8 T, T - 10 min) of the limit T = 60 min: a time-out, counted
+    (50, 0, ("ended", "timed-out too many times")),  # no time-outs left: the job ends instead of requeueing
+])
+def test_time_limit_requeues_are_bounded_and_preemptions_are_not(tmp_path, monkeypatch, ran_min, countdown,
+                                                                  outcome):
+    """submitit's handler, to which rank 0 hands USR2, with our TrainJob as the pickled job (SLURM environment)."""
+    import time as time_module
+
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths, UncompletedJobError
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    delayed = DelayedSubmission(TrainJob(str(tmp_path / "config.yaml")))
+    delayed.set_timeout(60, countdown)
+    paths = JobPaths(tmp_path, job_id="77")
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    requeued = []
+    monkeypatch.setattr(SlurmJobEnvironment, "_requeue", lambda self, left: requeued.append(left))
+    handler = SignalHandler(SlurmJobEnvironment(), paths, delayed)
+    handler._start_time = time_module.time() - ran_min * 60
+    try:
+        handler.checkpoint_and_try_requeue(signal.SIGUSR2)
+        result = None
+    except SystemExit:
+        result = ("requeued", requeued[0])
+        fresh = DelayedSubmission.load(paths.submitted_pickle)  # what the requeued job will run: a fresh TrainJob
+        assert isinstance(fresh.function, TrainJob) and fresh._timeout_countdown == requeued[0]
+    except UncompletedJobError as err:
+        result = ("ended", "timed-out too many times" if "timed-out too many times" in str(err) else str(err))
+    assert result == outcome
+
+
 class ArrayJob(TrainJob):
     """Trains on random token blocks (no tokenizer / corpus assets needed in CI)."""
 
