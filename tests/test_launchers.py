@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 
 from ddistill.launchers import (
@@ -363,39 +362,27 @@ def test_time_limit_requeues_are_bounded_and_preemptions_are_not(tmp_path, monke
     assert result == outcome
 
 
-class ArrayJob(TrainJob):
-    """Trains on random token blocks (no tokenizer / corpus assets needed in CI)."""
-
-    def run(self, cfg):
-        from ddistill.engine import run_training
-
-        blocks = np.random.default_rng(0).integers(0, 36, size=(64, 16)).astype(np.int32)
-        return run_training(cfg, train_blocks=blocks)
-
-
 @pytest.mark.slow
-def test_local_executor_runs_two_gloo_ranks(tmp_path, monkeypatch):
-    from ddistill.launchers.slurm import make_executor
+def test_submit_with_the_local_executor_runs_two_gloo_ranks(tmp_path, monkeypatch):
+    """`ddistill submit --cluster local`'s path: the job folder, then two real processes through submitit."""
+    from ddistill.launchers import submit_job
 
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    config = tmp_path / "run.yaml"
-    config.write_text(json.dumps({
-        "model": {"size": "test", "vocab_size": 37}, "data": {"block_size": 16},
-        "method": {"name": "mdlm"},
-        "train": {"max_steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "ckpt_every": 2,
-                  "out_dir": str(tmp_path / "out"), "device": "cpu"},
-        "deepspeed": {"timeout_minutes": 2}, "logging": {"wandb": "disabled", "progress_bar": False}}))
-    executor = make_executor(SlurmConfig(folder=str(tmp_path / "submitit"), gpus_per_node=2, timeout_min=5,
-                                         signal_delay_s=60), cluster="local")
-    job = executor.submit(ArrayJob(str(config)))
+    cfg = _run_cfg(tmp_path, "train.device=cpu", "model.length=16", "data.block_size=16", "train.max_steps=4",
+                   "train.global_batch_size=8", "train.micro_batch_size=2", "train.ckpt_every=2",
+                   "train.eval_every=0", "deepspeed.timeout_minutes=2", "logging.progress_bar=false")
+    slurm = SlurmConfig(folder=str(tmp_path / "job"), gpus_per_node=0, tasks_per_node=2, timeout_min=5,
+                        signal_delay_s=60)
+    job = submit_job(prepare_job(cfg, slurm, source={"config": "classics_mdlm_test.yaml"}), cluster="local")
     results = job.results()
     assert [r["world_size"] for r in results] == [2, 2]
     assert all(r["step"] == 4 and r["grad_accum"] == 2 for r in results)
     assert (tmp_path / "out/checkpoints/step_00000004/MANIFEST.json").is_file()
+    assert json.loads((tmp_path / "job/submit.json").read_text())["job_ids"] == [str(job.job_id)]
 
 
 if __name__ == "__main__":

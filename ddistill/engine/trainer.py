@@ -531,6 +531,7 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+
         def on_signal(signum, frame):
             self.preempt_signal = self.preempt_signal or signal.Signals(signum).name
             self._preempt.set()

@@ -280,7 +280,8 @@ def _record_job_id(folder: Path, job_id: str) -> None:
 
 def submit_job(job: JobSpec, *, cluster: str = "slurm"):
     """Write the job folder and submit it (cluster "slurm": sbatch; "local": submitit's LocalExecutor on this
-    machine, same signal/requeue machinery). Returns the submitit Job."""
+    machine, same signal/requeue machinery, but it runs the submitting process's code, not the snapshot).
+    Returns the submitit Job."""
     executor = make_executor(job.slurm, cluster=cluster)
     write_job_folder(job)
     submitted = executor.submit(TrainJob(str(job.folder / JOB_CONFIG)))
