@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,7 +187,8 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
 
     # 2b. Time limit: shorten it mid-run; USR2 (--signal) -> checkpoint -> rank 0 -> submitit -> scontrol requeue.
     err0 = job / f"{job_id}_0_log.err"
-    _wait("resume after the requeue", lambda: f"at step {first_stop}" in err0.read_text(), cluster, job)
+    resumed = f"resumed from {out}/checkpoints/step_{first_stop:08d} at step {first_stop}"
+    _wait("resume after the requeue", lambda: resumed in err0.read_text(), cluster, job)
     _wait("steps after the resume", lambda: _records(out)[-1]["step"] >= first_stop + 3, cluster, job)
     pids = _task_pids(job, job_id, restart=1)
     # The new limit ends 61-120 s from now: the 90 s warning is due within 30 s, the end is not near.
@@ -214,6 +216,9 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
     assert row["state"] == "FINISHED" and row["step"] == MAX_STEPS, row
     log = (job / f"{job_id}_0_log.out").read_text()
     assert "restart 2" in log  # two requeues, one job id, one appended log per rank
+    stops = [int(n) for n in re.findall(r"preemption signal: checkpointing at step (\d+)", err0.read_text())]
+    resumes = [int(n) for n in re.findall(r"resumed from \S+/step_\d+ at step (\d+)", err0.read_text())]
+    assert stops == resumes and stops[0] == first_stop and first_stop < stops[1] < MAX_STEPS, (stops, resumes)
 
     # 3. Bit for bit the uninterrupted run.
     r_step, r_raw, r_ema, r_losses = _final(ref_out)
