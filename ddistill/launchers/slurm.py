@@ -16,6 +16,9 @@ The job folder (one per submission) holds everything a task needs and everything
     <job>/<id>_submission.sh   the sbatch script (identical to `ddistill submit --dry-run`)
     <job>/<id>_<rank>_log.out  one log per rank (stderr in .err), appended across requeues
 
+Tasks start in the job folder (`#SBATCH --chdir`): `python -m` puts the working directory first on sys.path, and a
+source checkout there would shadow the snapshot. Relative paths of the run config are made absolute at submission.
+
 Preemption and time limits (submitit's `--signal=USR2@signal_delay_s` reaches every task, no `B:` prefix):
 1. the trainer's own handler (installed after submitit's) only records the signal and sets a flag;
 2. at the next step boundary the flag is all-reduced, so every rank sees it at the same step;
@@ -52,7 +55,8 @@ from typing import Any, Sequence
 from ddistill.launchers.world import check_world_size
 
 __all__ = ["SlurmConfig", "parse_time", "slurm_parameters", "sbatch_script", "task_command", "JobSpec",
-           "prepare_job", "submit_job", "TrainJob", "make_executor", "snapshot_code", "JOB_CONFIG", "JOB_META"]
+           "prepare_job", "write_job_folder", "submit_job", "TrainJob", "make_executor", "snapshot_code", "JOB_CONFIG",
+           "JOB_META"]
 
 JOB_CONFIG = "config.yaml"
 JOB_META = "submit.json"
