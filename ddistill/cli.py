@@ -297,10 +297,19 @@ def cmd_demo(argv: Sequence[str]) -> None:
     demo_main(argv)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help, except where there is nothing to show (None, off, required)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def cmd_submit(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(
         prog="ddistill submit",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_ShowDefaults,
         description="Launch `ddistill train CONFIG key=value ...` on several GPUs or nodes: torchrun or deepspeed "
         "(printed, then run here), or a SLURM job through submitit (one task per GPU; one per CPU slot with "
         "--gpus-per-node 0 --tasks-per-node N). The config and the world size are validated first, so that no "
@@ -406,7 +415,7 @@ def _submit_slurm(args, argv: Sequence[str], run_cfg) -> None:
 
 
 def cmd_jobs(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="ddistill jobs", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="ddistill jobs", formatter_class=_ShowDefaults,
                                 description="List the jobs `ddistill submit` wrote into a folder: state (squeue, "
                                 "else the job's result), last logged step and loss.")
     p.add_argument("folder", nargs="?", default="runs/slurm", help="a job folder or the parent of job folders")
