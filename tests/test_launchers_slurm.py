@@ -250,7 +250,7 @@ def test_scontrol_hostnames_and_hostfile_of_an_allocation(cluster, tmp_path, mon
 
     cluster.activate(monkeypatch)
     for nodelist in ["gpu[01-03,7],login-a", "n[8-11]", "a1,b2", "n[09-11]", "rack1-n[1,3]", "node-[9-10,12]",
-                     "a[1-2]b[3-4]", "solo"]:
+                     "a[1-2]b[3-4]", "rack[1-2]-n[3,5]", "solo"]:
         assert slurm_hostnames(nodelist) == expand_nodelist(nodelist), nodelist
     proc = subprocess.run(["srun", "-n", "1", PY, "-m", "ddistill.launchers.multinode", "hostfile", "--slots", "2"],
                           env=_env(cluster, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=120)
