@@ -1,4 +1,4 @@
-"""`ddistill` command line: train | sample | eval | rounds | prepare | demo | submit.
+"""`ddistill` command line: train | sample | eval | rounds | prepare | demo | submit | jobs.
 
     ddistill train CONFIG.yaml key=value ...        # any registered method, 1 process or under any launcher
     ddistill sample CHECKPOINT --steps 64           # samples from a public-layout checkpoint (dir, .ckpt, hub id)
@@ -7,6 +7,7 @@
     ddistill prepare dataset=classics block_size=128  # fetch, tokenise and cache a corpus
     ddistill demo key=value ...                     # the README's main job (see ddistill.demo)
     ddistill submit CONFIG.yaml key=value ... --launcher slurm|deepspeed|torchrun
+    ddistill jobs runs/slurm                        # state, step and last loss of the submitted jobs
 
 `ddistill COMMAND --help` explains each command. Exit codes (ddistill/exit_codes.py): 0 finished, 1 unexpected error,
 2 bad input (one line, nothing overwritten), 3 training stopped on non-finite losses, 75 training preempted.
@@ -24,7 +25,7 @@ from typing import Sequence
 
 from ddistill.exit_codes import ExitCode
 
-COMMANDS = ("train", "sample", "eval", "rounds", "prepare", "demo", "submit")
+COMMANDS = ("train", "sample", "eval", "rounds", "prepare", "demo", "submit", "jobs")
 
 
 class BadInput(ValueError):
@@ -427,59 +428,140 @@ def cmd_demo(argv: Sequence[str]) -> None:
     demo_main(argv)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help, except where there is nothing to show (None, off, required)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def cmd_submit(argv: Sequence[str]) -> None:
     p = argparse.ArgumentParser(
         prog="ddistill submit",
-        description="Launch `ddistill train CONFIG key=value ...` on several GPUs or nodes. The config is validated "
-        "first, so a typo fails here, not on the cluster.",
+        formatter_class=_ShowDefaults,
+        description="Launch `ddistill train CONFIG key=value ...` on several GPUs or nodes: torchrun or deepspeed "
+        "(printed, then run here), or a SLURM job through submitit (one task per GPU; one per CPU slot with "
+        "--gpus-per-node 0 --tasks-per-node N). The config and the world size are validated first, so that no "
+        "job is queued only to fail in its log. SLURM jobs: the job folder holds the resolved config, a frozen "
+        "copy of the code and one log per rank; preemptions and time limits checkpoint and requeue, and the "
+        "requeued job resumes from the newest checkpoint in train.out_dir.",
     )
-    p.add_argument("config")
+    p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), required=True)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed", "slurm"), required=True, help="how to start")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (0: CPU partition)")
     p.add_argument("--node-rank", type=int, default=0, help="torchrun: this node's rank")
     p.add_argument("--master-addr", default=None, help="torchrun/deepspeed: address of node 0")
-    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--master-port", type=int, default=29500, help="torchrun/deepspeed: rendezvous port")
     p.add_argument("--hostfile", default=None, help="deepspeed: '<host> slots=<n>' lines")
-    p.add_argument("--folder", default="runs/slurm", help="slurm: submitit logs and pickles")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--timeout-min", type=int, default=4320)
-    p.add_argument("--cpus-per-task", type=int, default=8)
-    p.add_argument("--cluster", choices=("slurm", "local"), default=None,
-                   help="slurm: 'local' runs the same job through submitit on this machine")
-    p.add_argument("--dry-run", action="store_true", help="print the command / SLURM parameters, start nothing")
-    args = p.parse_args(argv)
+    slurm = p.add_argument_group("slurm")
+    slurm.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                       help="'local' runs the same job through submitit's local executor on this machine")
+    slurm.add_argument("--tasks-per-node", type=int, default=None,
+                       help="ranks per node (default: --gpus-per-node; required with --gpus-per-node 0)")
+    slurm.add_argument("--folder", default="runs/slurm", help="parent of the job folders")
+    slurm.add_argument("--job-dir", default=None,
+                       help="this job's folder (default: FOLDER/<config name>-<date>-<time>); must be new")
+    slurm.add_argument("--name", default=None, help="SLURM job name (default: the config file's name)")
+    slurm.add_argument("--time", default="3-00:00:00", help="time limit (MM, HH:MM:SS, D-HH:MM:SS)")
+    slurm.add_argument("--partition", default=None, help="sbatch --partition")
+    slurm.add_argument("--account", default=None, help="sbatch --account")
+    slurm.add_argument("--qos", default=None, help="sbatch --qos")
+    slurm.add_argument("--constraint", default=None, help="sbatch --constraint")
+    slurm.add_argument("--exclusive", action="store_true", help="sbatch --exclusive")
+    slurm.add_argument("--mem", default=None, help="sbatch --mem per node, e.g. 200G (default: the partition's)")
+    slurm.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per rank")
+    slurm.add_argument("--setup", action="append", default=[], metavar="CMD",
+                       help="shell line run before srun (repeatable), e.g. 'module load cuda'")
+    slurm.add_argument("--signal-delay-s", type=int, default=300,
+                       help="USR2 this many seconds before the time limit (> one step + one checkpoint)")
+    slurm.add_argument("--max-timeouts", type=int, default=20,
+                       help="requeues after hitting the time limit (preemptions requeue without limit)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command (torchrun/deepspeed) or the sbatch script and each task's command "
+                        "(slurm); start nothing, write nothing")
+    args = p.parse_intermixed_args(argv)  # overrides may come after the flags
+    from ddistill.engine.run_config import load_run_config
+    from ddistill.launchers import check_world_size
+
+    run_cfg = load_run_config(args.config, args.overrides)  # fail fast on a bad config
+    if args.launcher == "slurm":
+        _submit_slurm(args, argv, run_cfg)
+        return
     import shlex
     import subprocess
 
-    from ddistill.engine.run_config import load_run_config
-    from ddistill.launchers import SlurmConfig, deepspeed_command, slurm_parameters, submit, torchrun_command
+    from ddistill.launchers import deepspeed_command, parse_hostfile, torchrun_command
 
-    load_run_config(args.config, args.overrides)  # fail fast on a bad config
-    if args.launcher == "slurm":
-        cfg = SlurmConfig(folder=args.folder, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                          cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min, partition=args.partition,
-                          account=args.account, qos=args.qos)
-        if args.dry_run:
-            print(json.dumps(slurm_parameters(cfg), indent=1, default=str))
-            return
-        job = submit(args.config, args.overrides, cfg, cluster=args.cluster)
-        print(f"submitted job {job.job_id}; logs in {args.folder}")
-        return
     if args.launcher == "torchrun":
+        check_world_size(run_cfg.train, args.nodes * args.gpus_per_node,
+                         layout=f"{args.nodes} nodes x {args.gpus_per_node} GPUs")
         cmd = torchrun_command(args.config, args.overrides, nproc_per_node=args.gpus_per_node, nnodes=args.nodes,
                                node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
     else:
         if not args.hostfile or not args.master_addr:
             raise SystemExit("ddistill submit --launcher deepspeed needs --hostfile and --master-addr")
+        slots = parse_hostfile(Path(args.hostfile).read_text())
+        check_world_size(run_cfg.train, sum(slots.values()), layout=f"hostfile {args.hostfile}: {slots}")
         cmd = deepspeed_command(args.config, args.overrides, hostfile=args.hostfile, master_addr=args.master_addr,
                                 master_port=args.master_port)
     print(shlex.join(cmd), flush=True)
     if not args.dry_run:
         raise SystemExit(subprocess.call(cmd))
+
+
+def _submit_slurm(args, argv: Sequence[str], run_cfg) -> None:
+    import datetime
+
+    from ddistill.launchers import SlurmConfig, parse_time, prepare_job, sbatch_script, submit_job, task_command
+
+    stem = Path(args.config).stem
+    job_dir = args.job_dir or str(Path(args.folder) / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    slurm = SlurmConfig(folder=job_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                        timeout_min=parse_time(args.time), partition=args.partition, account=args.account,
+                        qos=args.qos, constraint=args.constraint, exclusive=args.exclusive,
+                        job_name=args.name or stem, signal_delay_s=args.signal_delay_s,
+                        max_num_timeout=args.max_timeouts, setup=list(args.setup))
+    job = prepare_job(run_cfg, slurm, source={"config": str(Path(args.config).absolute()),
+                                              "overrides": list(args.overrides), "argv": ["submit", *argv]})
+    if args.dry_run:
+        if args.cluster == "slurm":
+            print(sbatch_script(slurm), end="")
+        else:
+            print(f"# local executor: {slurm.tasks_per_node} processes on this machine, job folder {job.folder}")
+        print(f"# each of the {slurm.world_size} tasks runs (RANK etc. from SLURM's variables):\n"
+              f"# {task_command(job.folder)}\n# resolved from {args.config} with overrides: "
+              f"{' '.join(args.overrides) or '(none)'}")
+        return
+    try:
+        submitted = submit_job(job, cluster=args.cluster)
+    except RuntimeError as err:  # no srun here: one line, nothing written
+        raise SystemExit(f"ddistill submit: {err}") from None
+    print(f"submitted job {submitted.job_id} ({args.cluster}); job folder {job.folder}; rank logs "
+          f"{job.folder}/{submitted.job_id}_<rank>_log.out; training into {job.run_config.train.out_dir}", flush=True)
+
+
+def cmd_jobs(argv: Sequence[str]) -> None:
+    p = argparse.ArgumentParser(prog="ddistill jobs", formatter_class=_ShowDefaults,
+                                description="List the jobs `ddistill submit` wrote into a folder: state (squeue, "
+                                "else the job's result), last logged step and loss.")
+    p.add_argument("folder", nargs="?", default="runs/slurm", help="a job folder or the parent of job folders")
+    p.add_argument("--json", action="store_true", help="one JSON object per job instead of a table")
+    args = p.parse_args(argv)
+    from ddistill.launchers import format_jobs, list_jobs
+
+    rows = list_jobs(args.folder)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    elif rows:
+        print(format_jobs(rows))
+    else:
+        print(f"no jobs in {args.folder}")
 
 
 def cmd_train(argv: Sequence[str]) -> None:

@@ -148,6 +148,7 @@ def test_checkpoint_manifest_detects_damage_and_falls_back(tmp_path):
         ("gpu[01-03,7]", ["gpu01", "gpu02", "gpu03", "gpu7"]),
         ("a[1-2],b,c[09-10]", ["a1", "a2", "b", "c09", "c10"]),
         ("login-a,login-b", ["login-a", "login-b"]),
+        ("rack[1-2]-n[3,5]", ["rack1-n3", "rack1-n5", "rack2-n3", "rack2-n5"]),  # as `scontrol show hostnames`
     ],
 )
 def test_expand_nodelist(nodelist, hosts):

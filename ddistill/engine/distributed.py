@@ -18,6 +18,7 @@ Exit with ``barrier(); destroy_process_group()`` back to back (gloo aborts ~5 % 
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import random
 import re
@@ -55,21 +56,23 @@ class DistEnv:
         return self.rank == 0
 
 
+def _expand_ranges(ranges: str) -> list[str]:
+    """``01-03,7`` -> ["01", "02", "03", "7"] (zero padding kept from the range's first bound)."""
+    values: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        values += [lo] if not hi else [str(v).zfill(len(lo)) for v in range(int(lo), int(hi) + 1)]
+    return values
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM nodelist such as ``gpu[01-03,7],login-a`` into host names (no scontrol needed)."""
+    """Expand a SLURM nodelist such as ``gpu[01-03,7],login-a`` or ``a[1-2]b[3-4]`` into host names, in the
+    order of ``scontrol show hostnames`` (no scontrol needed)."""
     hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            for value in range(int(lo), int(hi) + 1):
-                hosts.append(prefix + str(value).zfill(len(lo)))
+    for token in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+        parts = [p for p in re.split(r"(\[[^\]]*\])", token) if p]
+        choices = [_expand_ranges(p[1:-1]) if p.startswith("[") else [p] for p in parts]
+        hosts += ["".join(combo) for combo in itertools.product(*choices)]
     return hosts
 
 

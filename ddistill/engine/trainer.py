@@ -215,6 +215,7 @@ class Trainer:
         # Per frozen network: the checkpoint file that holds its current weights (None: changed since written).
         self._frozen_file: dict[str, str | None] = {n: None for n, net in self.nets.items() if not net.trained}
         self._preempt = threading.Event()
+        self.preempt_signal: str | None = None  # the first preemption signal this rank received (launchers.slurm)
         if self.plan.checkpoint is not None:
             self.load_checkpoint(Path(self.plan.checkpoint))
 
@@ -655,8 +656,13 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+
+        def on_signal(signum, frame):
+            self.preempt_signal = self.preempt_signal or signal.Signals(signum).name
+            self._preempt.set()
+
         for sig in PREEMPT_SIGNALS:
-            PREVIOUS_HANDLERS[sig] = signal.signal(sig, lambda signum, frame: self._preempt.set())
+            PREVIOUS_HANDLERS[sig] = signal.signal(sig, on_signal)
 
     def fit(self) -> dict[str, Any]:
         tc, lc = self.cfg.train, self.cfg.logging
@@ -743,6 +749,7 @@ class Trainer:
             "step": self.step,
             "stop_reason": stop_reason,
             "preempted": stop_reason == "preempted",
+            "preempt_signal": self.preempt_signal,
             "resumed_from": self.resumed_from,
             "damaged_checkpoints": self.damaged_checkpoints,
             "nonfinite_total": self.total_nonfinite,
