@@ -2,6 +2,7 @@
 vocabulary size, packing with it, and the one model/tokenizer mismatch error (run config, init_from, sample)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,9 +171,13 @@ def test_sample_cli_decodes_with_the_checkpoints_tokenizer(tmp_path, capsys):
         assert rec["text"] == tok.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     config = json.loads((export / "config.json").read_text())
     (export / "config.json").write_text(json.dumps({**config, "tokenizer": "gpt2"}))
-    with pytest.raises(SystemExit, match="^ddistill: checkpoint .* has a vocabulary of 4096 ids but its tokenizer "
-                                         "'gpt2' has 50258"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         main(["sample", str(export), "--steps", "4", "--num-samples", "1", "--batch-size", "1"])
+    assert exit_info.value.code == 2  # bad input: one line, no traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"ddistill sample: checkpoint .* has a vocabulary of 4096 ids but its tokenizer 'gpt2' has 50258",
+                    line), line
 
 
 def test_init_from_with_another_tokenizer_is_refused(tmp_path):
