@@ -428,24 +428,15 @@ def cmd_demo(argv: Sequence[str]) -> None:
     demo_main(argv)
 
 
-class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to a flag's help, except where there is nothing to show (None, off, required)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def cmd_submit(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ddistill submit",
-        formatter_class=_ShowDefaults,
-        description="Launch `ddistill train CONFIG key=value ...` on several GPUs or nodes: torchrun or deepspeed "
-        "(printed, then run here), or a SLURM job through submitit (one task per GPU; one per CPU slot with "
-        "--gpus-per-node 0 --tasks-per-node N). The config and the world size are validated first, so that no "
-        "job is queued only to fail in its log. SLURM jobs: the job folder holds the resolved config, a frozen "
-        "copy of the code and one log per rank; preemptions and time limits checkpoint and requeue, and the "
+        formatter_class=_Formatter,
+        description="Launch `ddistill train CONFIG key=value ...` on several GPUs or nodes: torchrun or deepspeed\n"
+        "(printed, then run here), or a SLURM job through submitit (one task per GPU; one per CPU slot with\n"
+        "--gpus-per-node 0 --tasks-per-node N). The config and the world size are validated first, so that no\n"
+        "job is queued only to fail in its log. SLURM jobs: the job folder holds the resolved config, a frozen\n"
+        "copy of the code and one log per rank; preemptions and time limits checkpoint and requeue, and the\n"
         "requeued job resumes from the newest checkpoint in train.out_dir.",
     )
     p.add_argument("config", help="run config YAML")
@@ -461,18 +452,18 @@ def cmd_submit(argv: Sequence[str]) -> None:
     slurm.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
                        help="'local' runs the same job through submitit's local executor on this machine")
     slurm.add_argument("--tasks-per-node", type=int, default=None,
-                       help="ranks per node (default: --gpus-per-node; required with --gpus-per-node 0)")
+                       help="ranks per node; unset: one per GPU; needed with --gpus-per-node 0")
     slurm.add_argument("--folder", default="runs/slurm", help="parent of the job folders")
     slurm.add_argument("--job-dir", default=None,
-                       help="this job's folder (default: FOLDER/<config name>-<date>-<time>); must be new")
-    slurm.add_argument("--name", default=None, help="SLURM job name (default: the config file's name)")
+                       help="this job's folder, must be new; unset: FOLDER/<config name>-<date>-<time>")
+    slurm.add_argument("--name", default=None, help="SLURM job name; unset: the config file's name")
     slurm.add_argument("--time", default="3-00:00:00", help="time limit (MM, HH:MM:SS, D-HH:MM:SS)")
     slurm.add_argument("--partition", default=None, help="sbatch --partition")
     slurm.add_argument("--account", default=None, help="sbatch --account")
     slurm.add_argument("--qos", default=None, help="sbatch --qos")
     slurm.add_argument("--constraint", default=None, help="sbatch --constraint")
     slurm.add_argument("--exclusive", action="store_true", help="sbatch --exclusive")
-    slurm.add_argument("--mem", default=None, help="sbatch --mem per node, e.g. 200G (default: the partition's)")
+    slurm.add_argument("--mem", default=None, help="sbatch --mem per node, e.g. 200G; unset: the partition's")
     slurm.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per rank")
     slurm.add_argument("--setup", action="append", default=[], metavar="CMD",
                        help="shell line run before srun (repeatable), e.g. 'module load cuda'")
@@ -503,7 +494,7 @@ def cmd_submit(argv: Sequence[str]) -> None:
                                node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
     else:
         if not args.hostfile or not args.master_addr:
-            raise SystemExit("ddistill submit --launcher deepspeed needs --hostfile and --master-addr")
+            raise BadInput("--launcher deepspeed needs --hostfile and --master-addr")
         slots = parse_hostfile(Path(args.hostfile).read_text())
         check_world_size(run_cfg.train, sum(slots.values()), layout=f"hostfile {args.hostfile}: {slots}")
         cmd = deepspeed_command(args.config, args.overrides, hostfile=args.hostfile, master_addr=args.master_addr,
@@ -540,13 +531,13 @@ def _submit_slurm(args, argv: Sequence[str], run_cfg) -> None:
     try:
         submitted = submit_job(job, cluster=args.cluster)
     except RuntimeError as err:  # no srun here: one line, nothing written
-        raise SystemExit(f"ddistill submit: {err}") from None
+        raise BadInput(str(err)) from None
     print(f"submitted job {submitted.job_id} ({args.cluster}); job folder {job.folder}; rank logs "
           f"{job.folder}/{submitted.job_id}_<rank>_log.out; training into {job.run_config.train.out_dir}", flush=True)
 
 
 def cmd_jobs(argv: Sequence[str]) -> None:
-    p = argparse.ArgumentParser(prog="ddistill jobs", formatter_class=_ShowDefaults,
+    p = _Parser(prog="ddistill jobs", formatter_class=_Formatter,
                                 description="List the jobs `ddistill submit` wrote into a folder: state (squeue, "
                                 "else the job's result), last logged step and loss.")
     p.add_argument("folder", nargs="?", default="runs/slurm", help="a job folder or the parent of job folders")

@@ -187,11 +187,11 @@ def test_job_folder_holds_the_resolved_config_and_a_frozen_copy_of_the_code(tmp_
     assert meta["world_size"] == 2 and meta["job_ids"] == [] and meta["task_command"].endswith("jobs/a/config.yaml")
 
 
-def _cli(capsys, *args) -> tuple[int | str, str, str]:
-    """Run `ddistill ARGS` in this process: (exit code or SystemExit message, stdout, stderr)."""
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """Run `ddistill ARGS` in this process: (exit code, stdout, stderr)."""
     from ddistill.cli import main
 
-    code: int | str = 0
+    code = 0
     try:
         main(list(args))
     except SystemExit as stop:
@@ -200,21 +200,29 @@ def _cli(capsys, *args) -> tuple[int | str, str, str]:
     return code, out, err
 
 
+def _one_line_error(code: int, err: str) -> str:
+    """The bad-input exit code, no traceback, and the message as the last line of stderr."""
+    from ddistill.exit_codes import ExitCode
+
+    assert code == ExitCode.BAD_INPUT and "Traceback" not in err, (code, err)
+    return err.strip().splitlines()[-1]
+
+
 def test_submit_without_slurm_refuses_in_one_line_unless_local_is_asked(tmp_path, monkeypatch, capsys):
     config = str(ROOT / "configs/experiments/classics_mdlm_test.yaml")
     real_which = shutil.which
     monkeypatch.setattr("shutil.which", lambda name, *a, **k: None if name == "srun" else real_which(name, *a, **k))
     common = [config, "train.device=cpu", "--launcher", "slurm", "--gpus-per-node", "0", "--tasks-per-node", "2"]
-    code, out, _ = _cli(capsys, "submit", *common, "--job-dir", str(tmp_path / "job"))
-    assert isinstance(code, str) and "\n" not in code, (code, _)  # one line
-    assert code.startswith("ddistill submit:") and "srun is not on the PATH" in code and "--cluster local" in code
+    code, out, err = _cli(capsys, "submit", *common, "--job-dir", str(tmp_path / "job"))
+    line = _one_line_error(code, err)
+    assert line.startswith("ddistill submit:") and "srun is not on the PATH" in line and "--cluster local" in line
     assert not (tmp_path / "job").exists() and "submitted job" not in out  # nothing written, nothing started
     code, out, _ = _cli(capsys, "submit", *common, "--job-dir", str(tmp_path / "job"), "--dry-run")
     assert code == 0  # a dry run needs no SLURM
     assert out.startswith("#!/bin/bash") and f"ddistill train {tmp_path / 'job'}/config.yaml" in out
     assert "#SBATCH --ntasks-per-node=2" in out and not (tmp_path / "job").exists()
-    code, _, _ = _cli(capsys, "submit", *common, "train.global_batch_size=12", "--dry-run")
-    assert isinstance(code, str) and "global_batch_size=12" in code and "world size 2" in code
+    line = _one_line_error(*_cli(capsys, "submit", *common, "train.global_batch_size=12", "--dry-run")[::2])
+    assert "global_batch_size=12" in line and "world size 2" in line
     code, out, _ = _cli(capsys, "submit", "--help")
     helptext = " ".join(out.split())
     assert code == 0 and "(default: 3-00:00:00)" in helptext and "(default: slurm)" in helptext
@@ -224,11 +232,12 @@ def test_deepspeed_and_torchrun_submissions_check_the_world_size(tmp_path, capsy
     config = str(ROOT / "configs/experiments/classics_mdlm_test.yaml")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(hostfile_text(["a", "b", "c"], 1))
-    code, _, _ = _cli(capsys, "submit", config, "--launcher", "deepspeed", "--hostfile", str(hostfile),
-                      "--master-addr", "a", "--dry-run")
-    assert isinstance(code, str) and "world size 3" in code and "hostfile" in code
-    code, _, _ = _cli(capsys, "submit", config, "--launcher", "torchrun", "--gpus-per-node", "3", "--dry-run")
-    assert isinstance(code, str) and "world size 3 (1 nodes x 3 GPUs)" in code
+    code, _, err = _cli(capsys, "submit", config, "--launcher", "deepspeed", "--hostfile", str(hostfile),
+                        "--master-addr", "a", "--dry-run")
+    line = _one_line_error(code, err)
+    assert "world size 3" in line and "hostfile" in line
+    code, _, err = _cli(capsys, "submit", config, "--launcher", "torchrun", "--gpus-per-node", "3", "--dry-run")
+    assert "world size 3 (1 nodes x 3 GPUs)" in _one_line_error(code, err)
     code, out, _ = _cli(capsys, "submit", config, "--launcher", "torchrun", "--gpus-per-node", "2", "--dry-run")
     assert code == 0 and "--nproc_per_node=2" in out
 

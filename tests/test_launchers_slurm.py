@@ -231,16 +231,19 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
 
 def test_submit_refuses_a_world_size_that_does_not_divide_the_batch(cluster, tmp_path, monkeypatch, capsys):
     from ddistill.cli import main
+    from ddistill.exit_codes import ExitCode
 
     cluster.activate(monkeypatch)
     job = tmp_path / "bad"
     with pytest.raises(SystemExit) as stop:
         main(["submit", CONFIG, *RUN, "train.global_batch_size=6", *SLURM, "--job-dir", str(job)])
-    message = str(stop.value.code)
-    assert message.startswith("ddistill submit: configuration error:") and "\n" not in message, message
+    out, err = capsys.readouterr()
+    assert stop.value.code == ExitCode.BAD_INPUT and "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("ddistill submit: configuration error:"), err
     assert "global_batch_size=6" in message and "world size 2 (1 nodes x 2 tasks per node)" in message
     assert not job.exists() and cluster.queue() == []  # nothing written, nothing queued
-    assert "submitted" not in capsys.readouterr().out
+    assert "submitted" not in out
 
 
 def test_scontrol_hostnames_and_hostfile_of_an_allocation(cluster, tmp_path, monkeypatch):
