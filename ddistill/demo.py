@@ -7,8 +7,17 @@
    the students of its run (`Method.eval_students`: one per round boundary) and each is exported;
 4. sample the teacher and every student at several step counts with the sampler its method names (MDLM or DUO
    ancestral; `tails` adds DUO's greedy tail) and score Gen-PPL (offline judge SmolLM2-135M, retokenised) and
-   unigram entropy; print the table and save the CSV, Markdown and a plot of Gen-PPL / entropy against steps
-   (one curve per model and tail).
+   unigram entropy, each with a 95% bootstrap interval over the samples; print the table and save the CSV,
+   Markdown and a plot of Gen-PPL / entropy against steps with error bars (one curve per model and tail), the
+   decoded samples (`samples/<curve>_T<steps>.jsonl`, `samples.md`), and print a few of them side by side.
+
+Each round's student is exported from that round's own checkpoint (`checkpoints/step_<r·S>`, EMA weights), so a
+second run into the same out_dir resumes: finished stages are not trained again, and it re-samples and re-scores
+with every label on its own weights. Samples are drawn with seeds fixed by (seed, steps, batch), training is
+bitwise reproducible on CPU, so two fresh runs with the same seed give the same table.
+
+The CPU profile uses the classics BPE of 4,096 ids (`data.tokenizer=classics-bpe-4096`): the output layer then
+costs ~12x less than GPT-2's 50,258 columns; samples are decoded with the tokenizer each checkpoint records.
 
 Profiles (configs/demo/*.yaml) size the job: `cpu` fits in about 10 minutes on 2 cores, `cpu_long` is the longer CPU
 run reported in the SDTT issue note, `gpu` a larger one for one GPU; the DUO pipeline reads `duo_<profile>.yaml`.
@@ -24,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import resource
 import shlex
 import shutil
 import subprocess
@@ -139,31 +150,74 @@ def _method_of(spec: RunSpec, extra: Sequence[str]):
     return get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
 
 
+def _finished_export(run_dir: Path, spec: RunSpec) -> str | None:
+    """The export of a teacher run that already reached its max_steps (complete checkpoint + export), else None."""
+    from ddistill.engine.run_config import load_run_config
+
+    max_steps = load_run_config(ROOT / spec.config, [*spec.overrides, f"train.out_dir={run_dir}"]).train.max_steps
+    export = run_dir / "export" / "student"
+    done = (run_dir / "checkpoints" / f"step_{max_steps:08d}" / "MANIFEST.json").is_file()
+    return str(export) if done and (export / "config.json").is_file() else None
+
+
+def _export_student(checkpoint: Path, network: str, sampler: str, dest: Path) -> None:
+    """Write the EMA `network` of a training checkpoint to `dest` in the public layout, with its tokenizer's name."""
+    from ddistill.eval.rounds import load_checkpoint_student
+    from ddistill.models.checkpoints import checkpoint_tokenizer, save_pretrained
+
+    model = load_checkpoint_student(checkpoint, network=network, device="cpu")
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    flavor = "mdlm" if sampler == "mdlm" else "duo"
+    save_pretrained(model, tmp, flavor=flavor, tokenizer=checkpoint_tokenizer(checkpoint))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
 def train_models(cfg: DemoConfig, out: Path) -> dict[str, dict]:
-    """Teacher, then each distillation method student by student; returns {label: {path, sampler}} of the exports."""
+    """Teacher, then each distillation method student by student; returns {label: {path, sampler}} of the exports.
+
+    A stage whose checkpoint is already complete (an earlier run into the same out_dir) is not trained again.
+    Every student is exported from the checkpoint of its own step, never from the run's latest state.
+    """
+    from ddistill.eval.rounds import run_students
+
     models: dict[str, dict] = {}
-    summary = _train(cfg.teacher, out / "teacher", [])
     (teacher,) = _method_of(cfg.teacher, []).eval_students()[-1:]  # the finished run's export
-    models["teacher"] = {"path": summary["export"], "sampler": teacher.sampler}
-    print(f"[demo] teacher: {summary['step']} steps, {summary['tokens_per_s_per_rank']:.0f} tokens/s/rank, "
-          f"exported to {summary['export']}", flush=True)
+    export = _finished_export(out / "teacher", cfg.teacher)
+    if export is None:
+        summary = _train(cfg.teacher, out / "teacher", [])
+        export = summary["export"]
+        print(f"[demo] teacher: {summary['step']} steps, {summary['tokens_per_s_per_rank']:.0f} tokens/s/rank, "
+              f"exported to {export}", flush=True)
+    else:
+        print(f"[demo] teacher: finished earlier, {export}", flush=True)
+    models["teacher"] = {"path": export, "sampler": teacher.sampler}
     for method, spec in cfg.distill.items():
         rounds = [f"init_from={models['teacher']['path']}", f"method.num_rounds={spec.num_rounds}",
                   f"method.steps_per_round={spec.steps_per_round}"]
-        for student in _method_of(spec, rounds).eval_students():
+        students = _method_of(spec, rounds).eval_students()
+        for student in students:
             if student.step is None:
                 raise ValueError(f"demo: method {method!r} lists a student without a training step ({student.label})")
-            # Each call resumes the same run (same out_dir), trains to the student's step, then exports.
-            summary = _train(spec, out / method, [*rounds, f"train.max_steps={student.step}",
-                                                  f"train.ckpt_every={student.step}"])
             label = f"{method} {student.label}"
+            checkpoint = out / method / "checkpoints" / f"step_{student.step:08d}"
+            if (checkpoint / "MANIFEST.json").is_file():
+                print(f"[demo] {label}: finished earlier, {checkpoint}", flush=True)
+            else:
+                # Each call resumes the same run (same out_dir) and trains to the student's step; the boundary
+                # checkpoints are kept (keep_last) so that each student can be exported from its own.
+                summary = _train(spec, out / method, [*rounds, f"train.max_steps={student.step}",
+                                                      f"train.ckpt_every={student.step}",
+                                                      f"train.keep_last={len(students) + 1}"])
+                print(f"[demo] {label}: step {summary['step']}, {summary['tokens_per_s_per_rank']:.0f} "
+                      f"tokens/s/rank", flush=True)
+            (found,) = run_students(out / method, [student])  # its complete checkpoint, or an error naming it
             dest = out / "students" / _safe(label)
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(summary["export"], dest)
-            models[label] = {"path": str(dest), "sampler": student.sampler}
-            print(f"[demo] {label}: step {summary['step']}, {summary['tokens_per_s_per_rank']:.0f} tokens/s/rank",
-                  flush=True)
+            _export_student(found.path, student.network, student.sampler, dest)
+            models[label] = {"path": str(dest), "sampler": student.sampler, "checkpoint": str(found.path)}
     (out / "models.json").write_text(json.dumps(models, indent=1))
     return models
 
@@ -210,29 +264,55 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
 
 
 def score_samples(cfg: DemoConfig, out: Path) -> list:
-    """Gen-PPL and entropy of every saved sample set; writes demo.csv / demo.md / demo.png and returns the rows."""
-    from ddistill.data.tokenizer import MASK_ID, get_tokenizer
-    from ddistill.eval.decode import decode_samples
+    """Gen-PPL and entropy (95% bootstrap intervals over samples) of every saved sample set; writes the decoded texts
+    (samples/<curve>_T<steps>.jsonl, samples.md) and demo.csv / demo.md / demo.png, and returns the rows."""
+    from ddistill.eval.decode import decode_samples, load_model_tokenizer
     from ddistill.eval.judge import load_judge
-    from ddistill.eval.metrics import gen_ppl, unigram_entropy
+    from ddistill.eval.metrics import gen_ppl_interval, mean_interval, unigram_entropy_per_sample
     from ddistill.eval.report import EvalRow, markdown_table, write_report
+    from ddistill.eval.sample_eval import write_samples_jsonl, write_samples_markdown
+    from ddistill.models.checkpoints import load_pretrained
 
     judge = load_judge(cfg.judge)
-    tokenizer = get_tokenizer()
     models = json.loads((out / "models.json").read_text())
-    rows = []
-    for label, _, _ in _curves(cfg, models):
+    rows, texts_of = [], {}
+    for curve, label, _ in _curves(cfg, models):
+        vocab_size = load_pretrained(models[label]["path"])[1].vocab_size
+        tokenizer = load_model_tokenizer(models[label]["path"], vocab_size)
         for steps in cfg.steps:
-            saved = torch.load(out / "samples" / _safe(label) / f"steps_{steps}.pt", weights_only=False)
-            texts = decode_samples(saved["tokens"], tokenizer, mask_id=MASK_ID)
-            rows.append(EvalRow(label=label, steps=steps, nfe=saved["nfe"],
-                                gen_ppl=gen_ppl(texts, judge, batch_size=cfg.judge_batch_size),
-                                entropy=unigram_entropy(saved["tokens"]), num_samples=len(texts), judge=cfg.judge,
-                                device=saved["device"], sample_seconds=saved["seconds"]))
+            saved = torch.load(out / "samples" / _safe(curve) / f"steps_{steps}.pt", weights_only=False)
+            texts = decode_samples(saved["tokens"], tokenizer, mask_id=tokenizer.mask_token_id)
+            texts_of[curve, steps] = texts
+            write_samples_jsonl(out / "samples" / f"{_safe(curve)}_T{steps}.jsonl", texts)
+            nll_sums, token_counts = judge.score_texts_per_sample(texts, batch_size=cfg.judge_batch_size)
+            if int(token_counts.sum()) == 0:
+                raise ValueError(f"demo: {curve} at T={steps}: the judge found no valid tokens in the samples")
+            entropies = unigram_entropy_per_sample(saved["tokens"])
+            ppl_lo, ppl_hi = gen_ppl_interval(nll_sums, token_counts, seed=cfg.seed)
+            entropy_lo, entropy_hi = mean_interval(entropies, seed=cfg.seed)
+            rows.append(EvalRow(label=curve, steps=steps, nfe=saved["nfe"],
+                                gen_ppl=math.exp(float(nll_sums.sum()) / int(token_counts.sum())),
+                                gen_ppl_lo=ppl_lo, gen_ppl_hi=ppl_hi, entropy=float(entropies.mean()),
+                                entropy_lo=entropy_lo, entropy_hi=entropy_hi, num_samples=len(texts),
+                                judge=cfg.judge, device=saved["device"], sample_seconds=saved["seconds"]))
     paths = write_report(rows, out, stem="demo", merge=False)
+    write_samples_markdown(out)
     print(markdown_table(rows))
-    print(f"[demo] table {paths['md']}, plot {paths['png']}", flush=True)
+    print(f"[demo] table {paths['md']}, plot {paths['png']}, samples {out / 'samples.md'}", flush=True)
+    _print_side_by_side(cfg, models, texts_of)
     return rows
+
+
+def _print_side_by_side(cfg: DemoConfig, models: dict[str, dict], texts_of: dict, count: int = 2,
+                        max_chars: int = 300) -> None:
+    """The first `count` samples of the teacher and of the last student at the fewest steps (same seeds)."""
+    curves = _curves(cfg, models)
+    steps = min(cfg.steps)
+    shown = [curves[0][0]] + ([curves[-1][0]] if len(curves) > 1 else [])
+    for i in range(count):
+        for curve in shown:
+            text = " ".join(texts_of[curve, steps][i].split())
+            print(f"[demo] {curve}, {steps} steps, sample {i + 1}: {text[:max_chars]}")
 
 
 def _safe(label: str) -> str:
@@ -249,24 +329,27 @@ def run_demo(cfg: DemoConfig) -> list:
     start = time.perf_counter()
     rows = []
     if cfg.stage in ("all", "train"):
-        from ddistill.data.corpora import DataConfig
         from ddistill.data.prepare import prepare
 
-        prepare(DataConfig(dataset="classics", block_size=_block_size(cfg)))
+        prepare(_teacher_data(cfg), ("train",))
         train_models(cfg, out)
     models = json.loads((out / "models.json").read_text())
     if cfg.stage in ("all", "sample"):
         sample_models(cfg, out, models)
     if cfg.stage in ("all", "score") and cfg.judge != "none":
         rows = score_samples(cfg, out)
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s ({cfg.profile} profile); results in {out}", flush=True)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    print(f"[demo] done in {time.perf_counter() - start:.0f} s, {cpu:.0f} s of CPU time (this process and its "
+          f"training processes; {cfg.profile} profile); results in {out}", flush=True)
     return rows
 
 
-def _block_size(cfg: DemoConfig) -> int:
+def _teacher_data(cfg: DemoConfig):
+    """The teacher run's data config (corpus, tokenizer, block size): what the demo prepares before training."""
     from ddistill.engine.run_config import load_run_config
 
-    return load_run_config(ROOT / cfg.teacher.config, [*cfg.teacher.overrides, "train.out_dir=unused"]).data.block_size
+    return load_run_config(ROOT / cfg.teacher.config, [*cfg.teacher.overrides, "train.out_dir=unused"]).data
 
 
 def demo_main(argv: Sequence[str]) -> None:

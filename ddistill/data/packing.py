@@ -157,7 +157,8 @@ def _source_key(cfg: DataConfig, files: list[str]) -> dict:
 
 def _cache_key(cfg: DataConfig, split: str, source: object) -> dict:
     return {"format": _FORMAT_VERSION, "dataset": cfg.dataset, "split": split, "tokenizer": cfg.tokenizer,
-            "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer), "block_size": cfg.block_size, "wrap": cfg.wrap,
+            "tokenizer_fingerprint": tokenizer_fingerprint(cfg.tokenizer), "block_size": cfg.block_size,
+            "wrap": cfg.wrap,
             "insert_eos": cfg.insert_eos if cfg.wrap else None, "max_documents": cfg.max_documents,
             "valid_documents": cfg.valid_documents, "sample_by": cfg.sample_by, "text_field": cfg.text_field,
             "source": source}

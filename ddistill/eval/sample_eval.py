@@ -142,7 +142,8 @@ def mauve_prompts(
     return ids[:, :prompt_tokens], decode_samples(ids, tokenizer, mask_id=None)
 
 
-def _write_jsonl(path: Path, texts: Sequence[str]) -> None:
+def write_samples_jsonl(path: Path, texts: Sequence[str]) -> None:
+    """One ``{"text": ...}`` line per decoded sample (the files `write_samples_markdown` reads)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for text in texts:
@@ -331,7 +332,8 @@ def evaluate_sampler(
                     human, continuation_texts, judge, batch_size=judge_batch_size, **(mauve_kwargs or {})
                 )
                 if save_texts:
-                    _write_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}_mauve.jsonl", continuation_texts)
+                    write_samples_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}_mauve.jsonl",
+                                        continuation_texts)
             nll_sums, token_counts = judge.score_texts_per_sample(texts, batch_size=judge_batch_size,
                                                                    max_length=length)
             if int(token_counts.sum()) == 0:
@@ -361,7 +363,7 @@ def evaluate_sampler(
             )
             rows.append(row)
             if save_texts:
-                _write_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}.jsonl", texts)
+                write_samples_jsonl(Path(out_dir) / "samples" / f"{_safe(label)}_T{steps}.jsonl", texts)
     if bar is not None:
         bar.close()
     if rank == 0:
