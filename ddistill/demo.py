@@ -150,12 +150,12 @@ def _method_of(spec: RunSpec, extra: Sequence[str]):
     return get_method(cfg.method.name)(cfg.method.config, vocab_size=vocab, mask_id=vocab - 1)
 
 
-def _finished_export(run_dir: Path, spec: RunSpec) -> str | None:
-    """The export of a teacher run that already reached its max_steps (complete checkpoint + export), else None."""
+def _finished_export(run_dir: Path, spec: RunSpec, network: str) -> str | None:
+    """The export of a run that already reached its max_steps (complete checkpoint + export of `network`), else None."""
     from ddistill.engine.run_config import load_run_config
 
     max_steps = load_run_config(ROOT / spec.config, [*spec.overrides, f"train.out_dir={run_dir}"]).train.max_steps
-    export = run_dir / "export" / "student"
+    export = run_dir / "export" / network
     done = (run_dir / "checkpoints" / f"step_{max_steps:08d}" / "MANIFEST.json").is_file()
     return str(export) if done and (export / "config.json").is_file() else None
 
@@ -186,7 +186,7 @@ def train_models(cfg: DemoConfig, out: Path) -> dict[str, dict]:
 
     models: dict[str, dict] = {}
     (teacher,) = _method_of(cfg.teacher, []).eval_students()[-1:]  # the finished run's export
-    export = _finished_export(out / "teacher", cfg.teacher)
+    export = _finished_export(out / "teacher", cfg.teacher, teacher.network)
     if export is None:
         summary = _train(cfg.teacher, out / "teacher", [])
         export = summary["export"]
