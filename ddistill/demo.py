@@ -19,7 +19,7 @@ bitwise reproducible on CPU, so two fresh runs with the same seed give the same 
 The CPU profile uses the classics BPE of 4,096 ids (`data.tokenizer=classics-bpe-4096`): the output layer then
 costs ~12x less than GPT-2's 50,258 columns; samples are decoded with the tokenizer each checkpoint records.
 
-Profiles (configs/demo/*.yaml) size the job: `cpu` fits in about 10 minutes on 2 cores, `cpu_long` is the longer CPU
+Profiles (configs/demo/*.yaml) size the job: `cpu` takes about 500 s of CPU time (one thread), `cpu_long` is the longer CPU
 run reported in the SDTT issue note, `gpu` a larger one for one GPU; the DUO pipeline reads `duo_<profile>.yaml`.
 `profile=auto` picks `gpu` when CUDA is available, else `cpu`. Any field can be overridden:
 
