@@ -68,6 +68,7 @@ class DistillSpec(RunSpec):
     steps_per_round: int = 100
 
 
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PIPELINES = ("sdtt", "duo")  # teacher -> distillation: MDLM -> SDTT (profiles <name>.yaml), DUO -> DCD (duo_<name>)
 TAILS = ("ancestral", "greedy")
 
@@ -127,7 +128,10 @@ def _train(spec: RunSpec, out_dir: Path, extra: Sequence[str]) -> dict:
     load_run_config(ROOT / spec.config, overrides)  # a bad config fails here, before any work
     cmd = [sys.executable, "-m", "ddistill.engine", str(ROOT / spec.config), *overrides]
     summary = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+    # A fresh single-process job: no distributed variables of the calling process (an in-process trainer sets
+    # MASTER_ADDR/PORT for its own process group; inherited, the job would try to bind the same port).
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) as proc:
         for line in proc.stdout:
             if line.startswith("SUMMARY "):
                 summary = json.loads(line[len("SUMMARY "):])
