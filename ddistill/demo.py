@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import resource
+import os
 import shlex
 import shutil
 import subprocess
