@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import os
+import resource
 import shlex
 import shutil
 import subprocess
