@@ -38,6 +38,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         "steps=[2, 4]", "num_samples=4", "batch_size=2", f"judge={_judge_dir(tmp_path)}",
     ])
     rows = run_demo(cfg)
+    err = capsys.readouterr().err
+    assert "sampling teacher" in err and "4/4" in err  # the progress bar: 2 step counts x 2 batches per model
     labels = ["teacher", "sdtt round 1", "sdtt round 2"]
     assert [(r.label, r.steps) for r in rows] == [(label, s) for label in labels for s in (2, 4)]
     for row in rows:
