@@ -4,7 +4,6 @@ test-size DiT, the real Trainer. Every refusal must leave the out_dir's files as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import types
@@ -40,15 +39,6 @@ def _blocks(num=32):
 
 def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(autouse=True)
-def _keep_environment():
-    """init_distributed exports RANK / MASTER_PORT / ... for this process: keep them out of later subprocesses."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture
