@@ -355,13 +355,13 @@ def cmd_rounds(argv: Sequence[str]) -> None:
     for spec in args.student:
         label, sep, path = spec.partition("=")
         if not sep or not label or not path:
-            raise SystemExit(f"--student {spec!r}: expected LABEL=PATH")
+            raise BadInput(f"--student {spec!r}: expected LABEL=PATH")
         students.append(RoundStudent(label=label, path=Path(path), sampler=sampler))
     if not students:
-        raise SystemExit("nothing to evaluate: give --run-dir, --teacher and/or --student")
+        raise BadInput("nothing to evaluate: give --run-dir, --teacher and/or --student")
     out_dir = args.out_dir or (args.run_dir / "eval_rounds" if args.run_dir else None)
     if out_dir is None:
-        raise SystemExit("--out-dir is required without --run-dir")
+        raise BadInput("--out-dir is required without --run-dir")
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -236,6 +236,7 @@ def _curves(cfg: DemoConfig, models: dict[str, dict]) -> list[tuple[str, str, st
 def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
     """Samples of every model and tail at every step count, saved as token ids (samples/<curve>/steps_<T>.pt)."""
     from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
+    from ddistill.eval.sample_eval import sampling_progress
     from ddistill.models.checkpoints import load_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -243,6 +244,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
         model, mcfg = load_pretrained(models[label]["path"], overrides={"dropout": 0.0})
         model = model.to(device)
         sampler = models[label]["sampler"]
+        bar = sampling_progress(len(cfg.steps) * -(-cfg.num_samples // cfg.batch_size), desc=f"sampling {curve}")
         for steps in cfg.steps:
             tokens, nfe, start = [], 0, time.perf_counter()
             for first in range(0, cfg.num_samples, cfg.batch_size):
@@ -260,11 +262,13 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
                     raise ValueError(f"demo: {label} names sampler {sampler!r}; the demo samples 'mdlm' and 'duo'")
                 tokens.append(result.tokens.cpu())
                 nfe += result.nfe
+                bar.update(1)
             seconds = time.perf_counter() - start
             target = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device)}, target)
+        bar.close()
         print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
 
 

@@ -17,3 +17,21 @@ if not torch.cuda.is_available():
 
 torch.use_deterministic_algorithms(False)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+_DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rank_environment():
+    """An in-process Trainer exports RANK / MASTER_PORT / ... (engine.distributed) for its process group; a later
+    test's subprocess (the demo's training jobs) would inherit them and try to bind the same port."""
+    before = {k: os.environ.get(k) for k in _DIST_VARIABLES}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -38,6 +38,8 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         "steps=[2, 4]", "num_samples=4", "batch_size=2", f"judge={_judge_dir(tmp_path)}",
     ])
     rows = run_demo(cfg)
+    printed, err = capsys.readouterr()
+    assert "sampling teacher" in err and "4/4" in err  # the progress bar: 2 step counts x 2 batches per model
     labels = ["teacher", "sdtt round 1", "sdtt round 2"]
     assert [(r.label, r.steps) for r in rows] == [(label, s) for label in labels for s in (2, 4)]
     for row in rows:
@@ -71,7 +73,6 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         texts = (out / "samples" / f"{row.label.replace(' ', '_')}_T{row.steps}.jsonl").read_text().splitlines()
         assert len(texts) == 4 and all(isinstance(json.loads(t)["text"], str) for t in texts)
     assert "## 2 steps" in (out / "samples.md").read_text() and "### sdtt_round_2" in (out / "samples.md").read_text()
-    printed = capsys.readouterr().out
     assert "[demo] teacher, 2 steps, sample 1:" in printed and "[demo] sdtt round 2, 2 steps, sample 2:" in printed
     assert "s of CPU time" in printed
 

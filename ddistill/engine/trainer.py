@@ -825,8 +825,9 @@ def train_command(argv: Sequence[str] | None = None) -> int:
     """`train_main` as a command: the exit code of `ddistill.exit_codes` (bad input: one line on stderr, 2)."""
     try:
         summary = train_main(argv)
-    except ConfigError as err:
-        print(f"ddistill train: configuration error: {err}", file=sys.stderr, flush=True)
+    except ConfigError as err:  # the same message on every rank (the launch plan is rank 0's, broadcast)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"ddistill train: configuration error: {err}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
     return exit_code_for_stop(summary["stop_reason"])
 
