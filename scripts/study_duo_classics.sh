@@ -41,7 +41,7 @@ from ddistill.data.corpora import DataConfig
 from ddistill.data.packing import build_token_blocks
 from ddistill.diffusion import LogLinearSchedule
 from ddistill.eval.metrics import val_nll_bound
-from ddistill.models.checkpoints import load_pretrained
+from ddistill.models.checkpoints import checkpoint_tokenizer, load_pretrained
 
 out, max_batches = Path(sys.argv[1]), int(sys.argv[2]) or None  # VAL_BATCHES=0: the whole validation split
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,8 @@ for label, path in (("duo (curriculum)", out / "demo_duo/teacher/export/student"
                     ("usdm (no curriculum)", out / "usdm_teacher/export/student")):
     model, cfg = load_pretrained(path, overrides={"dropout": 0.0})
     model = model.to(device)
-    blocks = build_token_blocks(DataConfig(dataset="classics", block_size=cfg.length), "validation")
+    data_cfg = DataConfig(dataset="classics", block_size=cfg.length, tokenizer=checkpoint_tokenizer(path))
+    blocks = build_token_blocks(data_cfg, "validation")
     data = torch.as_tensor(blocks[: (len(blocks) // 64) * 64], dtype=torch.long)
     batches = [data[i : i + 64] for i in range(0, len(data), 64)]
     nll = val_nll_bound(model, batches, process="uniform", schedule=LogLinearSchedule(), vocab_size=cfg.vocab_size,

@@ -218,3 +218,9 @@ def test_dimo_sampler_from_sample_and_eval(mdlm_checkpoint, tmp_path):
     rows = read_csv(tmp_path / "ev" / "sample_eval.csv")
     assert [(r.label, r.steps, r.nfe) for r in rows] == [("g", 1, 1.0), ("g", 2, 2.0)]
     assert all(0 < r.distinct_2 <= 1 and 0 <= r.duplicate_frac < 1 for r in rows)
+
+
+def test_rounds_rejects_a_directory_that_is_not_a_run(tmp_path):
+    proc = run_cli("rounds", "--run-dir", str(tmp_path), "--judge", "smollm2")
+    assert proc.returncode != 0
+    assert "is not a training run: no config.yaml" in proc.stderr and "Traceback" not in proc.stderr
