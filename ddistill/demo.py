@@ -25,6 +25,7 @@ run reported in the SDTT issue note, `gpu` a larger one for one GPU; the DUO pip
 
     ddistill demo                                  # auto profile, writes runs/demo
     ddistill demo method=duo                       # DUO teacher with curriculum -> DCD rounds, writes runs/demo_duo
+    ddistill demo method=dimo                      # MDLM teacher -> DiMO one-step generator (profiles dimo_<name>)
     ddistill demo profile=cpu out_dir=/tmp/demo teacher.overrides='[train.max_steps=50]'
     ddistill demo judge=none                       # sample only; score later with `ddistill demo stage=score`
 """
@@ -63,20 +64,27 @@ class RunSpec:
 
 @dataclass(kw_only=True)
 class DistillSpec(RunSpec):
-    """A distillation run; num_rounds and steps_per_round set the shared round schedule (methods/rounds.py)."""
+    """A distillation run. A multi-round method (SDTT, DCD): num_rounds and steps_per_round set the shared round
+    schedule (methods/rounds.py), one student per round boundary. A single-run method (DiMO): max_steps is the run's
+    length and its student is the run's final export; the round fields are then not passed to the method."""
 
     num_rounds: int = 2
     steps_per_round: int = 100
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"distill.*.max_steps={self.max_steps} must be >= 1")
 
 
 DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-PIPELINES = ("sdtt", "duo")  # teacher -> distillation: MDLM -> SDTT (profiles <name>.yaml), DUO -> DCD (duo_<name>)
+PIPELINES = ("sdtt", "duo", "dimo")  # teacher -> distillation: MDLM -> SDTT (profiles <name>.yaml), DUO -> DCD (duo_<name>)
 TAILS = ("ancestral", "greedy")
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    method: Literal["sdtt", "duo"] = "sdtt"  # the pipeline; picks the profile family
+    method: Literal["sdtt", "duo", "dimo"] = "sdtt"  # the pipeline; picks the profile family
     profile: str = "auto"  # auto | the name of a profile of the pipeline in configs/demo
     out_dir: str = "runs/demo"
     stage: Literal["all", "train", "sample", "score"] = "all"
@@ -201,13 +209,32 @@ def train_models(cfg: DemoConfig, out: Path) -> dict[str, dict]:
         print(f"[demo] teacher: finished earlier, {export}", flush=True)
     models["teacher"] = {"path": export, "sampler": teacher.sampler}
     for method, spec in cfg.distill.items():
-        rounds = [f"init_from={models['teacher']['path']}", f"method.num_rounds={spec.num_rounds}",
-                  f"method.steps_per_round={spec.steps_per_round}"]
+        rounds = [f"init_from={models['teacher']['path']}"]
+        if spec.max_steps is None:
+            rounds += [f"method.num_rounds={spec.num_rounds}", f"method.steps_per_round={spec.steps_per_round}"]
         students = _method_of(spec, rounds).eval_students()
         for student in students:
-            if student.step is None:
-                raise ValueError(f"demo: method {method!r} lists a student without a training step ({student.label})")
-            label = f"{method} {student.label}"
+            label = f"{method} {student.label}" if student.label != method else method
+            if student.step is None:  # a single-run method: its student is the finished run's export
+                if spec.max_steps is None:
+                    raise ValueError(f"demo: method {method!r} lists a student without a training step "
+                                     f"({student.label}); set distill.{method}.max_steps")
+                export = _finished_export(out / method, RunSpec(config=spec.config, overrides=[
+                    *spec.overrides, *rounds, f"train.max_steps={spec.max_steps}"]), student.network)
+                if export is None:
+                    summary = _train(spec, out / method, [*rounds, f"train.max_steps={spec.max_steps}",
+                                                          f"train.ckpt_every={spec.max_steps}"])
+                    export = summary["export"]
+                    print(f"[demo] {label}: {summary['step']} steps, {summary['tokens_per_s_per_rank']:.0f} "
+                          f"tokens/s/rank", flush=True)
+                else:
+                    print(f"[demo] {label}: finished earlier, {export}", flush=True)
+                dest = out / "students" / _safe(label)
+                if dest.exists():
+                    shutil.rmtree(dest)
+                shutil.copytree(export, dest)
+                models[label] = {"path": str(dest), "sampler": student.sampler}
+                continue
             checkpoint = out / method / "checkpoints" / f"step_{student.step:08d}"
             if (checkpoint / "MANIFEST.json").is_file():
                 print(f"[demo] {label}: finished earlier, {checkpoint}", flush=True)
@@ -235,7 +262,7 @@ def _curves(cfg: DemoConfig, models: dict[str, dict]) -> list[tuple[str, str, st
 
 def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
     """Samples of every model and tail at every step count, saved as token ids (samples/<curve>/steps_<T>.pt)."""
-    from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
+    from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_duo, sample_mdlm
     from ddistill.eval.sample_eval import sampling_progress
     from ddistill.models.checkpoints import load_pretrained
 
@@ -258,8 +285,13 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
                                          time_conditioning=mcfg.time_conditioning, **common)
                 elif sampler == "duo":
                     result = sample_duo(model, **common)
+                elif sampler == "dimo":  # the DiMO training defaults of x_init and the embedding noise
+                    for key in ("schedule", "greedy_tail"):
+                        common.pop(key)
+                    result = sample_dimo(model, mask_id=mcfg.vocab_size - 1, embed_dim=mcfg.hidden_size,
+                                         noise_rms=model.input_embedding_rms(), **common)
                 else:
-                    raise ValueError(f"demo: {label} names sampler {sampler!r}; the demo samples 'mdlm' and 'duo'")
+                    raise ValueError(f"demo: {label} names sampler {sampler!r}; the demo samples 'mdlm', 'duo' and 'dimo'")
                 tokens.append(result.tokens.cpu())
                 nfe += result.nfe
                 bar.update(1)
