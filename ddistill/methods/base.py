@@ -29,9 +29,12 @@ What a method declares (all typed, all optional beyond role/init):
 Checkpoints hold every network (trained: DeepSpeed state with its optimizer; frozen: current weights), every EMA
 and the per-network update counters, and resume exactly.
 
-Differences from ../shared/DESIGN.md (the older sketch): one optimizer config per network instead of one shared
-config, update phases instead of "every trained network steps on every micro-batch", and an explicit output
-network instead of "the first trained network".
+Against ../shared/DESIGN.md (the older sketch): DESIGN.md already asks for per-network optimizers, parameter
+filters and ordered phases; it names the exported network as part of a network's declaration, where this contract
+has one `Method.output_network`; it does not mention model keyword arguments through the network wrapper or the
+per-network update counters kept in checkpoints. Against the code before this contract: one optimizer config was
+shared by all networks, every trained network stepped on every micro-batch, and the output was "the first trained
+network".
 
 Randomness: `StepContext.generator` is seeded identically on every rank and every micro-batch of a step from
 (seed, step) (deliberately not from micro_step, see below); phases after the first (or repetitions after the first)
