@@ -8,18 +8,20 @@
 Each (row, variant) runs `python -m ddistill.engine CONFIG overrides...` in a fresh process on the classics corpus
 (`data.dataset=classics`, no download) for `--steps` optimizer steps, logging every steps/2: the figure is the
 trainer's own tokens/s over the second half (warm-up, JIT and compilation fall in the first), read from the
-`SUMMARY` line; peak memory is the trainer's (max allocated over the run). SDTT rows start from a random
-public-layout checkpoint of the row's size written once per invocation (`init_from`; the speed does not depend on
-the weights: the teacher's reveal decisions don't read its outputs).
+`SUMMARY` line; peak memory is the trainer's (max allocated over the run). SDTT and DCD rows start from a
+random public-layout checkpoint (MDLM or DUO layout) of the row's size written once per invocation (`init_from`; the
+speed does not depend on the weights: the teacher's reveal decisions don't read its outputs). The DUO row is the
+curriculum step of the `duo_owt_small` recipe (exact top-k latent).
 
 Variants: `baseline` = the straightforward PyTorch path (`method.loss_impl=torch`: materialised logits, eager), the
 reference's style; `fused` = the fused Triton losses; `fused+compile` = fused + regional torch.compile of the DiT
-blocks (`train.compile=true`). Every row prints its speed-up over its own baseline when both ran.
+blocks (`train.compile=true`); `compile` = the torch loss + regional compile (the only variants of DCD, which has no
+fused loss). Every row prints its speed-up over its own baseline when both ran.
 
 MFU = tokens/s × model FLOPs per token / `--peak-tflops` (default 790, the bf16 matrix rate measured on an H200 of
 this workplace). Model FLOPs per token, N = parameters without the input embedding (the output layer included),
 n = blocks, d = width, L = length: training 6N + 12·n·d·L (attention scores and values, fwd + bwd); an SDTT step
-adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere).
+adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere), a DCD step one.
 Results go to results/engine.csv (card, versions, git revision, command) and results/engine.md.
 """
 
@@ -53,6 +55,10 @@ ROWS: dict[str, dict] = {
                        overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
     "sdtt_small": dict(config="configs/experiments/sdtt_owt_small.yaml", method="sdtt",
                        overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
+    "duo_small": dict(config="configs/experiments/duo_owt_small.yaml", method="duo",
+                      overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
+    "dcd_small": dict(config="configs/experiments/dcd_owt_small.yaml", method="dcd",
+                      overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
     "mdlm_test": dict(config="configs/experiments/classics_mdlm_test.yaml", method="mdlm",  # CPU smoke size
                       overrides=["train.global_batch_size=4", "train.micro_batch_size=4"]),
 }
@@ -60,7 +66,18 @@ VARIANTS: dict[str, list[str]] = {
     "baseline": ["method.loss_impl=torch"],
     "fused": ["method.loss_impl=triton"],
     "fused+compile": ["method.loss_impl=triton", "train.compile=true"],
+    "compile": ["method.loss_impl=torch", "train.compile=true"],
 }
+UNFUSED_METHODS = ("dcd",)  # no loss_impl: only the torch loss, eager (`baseline`) or compiled (`compile`)
+
+
+def variant_overrides(row: dict, variant: str) -> list[str]:
+    overrides = VARIANTS[variant]
+    if row["method"] in UNFUSED_METHODS:
+        if "method.loss_impl=triton" in overrides:
+            raise SystemExit(f"variant {variant!r}: method {row['method']!r} has no fused loss; use baseline or compile")
+        overrides = [o for o in overrides if not o.startswith("method.loss_impl=")]
+    return overrides
 
 
 def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tuple[float, int]:
@@ -75,13 +92,13 @@ def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tup
     n_prime = params - model_cfg.vocab_size * model_cfg.hidden_size  # without the input embedding
     attention = model_cfg.n_blocks * model_cfg.hidden_size * model_cfg.length
     flops = 6 * n_prime + 12 * attention
-    if method == "sdtt":
+    if method in ("sdtt", "dcd"):
         flops += num_teacher_steps * (2 * n_prime + 4 * attention)
     return float(flops), params
 
 
-def random_checkpoint(model_cfg, out: Path) -> Path:
-    """A public-layout MDLM checkpoint with random weights (output layer included) for the SDTT rows."""
+def random_checkpoint(model_cfg, out: Path, flavor: str) -> Path:
+    """A public-layout MDLM (SDTT rows) or DUO (DCD rows) checkpoint with random weights, output layer included."""
     import torch
 
     from ddistill.models.checkpoints import save_pretrained
@@ -91,11 +108,11 @@ def random_checkpoint(model_cfg, out: Path) -> Path:
     model = build_model(model_cfg)
     with torch.no_grad():
         model.output_weight.normal_(0.0, 0.02)
-    return save_pretrained(model, out, flavor="mdlm")
+    return save_pretrained(model, out, flavor=flavor)
 
 
 def engine_args(row: dict, variant: str, extra: list[str], steps: int, out_dir: Path, device: str) -> list[str]:
-    return [row["config"], *row["overrides"], *VARIANTS[variant], f"train.max_steps={steps}",
+    return [row["config"], *row["overrides"], *variant_overrides(row, variant), f"train.max_steps={steps}",
             f"train.log_every={max(1, steps // 2)}", f"train.ckpt_every={10**9}", "train.eval_every=0",
             "train.export_final=false", f"train.out_dir={out_dir}", f"train.device={device}",
             "logging.wandb=disabled", "logging.progress_bar=false", "logging.jsonl=false", *extra]  # fmt: skip
@@ -107,13 +124,13 @@ def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
     row = ROWS[name]
     out_dir = work / f"{name}-{variant}".replace("+", "_")
     extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
-    if row["method"] == "sdtt" and cfg.init_from is not None and not Path(cfg.init_from).exists():
-        init = work / f"init-{cfg.model.size}-{cfg.model.length}"
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *variant_overrides(row, variant), *extra])
+    if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
+        init = work / f"init-{row['method']}-{cfg.model.size}-{cfg.model.length}"
         if not init.exists():
-            random_checkpoint(cfg.model, init)
+            random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
         extra.append(f"init_from={init}")
-    k = getattr(cfg.method.config, "num_teacher_steps", 0)
+    k = 1 if row["method"] == "dcd" else getattr(cfg.method.config, "num_teacher_steps", 0)
     flops, params = model_flops_per_token(cfg.model, row["method"], k)
     command = [sys.executable, "-m", "ddistill.engine", *engine_args(row, variant, extra, args.steps, out_dir,
                                                                     args.device)]  # fmt: skip
@@ -148,10 +165,10 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
 
     row = ROWS[name]
     extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
-    if row["method"] == "sdtt" and cfg.init_from is not None and not Path(cfg.init_from).exists():
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *variant_overrides(row, variant), *extra])
+    if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
         init = work / "init-profile"
-        random_checkpoint(cfg.model, init)
+        random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
         extra.append(f"init_from={init}")
     overrides = engine_args(row, variant, extra, args.steps, work / "profile", args.device)[1:]
     trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
