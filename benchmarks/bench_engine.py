@@ -2,7 +2,7 @@
 
     python benchmarks/bench_engine.py                                   # every row, every variant (one GPU)
     python benchmarks/bench_engine.py --rows sdtt_small --variants fused --set deepspeed.frozen_zero_stage=0
-    python benchmarks/bench_engine.py --rows mdlm_tiny --profile        # host profile + host syncs per step
+    python benchmarks/bench_engine.py --rows mdlm_tiny --profile        # host profile, host syncs, GPU kernels
     python benchmarks/bench_engine.py --device cpu --rows mdlm_test --steps 4 --no-save   # CPU smoke run
 
 Each (row, variant) runs `python -m ddistill.engine CONFIG overrides...` in a fresh process on the classics corpus
@@ -207,6 +207,16 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
     print(text.getvalue()[-9000:], flush=True)
+    if cuda:  # the device side: which kernels the step's time goes to
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+        print(f"== GPU kernels over {args.steps} steps (self CUDA time)", flush=True)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
+              flush=True)
 
 
 def write_markdown() -> None:
