@@ -143,7 +143,8 @@ def bench_engine(args, device, loss_impl: str):
             "data": {"dataset": "classics", "block_size": length},
             "method": {"name": "dimo", "loss_impl": loss_impl},
             "train": {"max_steps": 10**6, "global_batch_size": args.batch, "micro_batch_size": args.batch,
-                      "out_dir": str(Path(tmp) / "run"), "device": device.type, "export_final": False},
+                      "out_dir": str(Path(tmp) / "run"), "device": device.type, "export_final": False,
+                      "compile": args.compile},
             "deepspeed": {"frozen_zero_stage": args.frozen_zero_stage},
             "logging": {"wandb": "disabled", "progress_bar": False, "jsonl": False},
             "init_from": str(Path(tmp) / "teacher"),
@@ -192,7 +193,7 @@ def profiled(step, args, device) -> dict:
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
     return dict(status="profiled")
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton interpreter; use --size test)")
     parser.add_argument("--frozen-zero-stage", type=int, choices=[0, 3], default=3,
                         help="engine paths: the teacher as a ZeRO-3 inference engine (default) or replicated (0)")
+    parser.add_argument("--compile", action="store_true",
+                        help="engine paths: regional torch.compile of the DiT blocks (train.compile=true)")
     parser.add_argument("--profile", action="store_true", help="engine paths: print torch.profiler tables")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -230,6 +233,7 @@ def main() -> None:
         if result.get("status") == "ok":
             result["tokens_per_s"] = result["steps_per_s"] * args.batch * length
         name = impl if impl == "baseline" or args.frozen_zero_stage == 3 else f"{impl}-z{args.frozen_zero_stage}"
+        name += "+compile" if args.compile and impl != "baseline" else ""
         row = {"timestamp": stamp, **env, "impl": name, "size": args.size, "batch": args.batch, "length": length,
                "vocab": args.vocab_size, **result}
         rows.append(row)
