@@ -170,13 +170,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     dimo.add_argument("--embed-noise-rms", action=argparse.BooleanOptionalAction, default=True,
                       help="scale the noise to the RMS of the embedding table (as in training)")
     dimo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    dimo.add_argument("--remask", choices=("confidence", "random"), default="confidence",  # sample_dimo's
+                      help="positions re-masked at steps >= 2: the least confident, or uniformly random ones")
 
 
 def _sampler_kwargs(args, process: str, model=None) -> dict:
     kwargs = {"nucleus_p": args.nucleus_p}
     if process == "dimo":
         return {**kwargs, "r_init": args.r_init, "embed_noise": args.embed_noise, "temperature": args.temperature,
-                "embed_dim": model.config.hidden_size,
+                "remask": args.remask, "embed_dim": model.config.hidden_size,
                 "noise_rms": model.input_embedding_rms() if args.embed_noise_rms else 1.0}
     if args.greedy_tail is not None:
         kwargs["greedy_tail"] = args.greedy_tail

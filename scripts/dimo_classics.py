@@ -85,6 +85,9 @@ def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device)
                    r_init=args.r_init, embed_noise=args.embed_noise)
     for steps in args.dimo_sample_steps:
         out.setdefault("dimo", {})[steps] = draw(lambda **kw: sample_dimo(generator, **dimo_kw, **kw), steps)
+        if steps > 1:  # the same generator with uniformly random re-masking between steps
+            out.setdefault("dimo remask=random", {})[steps] = draw(
+                lambda **kw: sample_dimo(generator, remask="random", **dimo_kw, **kw), steps)
     for temperature in args.temperatures:
         out[f"dimo T={temperature}"] = {1: draw(lambda **kw: sample_dimo(generator, temperature=temperature,
                                                                          **dimo_kw, **kw), 1)}

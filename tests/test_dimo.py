@@ -185,6 +185,36 @@ def test_dimo_sampler_one_and_several_steps():
     assert (draw(3, prefix=prefix).tokens[:, :3] == 2).all()
 
 
+def test_dimo_sampler_random_remask_is_uniform_over_positions():
+    """remask="random" re-masks round(r_init·L·(N−1)/N) positions at step 2 uniformly: each position with probability
+    count/L (a 5σ binomial bound); confidence re-masking picks exactly the least confident drawn tokens."""
+    net, batch, steps = ToyNet(3), 400, 2
+    count = round(0.6 * L * (steps - 1) / steps)
+
+    def second_input(remask):
+        net.calls.clear()
+        net.outputs.clear()
+        sample_dimo(net, batch_size=batch, length=L, num_steps=steps, mask_id=MASK, vocab_size=V, embed_dim=D,
+                    generator=torch.Generator().manual_seed(7), device="cpu", remask=remask)
+        return net.calls[1]["x"] == MASK, net.outputs[0].detach()
+
+    masked, _ = second_input("random")
+    assert (masked.sum(1) == count).all()
+    freq, p = masked.double().mean(0), count / L
+    assert ((freq - p).abs() <= 5 * math.sqrt(p * (1 - p) / batch)).all()
+    masked, first_logits = second_input("confidence")
+    # a one-step run with the same seed consumes the same random numbers: its tokens are step 1's draws
+    one = sample_dimo(net, batch_size=batch, length=L, num_steps=1, mask_id=MASK, vocab_size=V, embed_dim=D,
+                      generator=torch.Generator().manual_seed(7), device="cpu").tokens
+    probs = torch.softmax(first_logits.index_fill(-1, torch.tensor([MASK]), float("-inf")), -1)
+    confidence = probs.gather(-1, one.unsqueeze(-1)).squeeze(-1)
+    least = torch.zeros_like(masked).scatter(1, confidence.argsort(1)[:, :count], True)
+    assert torch.equal(masked, least)
+    with pytest.raises(ValueError, match="remask"):
+        sample_dimo(net, batch_size=2, length=L, num_steps=2, mask_id=MASK, vocab_size=V, embed_dim=D,
+                    generator=torch.Generator().manual_seed(7), device="cpu", remask="worst")
+
+
 def test_recipes_load_and_set_per_network_optimizers():
     from ddistill.engine.run_config import load_run_config
     from ddistill.methods.dimo import DiMO

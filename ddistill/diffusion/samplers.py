@@ -20,7 +20,9 @@ x_init = i.i.d. uniform real tokens with exactly round(r_init·L) positions [MAS
 embeddings (e ← s·n + √(1−s²)·e); it draws every position from softmax(z/T) (mask id excluded; the generator has no
 SUBS carry-over). Step k ≥ 2 re-masks the round(r_init·L·(N−k+1)/N) least confident positions (confidence = the
 probability of the drawn token when it was drawn; prompt positions never), feeds that state (fresh embedding noise)
-and redraws only the re-masked positions. NFE = N.
+and redraws only the re-masked positions (remask="random": that many positions chosen uniformly at random instead,
+as in the masked-diffusion forward process; confidence-based re-masking keeps the surest tokens, which favours
+frequent ones and lowers the sample entropy as N grows). NFE = N.
 
 Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
 token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
@@ -42,6 +44,7 @@ __all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "
            "sample_dimo", "dimo_initial_tokens"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DIMO_REMASK = ("confidence", "random")  # which positions sample_dimo re-masks at steps k >= 2
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,7 @@ def sample_dimo(
     device: torch.device | str,
     dtype: torch.dtype = torch.float64,
     prefix: torch.Tensor | None = None,
+    remask: str = "confidence",
 ) -> SampleResult:
     """DiMO multi-step sampling (module docstring). `generator_fn(x, sigma, embed_noise=(s, n)) -> logits (B, L, V)`
     is the distilled generator (a DiT); n = noise_rms · N(0, I) of shape (B, L, embed_dim), σ = −log(1 − r_init)."""
@@ -247,6 +251,8 @@ def sample_dimo(
         raise ValueError(f"temperature={temperature} must be > 0")
     if not 0.0 <= embed_noise <= 1.0:
         raise ValueError(f"embed_noise={embed_noise} must lie in [0, 1]")
+    if remask not in DIMO_REMASK:
+        raise ValueError(f"remask={remask!r}; allowed values: {list(DIMO_REMASK)}")
     device = torch.device(device)
     shape = (batch_size, length)
     x = dimo_initial_tokens(torch.rand(shape, generator=generator, device=device, dtype=torch.float64),
@@ -263,6 +269,8 @@ def sample_dimo(
     for k in range(1, num_steps + 1):
         if k > 1:
             count = round(r_init * length * (num_steps - k + 1) / num_steps)
+            if remask == "random":
+                confidence = torch.rand(shape, generator=generator, device=device, dtype=torch.float64).to(dtype)
             scores = torch.where(fixed, torch.full_like(confidence, float("inf")), confidence)
             redraw = exact_count_mask(scores, torch.full((batch_size,), count, device=device)) & ~fixed
             x = torch.where(redraw, mask_id, x)
