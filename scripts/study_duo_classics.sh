@@ -11,7 +11,8 @@
 #   OUT=runs/duo_study scripts/study_duo_classics.sh                   # profile gpu (judge none)
 #   OUT=runs/duo_study PROFILE=cpu scripts/study_duo_classics.sh train.max_steps=100 method.curriculum_end=50
 # Extra arguments are dotted overrides of both teachers (e.g. a shorter budget); DEMO_ARGS more demo arguments;
-# VAL_BATCHES=n evaluates the first n batches of 64 validation blocks only (default: all).
+# VAL_BATCHES=n evaluates the first n batches of 64 validation blocks only (default: all); PARALLEL=1 trains the
+# no-curriculum teacher beside the demo instead of after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,12 +28,17 @@ profile = load_yaml(f"configs/demo/duo_{sys.argv[1]}.yaml")
 print(json.dumps(profile["teacher"]["overrides"] + sys.argv[2:]))
 PY
 )
+# The same teacher run without the curriculum (curriculum_end is not a usdm field: drop it), beside the demo
+# (PARALLEL=1, for a GPU with room for both) or after it.
+mapfile -t usdm_overrides < <("$PYTHON" -c 'import json,sys; [print(o) for o in json.loads(sys.argv[1]) if not o.startswith("method.curriculum")]' "$teacher_overrides")
+usdm_teacher() {
+  "$PYTHON" -m ddistill.engine configs/experiments/classics_usdm_tiny.yaml "${usdm_overrides[@]}" \
+    train.out_dir="$OUT/usdm_teacher" | grep -v '^SUMMARY' || true
+}
+if [ "${PARALLEL:-0}" = 1 ]; then usdm_teacher > "$OUT/usdm_teacher.log" 2>&1 & usdm_pid=$!; fi
 "$PYTHON" -m ddistill.cli demo method=duo profile="$PROFILE" judge=none out_dir="$OUT/demo_duo" \
   "teacher.overrides=$teacher_overrides" ${DEMO_ARGS:-}
-# The same run without the curriculum (curriculum_end is not a usdm field: drop it).
-mapfile -t usdm_overrides < <("$PYTHON" -c 'import json,sys; [print(o) for o in json.loads(sys.argv[1]) if not o.startswith("method.curriculum")]' "$teacher_overrides")
-"$PYTHON" -m ddistill.engine configs/experiments/classics_usdm_tiny.yaml "${usdm_overrides[@]}" \
-  train.out_dir="$OUT/usdm_teacher" | grep -v '^SUMMARY' || true
+if [ "${PARALLEL:-0}" = 1 ]; then wait "$usdm_pid"; else usdm_teacher; fi
 "$PYTHON" - "$OUT" "${VAL_BATCHES:-0}" <<'PY'
 import json, sys
 import torch
