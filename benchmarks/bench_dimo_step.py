@@ -128,6 +128,7 @@ def bench_baseline(args, device):
 def bench_engine(args, device, loss_impl: str):
     import numpy as np
 
+    from ddistill.config import apply_overrides
     from ddistill.engine.run_config import run_config_from_dict
     from ddistill.engine.trainer import Trainer
     from ddistill.models.checkpoints import save_pretrained
@@ -137,7 +138,7 @@ def bench_engine(args, device, loss_impl: str):
         save_pretrained(model, Path(tmp) / "teacher", flavor="mdlm")
         length = args.length or model.config.length
         del model
-        cfg = run_config_from_dict({
+        cfg = run_config_from_dict(apply_overrides({
             "model": {"size": args.size, "vocab_size": args.vocab_size, "length": length, "dropout": 0.0,
                       "time_conditioning": False},
             "data": {"dataset": "classics", "block_size": length},
@@ -148,7 +149,7 @@ def bench_engine(args, device, loss_impl: str):
             "deepspeed": {"frozen_zero_stage": args.frozen_zero_stage},
             "logging": {"wandb": "disabled", "progress_bar": False, "jsonl": False},
             "init_from": str(Path(tmp) / "teacher"),
-        })
+        }, args.set))
         blocks = np.zeros((args.batch, length), dtype=np.int64)
         trainer = Trainer(cfg, train_blocks=blocks)
         batch = torch.zeros(args.batch, length, dtype=torch.long)
@@ -214,6 +215,8 @@ def main() -> None:
                         help="engine paths: the teacher as a ZeRO-3 inference engine (default) or replicated (0)")
     parser.add_argument("--compile", action="store_true",
                         help="engine paths: regional torch.compile of the DiT blocks (train.compile=true)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine paths: a dotted run-config override (repeatable), e.g. deepspeed.overlap_comm=false")
     parser.add_argument("--profile", action="store_true", help="engine paths: print torch.profiler tables")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
@@ -234,6 +237,7 @@ def main() -> None:
             result["tokens_per_s"] = result["steps_per_s"] * args.batch * length
         name = impl if impl == "baseline" or args.frozen_zero_stage == 3 else f"{impl}-z{args.frozen_zero_stage}"
         name += "+compile" if args.compile and impl != "baseline" else ""
+        name += "".join(f" {o}" for o in args.set) if impl != "baseline" else ""
         row = {"timestamp": stamp, **env, "impl": name, "size": args.size, "batch": args.batch, "length": length,
                "vocab": args.vocab_size, **result}
         rows.append(row)
