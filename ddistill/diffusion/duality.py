@@ -27,6 +27,7 @@ k = 1 gives (M, j*) = (max_{v≠x} ε_v, its id), M ~ Φ⁻¹(U^{1/(K−1)}), al
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -35,7 +36,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["duality_alpha", "gaussian_scales", "DualityTable", "default_cache_dir", "TopNoise", "sample_top_noise"]
+__all__ = ["duality_alpha", "gaussian_scales", "DualityTable", "duality_table", "default_cache_dir", "TopNoise",
+           "sample_top_noise"]
 
 # Bump when the quadrature changes so stale cache files are not reused.
 _CACHE_VERSION = 1
@@ -181,6 +183,12 @@ class DualityTable:
         """dα/dγ (linear interpolation of the derivative table; not differentiable)."""
         self._check_range(gamma)
         return _linear(gamma.detach(), self.gamma_min, self._h, self._tables(gamma.device)[1])
+
+
+@functools.lru_cache(maxsize=None)
+def duality_table(vocab_size: int, gamma_min: float, gamma_max: float, num_points: int) -> DualityTable:
+    """The process-wide DualityTable for these arguments (built or read from the disk cache on first use)."""
+    return DualityTable(vocab_size, gamma_min=gamma_min, gamma_max=gamma_max, num_points=num_points)
 
 
 class TopNoise(NamedTuple):

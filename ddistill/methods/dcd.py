@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 
-from ddistill.diffusion.duality import DualityTable, gaussian_scales, sample_top_noise
+from ddistill.diffusion.duality import DualityTable, duality_table, gaussian_scales, sample_top_noise
 from ddistill.diffusion.schedules import sample_times
 from ddistill.methods import register
 from ddistill.methods.base import (
@@ -119,14 +119,11 @@ class DCD(Method):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.rounds = RoundTracker(cfg.round_schedule(), extra_signature={"base_num_steps": cfg.base_num_steps},
                                    method="DCD")
-        self._table: DualityTable | None = None
 
     @property
     def table(self) -> DualityTable:
-        if self._table is None:
-            self._table = DualityTable(self.vocab_size, gamma_min=self.cfg.gamma_min, gamma_max=self.cfg.gamma_max,
-                                       num_points=self.cfg.table_points)
-        return self._table
+        """α = T(γ) over [gamma_min, gamma_max] for this vocabulary (built on first use, cached on disk)."""
+        return duality_table(self.vocab_size, self.cfg.gamma_min, self.cfg.gamma_max, self.cfg.table_points)
 
     @property
     def round(self) -> int:

@@ -39,7 +39,7 @@ from typing import Callable, ClassVar, Literal, Mapping
 
 import torch
 
-from ddistill.diffusion.duality import DualityTable, TopNoise, gaussian_scales, sample_top_noise
+from ddistill.diffusion.duality import DualityTable, duality_table, TopNoise, gaussian_scales, sample_top_noise
 from ddistill.diffusion.schedules import sample_times
 from ddistill.methods import register
 from ddistill.methods.base import StepContext, StepOutput, row_generators
@@ -115,15 +115,11 @@ class DUO(USDM):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         if cfg.latent == "topk" and not cfg.top_k <= vocab_size - 1:
             raise ValueError(f"method.top_k={cfg.top_k} must be <= vocab_size - 1 = {vocab_size - 1}")
-        self._table: DualityTable | None = None
 
     @property
     def table(self) -> DualityTable:
         """α = T(γ) over [gamma_min, gamma_max] for this vocabulary (built on first use, cached on disk)."""
-        if self._table is None:
-            self._table = DualityTable(self.vocab_size, gamma_min=self.cfg.gamma_min, gamma_max=self.cfg.gamma_max,
-                                       num_points=self.cfg.table_points)
-        return self._table
+        return duality_table(self.vocab_size, self.cfg.gamma_min, self.cfg.gamma_max, self.cfg.table_points)
 
     def in_curriculum(self, step: int) -> bool:
         return step < self.cfg.curriculum_end
