@@ -12,7 +12,7 @@ from scipy import stats
 
 import ddistill.methods.duo as duo_module
 from ddistill.config import ConfigError, from_dict
-from ddistill.diffusion.duality import DualityTable, TopNoise, gaussian_scales, sample_top_noise
+from ddistill.diffusion.duality import DualityTable, TopNoise, gaussian_scales, sample_top_noise, sample_top_noise_rows
 from ddistill.methods import get_method
 from ddistill.methods.base import StepContext
 from ddistill.methods.duo import DUO, DUOConfig, tempered_topk_inputs
@@ -107,11 +107,11 @@ def test_topk_input_equals_the_full_tempered_softmax_within_the_bound():
 def _shared_noise(monkeypatch):
     """Make the top-k path draw its TopNoise from the same per-row ε (L, K) the full path draws."""
 
-    def from_full(x, vocab_size, k, generator):
-        eps = torch.randn(x.shape[0], vocab_size, generator=generator)
-        return _top_from_full(eps, x, k)
+    def from_full(x, vocab_size, k, generators):
+        rows = [_top_from_full(torch.randn(x.shape[1], vocab_size, generator=g), x[r], k) for r, g in enumerate(generators)]
+        return TopNoise(*(torch.stack(parts) for parts in zip(*rows)))
 
-    monkeypatch.setattr(duo_module, "sample_top_noise", from_full)
+    monkeypatch.setattr(duo_module, "sample_top_noise_rows", from_full)
 
 
 @pytest.mark.parametrize("tau", [1e-3, 0.5])
@@ -212,3 +212,18 @@ def test_fused_elbo_of_the_topk_curriculum_matches_the_torch_loss():
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
     with pytest.raises(ConfigError, match="latent='topk'"):
         from_dict(DUOConfig, {"loss_impl": "triton", "latent": "full"})
+
+
+@pytest.mark.parametrize("vocab, k", [(20, 4), (10, 4), (50, 1)])  # collisions redrawn; permutation branch; k = 1
+def test_batched_rows_draw_exactly_what_each_row_draws_alone(vocab, k):
+    x = torch.randint(vocab, (5, 7), generator=torch.Generator().manual_seed(3))
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(5)]
+    batched = sample_top_noise_rows(x, vocab, k, gens)
+    for r in range(5):
+        alone = sample_top_noise(x[r], vocab, k, torch.Generator().manual_seed(100 + r))
+        for a, b in zip(alone, batched):
+            assert torch.equal(a, b[r])
+    distinct = batched.indices.sort(-1).values
+    assert (distinct[..., 1:] != distinct[..., :-1]).all() and (batched.indices != x.unsqueeze(-1)).all()
+    with pytest.raises(ValueError, match="generators"):
+        sample_top_noise_rows(x, vocab, k, gens[:2])

@@ -31,13 +31,13 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 __all__ = ["duality_alpha", "gaussian_scales", "DualityTable", "duality_table", "default_cache_dir", "TopNoise",
-           "sample_top_noise"]
+           "sample_top_noise", "sample_top_noise_rows"]
 
 # Bump when the quadrature changes so stale cache files are not reused.
 _CACHE_VERSION = 1
@@ -202,25 +202,41 @@ class TopNoise(NamedTuple):
 def sample_top_noise(x: torch.Tensor, vocab_size: int, k: int, generator: torch.Generator | None) -> TopNoise:
     """Draw (ε_x, top-k of the other K − 1 coordinates, their ids) per token of x (module docstring): the exact law
     of those parts of ε ~ N(0, I_K), without a (…, K) tensor. Draw order: ε_x, the k order-statistic uniforms, ids."""
+    noise = sample_top_noise_rows(x.unsqueeze(0), vocab_size, k, [generator])
+    return TopNoise(*(part.squeeze(0) for part in noise))
+
+
+def sample_top_noise_rows(x: torch.Tensor, vocab_size: int, k: int,
+                          generators: Sequence[torch.Generator | None]) -> TopNoise:
+    """`sample_top_noise` for each row x[r] with its own generator, batched: row r gets exactly the draws that
+    `sample_top_noise(x[r], …, generators[r])` makes (the same calls on its generator, in the same order), while
+    the arithmetic and the search for repeated ids run once over all rows (one host sync per redraw round)."""
     n = int(vocab_size) - 1
     if not 1 <= k <= n:
         raise ValueError(f"top-k of the K − 1 = {n} noise coordinates needs 1 <= k <= {n}, got k={k}")
-    device = x.device
-    clean = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float64)
-    v = torch.rand((*x.shape, k), generator=generator, device=device, dtype=torch.float64)
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"{len(generators)} generators for {x.shape[0]} rows")
+    device, shape = x.device, x.shape[1:]
+    clean, v, ids = [], [], []
+    for g in generators:
+        clean.append(torch.randn(shape, generator=g, device=device, dtype=torch.float64))
+        v.append(torch.rand((*shape, k), generator=g, device=device, dtype=torch.float64))
+        if k * k > n:  # many collisions: the first k of a uniform random permutation (O(K) per token, small K only)
+            ids.append(torch.rand((*shape, n), generator=g, device=device).argsort(dim=-1)[..., :k])
+        else:
+            ids.append(torch.randint(n, (*shape, k), generator=g, device=device))
+    clean, v, ids = torch.stack(clean), torch.stack(v), torch.stack(ids)
     remaining = n - torch.arange(k, device=device, dtype=torch.float64)  # n, n − 1, …, n − k + 1
     log_u = torch.cumsum(torch.log(v) / remaining, dim=-1)  # log U_(n), log U_(n−1), … (descending)
     values = -torch.special.ndtri(-torch.expm1(log_u))
-    if k * k > n:  # many collisions: the first k of a uniform random permutation (O(K) per token, small K only)
-        ids = torch.rand((*x.shape, n), generator=generator, device=device).argsort(dim=-1)[..., :k]
-    else:
-        ids = torch.randint(n, (*x.shape, k), generator=generator, device=device)
-        while k > 1:  # redraw every tuple with a repeated id (exactly uniform over distinct tuples)
-            ordered = ids.sort(dim=-1).values
-            repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
-            num = int(repeated.sum())
-            if num == 0:
-                break
-            ids[repeated] = torch.randint(n, (num, k), generator=generator, device=device)
+    while k > 1 and k * k <= n:  # redraw every tuple with a repeated id (exactly uniform over distinct tuples)
+        ordered = ids.sort(dim=-1).values
+        repeated = (ordered[..., 1:] == ordered[..., :-1]).any(dim=-1)
+        counts = repeated.flatten(1).sum(dim=1).tolist()
+        if not any(counts):
+            break
+        for r, num in enumerate(counts):
+            if num:
+                ids[r][repeated[r]] = torch.randint(n, (num, k), generator=generators[r], device=device)
     indices = ids + (ids >= x.unsqueeze(-1)).long()  # skip x: a uniform id of the K − 1 others
     return TopNoise(clean=clean, values=values, indices=indices)

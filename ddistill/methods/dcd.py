@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 
-from ddistill.diffusion.duality import DualityTable, duality_table, gaussian_scales, sample_top_noise
+from ddistill.diffusion.duality import DualityTable, duality_table, gaussian_scales, sample_top_noise_rows
 from ddistill.diffusion.schedules import sample_times
 from ddistill.methods import register
 from ddistill.methods.base import (
@@ -162,10 +162,8 @@ class DCD(Method):
         s = t - self.delta
         span = cfg.gamma_max - cfg.gamma_min
         gamma_t, gamma_s = cfg.gamma_min + t * span, cfg.gamma_min + s * span
-        noise = [sample_top_noise(x[r], self.vocab_size, 1, g) for r, g in enumerate(row_generators(ctx, num_rows))]
-        clean = torch.stack([n.clean for n in noise])
-        top = torch.stack([n.values[..., 0] for n in noise])
-        top_id = torch.stack([n.indices[..., 0] for n in noise])
+        noise = sample_top_noise_rows(x, self.vocab_size, 1, row_generators(ctx, num_rows))
+        clean, top, top_id = noise.clean, noise.values[..., 0], noise.indices[..., 0]
         mu_t, mu_s = (a / b for a, b in (gaussian_scales(gamma_t), gaussian_scales(gamma_s)))
         z_t = trajectory_tokens(x, mu_t, clean, top, top_id)
         z_s = trajectory_tokens(x, mu_s, clean, top, top_id)

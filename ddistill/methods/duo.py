@@ -39,7 +39,7 @@ from typing import Callable, ClassVar, Literal, Mapping
 
 import torch
 
-from ddistill.diffusion.duality import DualityTable, duality_table, TopNoise, gaussian_scales, sample_top_noise
+from ddistill.diffusion.duality import DualityTable, TopNoise, duality_table, gaussian_scales, sample_top_noise_rows
 from ddistill.diffusion.schedules import sample_times
 from ddistill.methods import register
 from ddistill.methods.base import StepContext, StepOutput, row_generators
@@ -152,8 +152,7 @@ class DUO(USDM):
             # the DiT's (B, L, V) soft path: softmax(w/τ) @ E
             loss = self.elbo(student, z_t, x0, alpha, alpha_prime, sigma, net_input=w / tau)
         else:
-            noise = [sample_top_noise(x0[r], self.vocab_size, cfg.top_k, g) for r, g in enumerate(gens)]
-            noise = TopNoise(*(torch.stack(parts) for parts in zip(*noise)))
+            noise = sample_top_noise_rows(x0, self.vocab_size, cfg.top_k, gens)
             z_t, indices, weights, bound = tempered_topk_inputs(x0, noise, alpha_tilde, sigma_tilde, tau,
                                                                 self.vocab_size)
             loss = self.elbo(student, z_t, x0, alpha, alpha_prime, sigma, soft_inputs=(indices, weights.float()))
