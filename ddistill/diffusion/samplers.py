@@ -26,6 +26,12 @@ frequent ones and lowers the sample entropy as N grows). NFE = N.
 
 Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
 token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
+
+Fused draws (`draw`, see `_use_fused`): on CUDA with nucleus_p = 1 and float64 draws, MDLM's x_θ draw, DUO's
+posterior draw and both greedy tails run in `ddistill.kernels.sampling` (softmax, posterior and inverse CDF in
+float64 registers, row by row; no B×L×V float64 tensor). They consume the same uniforms as the torch path and agree
+with it token for token except where u·total falls within float64 rounding of a CDF boundary. The torch path stays
+the reference (nucleus_p < 1, other dtypes, CPU, draw="torch").
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ import torch
 from ddistill.diffusion.absorbing import exact_count_mask
 from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.diffusion.uniform import uniform_posterior
+from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
 
-__all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
+__all__ = ["DRAWS", "SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
            "sample_dimo", "dimo_initial_tokens"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,6 +104,37 @@ def _sigma(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return schedule.sigma(t).float().reshape(1)
 
 
+DRAWS = ("auto", "fused", "torch")
+
+
+def _use_fused(draw: str, device: torch.device, nucleus_p: float, dtype: torch.dtype) -> bool:
+    """Whether a sampler draws with the fused Triton kernels (`ddistill.kernels.sampling`) instead of the torch path.
+
+    "auto": fused on CUDA when the draw is the plain float64 categorical (nucleus_p = 1, dtype float64); "torch"
+    forces the reference path; "fused" forces the kernels (on CPU they run in Triton's interpreter)."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw={draw!r}: expected one of {DRAWS}")
+    exact = nucleus_p >= 1.0 and dtype == torch.float64
+    if draw == "fused" and not exact:
+        raise ValueError(f"draw='fused' needs nucleus_p=1 and dtype=float64 (got nucleus_p={nucleus_p}, dtype={dtype})")
+    return draw == "fused" or (draw == "auto" and exact and device.type == "cuda")
+
+
+def _mdlm_reveal_steps(x: torch.Tensor, mask_id: int, p_unmask: torch.Tensor, generator: torch.Generator,
+                       num_steps: int) -> torch.Tensor:
+    """The step at which each [MASK] position of x is revealed (num_steps: by the final fill; −1: never masked).
+
+    Consumes exactly the random numbers of the sampling loop (u_unmask, u_token per step; the caller restores the
+    generator's state afterwards): whether a position unmasks at a step depends on the u_unmask's only, never on
+    the tokens drawn, so the whole schedule, hence every denoiser call of the cached sampler, is known up front."""
+    reveal = torch.where(x == mask_id, num_steps, -1)
+    for k in range(num_steps):
+        u_unmask = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # u_token, unused here
+        reveal = torch.where((reveal == num_steps) & (u_unmask < p_unmask[k]), k, reveal)
+    return reveal
+
+
 @torch.no_grad()
 def sample_mdlm(
     denoiser: Denoiser,
@@ -116,50 +154,62 @@ def sample_mdlm(
     time_conditioning: bool = False,
     greedy_tail: bool = False,
     t_end: float = 1e-5,
+    draw: str = "auto",
 ) -> SampleResult:
-    """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included."""
+    """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included.
+
+    The unmasking schedule is computed first (`_mdlm_reveal_steps`, one host sync), so the loop itself knows which
+    steps call the denoiser and which draw anything; with the fused draw (`draw`, see `_use_fused`) a step has no
+    host sync at all."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     if cached and time_conditioning:
         raise ValueError("cached=True requires a denoiser without time conditioning (time_conditioning=False)")
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
     device = torch.device(device)
+    fused = _use_fused(draw, device, nucleus_p, dtype)
     x = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
     if prefix is not None:
         x[:, : prefix.shape[1]] = prefix.to(device)
     ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device=device)
     alphas = schedule.alpha(ts)
+    p_unmask = (alphas[1:] - alphas[:-1]) / (1.0 - alphas[:-1])
     mask_col = torch.tensor([mask_id], device=device)
-    nfe = 0
-    logits = None  # the denoiser's logits (B, L, V) for the current x, when valid
 
-    def draw(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        # x_θ (SUBS without the carry-over: the rows that take a new token are masked in x), then nucleus and the
-        # categorical draw, only on the rows that take a new token: the float64 softmax over V is the sampler's
-        # main cost besides the denoiser, and a step reveals a fraction of the masked rows. Row-wise, so the same
-        # numbers as converting every masked row; `rows` enumerates positions in row-major order, as masked_scatter.
+    start = generator.get_state()
+    reveal = _mdlm_reveal_steps(x, mask_id, p_unmask, generator, num_steps)
+    generator.set_state(start)
+    revealed = torch.bincount((reveal + 1).reshape(-1), minlength=num_steps + 2)[1:].tolist()  # the one host sync
+
+    def take(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """x with the positions `rows` filled from x_θ (SUBS without the carry-over: those positions are masked)."""
+        if fused:
+            if greedy:
+                return masked_argmax(logits, exclude=mask_id, active=rows, out=x)
+            return draw_categorical(logits, u, exclude=mask_id, active=rows, out=x)
+        # torch path: nucleus and the float64 draw only on the rows that take a token (the float64 softmax over V
+        # is the main cost besides the denoiser); row-major order, as masked_scatter
         row_logits = logits[rows].to(dtype).index_fill(-1, mask_col, float("-inf"))
         p = nucleus_filter(torch.softmax(row_logits, dim=-1), nucleus_p)
-        return p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows])
+        return x.masked_scatter(rows, p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows]))
 
+    nfe = 0
+    logits = None  # the denoiser's logits (B, L, V) for the current x, when valid
     for k in range(num_steps):
-        u_unmask = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+        torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)  # u_unmask, folded into reveal
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         if logits is None or not cached:
             logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
             nfe += 1
-        p_unmask = (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
-        unmask = (x == mask_id) & (u_unmask < p_unmask)
-        if bool(unmask.any()):
-            x = x.masked_scatter(unmask, draw(logits, unmask, u_token))
+        if revealed[k]:
+            x = take(x, logits, reveal == k, u_token)
             logits = None
     u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-    still_masked = x == mask_id
-    if bool(still_masked.any()):
+    if revealed[num_steps]:
         if logits is None or not cached:
             logits = _call(denoiser, x, _sigma(schedule, ts[-1]), vocab_size)
             nfe += 1
-        x = x.masked_scatter(still_masked, draw(logits, still_masked, u_token, greedy=greedy_tail))
+        x = take(x, logits, reveal == num_steps, u_token, greedy=greedy_tail)
     return SampleResult(tokens=x, nfe=nfe)
 
 
@@ -179,10 +229,13 @@ def sample_duo(
     prefix: torch.Tensor | None = None,
     greedy_tail: bool = True,
     t_end: float = 1e-5,
+    draw: str = "auto",
 ) -> SampleResult:
-    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1."""
+    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1. `draw`: `_use_fused`
+    (the fused path never forms a B×L×K float64 tensor; its greedy tail is the argmax of the logits)."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     device = torch.device(device)
+    fused = _use_fused(draw, device, nucleus_p, dtype)
     x = torch.randint(0, vocab_size, (batch_size, length), generator=generator, device=device)
     num_fixed = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
@@ -192,18 +245,16 @@ def sample_duo(
     alphas = schedule.alpha(ts)
     one = torch.ones((), dtype=torch.float64, device=device)
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size)
-        return nucleus_filter(torch.softmax(logits.to(dtype), dim=-1), nucleus_p)
-
     for k in range(num_steps + 1):
         u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-        probs = denoise(x, ts[k])
-        if k == num_steps and greedy_tail:
-            x = probs.argmax(dim=-1)
+        logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
+        greedy = k == num_steps and greedy_tail
+        alpha_s = alphas[k + 1] if k < num_steps else one
+        if fused:
+            x = masked_argmax(logits) if greedy else draw_uniform_posterior(logits, x, u, alphas[k], alpha_s)
         else:
-            alpha_s = alphas[k + 1] if k < num_steps else one
-            x = sample_categorical(uniform_posterior(probs, x, alphas[k], alpha_s), u)
+            probs = nucleus_filter(torch.softmax(logits.to(dtype), dim=-1), nucleus_p)
+            x = probs.argmax(dim=-1) if greedy else sample_categorical(uniform_posterior(probs, x, alphas[k], alpha_s), u)
         if prefix is not None:
             x[:, :num_fixed] = prefix
     return SampleResult(tokens=x, nfe=num_steps + 1)
