@@ -30,7 +30,7 @@ def test_bench_dit_cpu_smoke():
     lines = _run("bench_dit.py", "--size", "test", "--batch", "2", "--length", "32", "--vocab", "1001",
                  "--sampler-steps", "3", "--iters", "1", "--warmup", "0", "--device", "cpu").splitlines()
     whats = [_field(line, "what") for line in lines]
-    assert whats == ["train fwd+bwd (MDLM loss)", "sample mdlm", "sample duo"]
+    assert whats == ["train fwd+bwd (MDLM loss)", "sample mdlm [torch]", "sample duo [torch]"]  # auto: torch on CPU
     assert all(float(_field(line, "tokens_per_s")) > 0 for line in lines)
     assert int(_field(lines[1], "nfe")) <= 3  # cached MDLM sampler: at most one call per step
     assert int(_field(lines[2], "nfe")) == 4  # DUO: 3 steps + the greedy tail

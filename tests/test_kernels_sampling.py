@@ -44,17 +44,6 @@ def test_draw_categorical_equals_torch(dtype, n, v, exclude):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_draw_categorical_active_rows_keep_out(dtype):
-    logits = _logits(23, 71, dtype, seed=2).reshape(23, 1, 71)
-    u = torch.rand(23, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    active = torch.rand(23, 1, generator=torch.Generator().manual_seed(3)) < 0.4
-    out = torch.full((23, 1), 70, dtype=torch.long)
-    tokens = draw_categorical(logits, u, exclude=70, active=active, out=out)
-    expected = torch.where(active, _torch_xtheta(logits, u, 70), out)
-    assert torch.equal(tokens, expected) and (out == 70).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("alpha_t", "alpha_s"), [(0.3, 0.6), (0.02, 0.05), (0.9, 1.0)])
 def test_draw_uniform_posterior_equals_torch(dtype, alpha_t, alpha_s):
     n, v = 29, 203
@@ -112,13 +101,10 @@ def test_masked_argmax_first_maximum(dtype):
     logits = _logits(11, 150, dtype, seed=7, pad=2).clone()
     logits[3, [10, 90]] = 50.0  # a tie: the first index wins
     logits[4, [20, 149]] = 60.0  # the excluded column holds the maximum
-    out = torch.full((11,), -1, dtype=torch.long)
-    active = torch.ones(11, dtype=torch.bool)
-    active[5] = False
-    got = masked_argmax(logits, exclude=149, active=active, out=out)
+    got = masked_argmax(logits, exclude=149)
     expected = torch.softmax(logits.double().index_fill(-1, torch.tensor([149]), float("-inf")), -1).argmax(-1)
-    expected[5] = -1
     assert torch.equal(got, expected) and got[3] == 10 and got[4] == 20
+    assert torch.equal(masked_argmax(logits), torch.softmax(logits.double(), -1).argmax(-1))
 
 
 def test_bad_arguments_are_refused():
@@ -127,8 +113,6 @@ def test_bad_arguments_are_refused():
         draw_categorical(logits, torch.zeros(4, dtype=torch.float64), exclude=7)
     with pytest.raises(ValueError, match="u of shape"):
         draw_categorical(logits, torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="active rows need"):
-        draw_categorical(logits, torch.zeros(4, dtype=torch.float64), active=torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="floating point"):
         masked_argmax(torch.zeros(4, 7, dtype=torch.long))
 
@@ -146,12 +130,13 @@ def _small_dit(vocab, time_conditioning):
 
 @pytest.mark.parametrize(("num_steps", "greedy_tail"), [(3, False), (5, True)])
 def test_mdlm_fused_equals_torch_on_a_small_dit(num_steps, greedy_tail):
+    """Fused draws on the DiT's row-selected logits (rows=positions) = torch draws on its full logits."""
     vocab = 37
     model = _small_dit(vocab, time_conditioning=False)
     kw = dict(batch_size=2, length=8, num_steps=num_steps, mask_id=vocab - 1, vocab_size=vocab,
               schedule=LogLinearSchedule(), cached=True, device="cpu", greedy_tail=greedy_tail, t_end=0.05,
               prefix=torch.tensor([[3], [5]]))
-    fused = sample_mdlm(model, generator=torch.Generator().manual_seed(1), draw="fused", **kw)
+    fused = sample_mdlm(model, generator=torch.Generator().manual_seed(1), draw="fused", row_logits=True, **kw)
     ref = sample_mdlm(model, generator=torch.Generator().manual_seed(1), draw="torch", **kw)
     assert torch.equal(fused.tokens, ref.tokens) and fused.nfe == ref.nfe
     assert (fused.tokens != vocab - 1).all() and len(set(fused.tokens.reshape(-1).tolist())) > 3

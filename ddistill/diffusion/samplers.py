@@ -155,12 +155,15 @@ def sample_mdlm(
     greedy_tail: bool = False,
     t_end: float = 1e-5,
     draw: str = "auto",
+    row_logits: bool = False,
 ) -> SampleResult:
     """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included.
 
-    The unmasking schedule is computed first (`_mdlm_reveal_steps`, one host sync), so the loop itself knows which
-    steps call the denoiser and which draw anything; with the fused draw (`draw`, see `_use_fused`) a step has no
-    host sync at all."""
+    The unmasking schedule is computed first (`_mdlm_reveal_steps`, one host sync), so the loop knows which steps
+    call the denoiser and which positions each call's logits serve; no step syncs with the host (`draw`: see
+    `_use_fused`). With `row_logits` the denoiser is called as denoiser(x, σ, rows=positions) and returns the logits
+    of those flat positions b·L + l only, (len(positions), V), as `DiT.forward` does: at a step only the positions
+    that take a token need x_θ, and the output layer is a large part of a small model's cost."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     if cached and time_conditioning:
         raise ValueError("cached=True requires a denoiser without time conditioning (time_conditioning=False)")
@@ -177,39 +180,61 @@ def sample_mdlm(
     mask_col = torch.tensor([mask_id], device=device)
 
     start = generator.get_state()
-    reveal = _mdlm_reveal_steps(x, mask_id, p_unmask, generator, num_steps)
+    reveal = _mdlm_reveal_steps(x, mask_id, p_unmask, generator, num_steps).reshape(-1)
     generator.set_state(start)
-    revealed = torch.bincount((reveal + 1).reshape(-1), minlength=num_steps + 2)[1:].tolist()  # the one host sync
+    counts = torch.bincount(reveal + 1, minlength=num_steps + 2).tolist()  # the one host sync
+    # Positions grouped by the step that reveals them, ascending within a step (the row-major order of a boolean
+    # mask); step_rows[num_steps] are those the final fill takes.
+    order = torch.argsort(reveal, stable=True)
+    bounds = [counts[0]]
+    for count in counts[1:]:
+        bounds.append(bounds[-1] + count)
+    step_rows = [order[bounds[k] : bounds[k + 1]] for k in range(num_steps + 1)]
+    # the step whose positions a denoiser call at step k serves: the first k' >= k that reveals anything
+    serves: list[int | None] = [None] * (num_steps + 2)
+    for k in range(num_steps, -1, -1):
+        serves[k] = k if counts[k + 1] else serves[k + 1]
 
-    def take(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    def denoise(k: int) -> torch.Tensor:
+        """x_θ logits (n, V) at the positions step serves[k] fills."""
+        rows = order[:0] if serves[k] is None else step_rows[serves[k]]
+        sigma = _sigma(schedule, ts[k])
+        if not row_logits:
+            return _call(denoiser, x, sigma, vocab_size).reshape(-1, vocab_size)[rows]
+        logits = denoiser(x, sigma.expand(batch_size), rows=rows)
+        if logits.shape != (rows.numel(), vocab_size):
+            raise ValueError(f"denoiser(x, sigma, rows=…) returned logits of shape {tuple(logits.shape)}, expected "
+                             f"{(rows.numel(), vocab_size)}")
+        return logits
+
+    def take(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False):
         """x with the positions `rows` filled from x_θ (SUBS without the carry-over: those positions are masked)."""
         if fused:
-            if greedy:
-                return masked_argmax(logits, exclude=mask_id, active=rows, out=x)
-            return draw_categorical(logits, u, exclude=mask_id, active=rows, out=x)
-        # torch path: nucleus and the float64 draw only on the rows that take a token (the float64 softmax over V
-        # is the main cost besides the denoiser); row-major order, as masked_scatter
-        row_logits = logits[rows].to(dtype).index_fill(-1, mask_col, float("-inf"))
-        p = nucleus_filter(torch.softmax(row_logits, dim=-1), nucleus_p)
-        return x.masked_scatter(rows, p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows]))
+            tokens = masked_argmax(logits, exclude=mask_id) if greedy else draw_categorical(
+                logits, u.reshape(-1)[rows], exclude=mask_id)
+        else:  # torch path: nucleus and the float64 draw on the rows that take a token
+            p = nucleus_filter(torch.softmax(logits.to(dtype).index_fill(-1, mask_col, float("-inf")), dim=-1),
+                               nucleus_p)
+            tokens = p.argmax(dim=-1) if greedy else sample_categorical(p, u.reshape(-1)[rows])
+        return x.reshape(-1).index_copy(0, rows, tokens).reshape(x.shape)
 
     nfe = 0
-    logits = None  # the denoiser's logits (B, L, V) for the current x, when valid
+    logits = None  # the denoiser's logits for the current x (at the positions they serve), when valid
     for k in range(num_steps):
         torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)  # u_unmask, folded into reveal
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         if logits is None or not cached:
-            logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
+            logits = denoise(k)
             nfe += 1
-        if revealed[k]:
-            x = take(x, logits, reveal == k, u_token)
+        if counts[k + 1]:
+            x = take(x, logits, step_rows[k], u_token)
             logits = None
     u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-    if revealed[num_steps]:
+    if counts[num_steps + 1]:
         if logits is None or not cached:
-            logits = _call(denoiser, x, _sigma(schedule, ts[-1]), vocab_size)
+            logits = denoise(num_steps)
             nfe += 1
-        x = take(x, logits, reveal == num_steps, u_token, greedy=greedy_tail)
+        x = take(x, logits, step_rows[num_steps], u_token, greedy=greedy_tail)
     return SampleResult(tokens=x, nfe=nfe)
 
 

@@ -23,9 +23,8 @@ target can round up to the total). The uniforms u are the caller's, so these dra
 torch reference (`sample_categorical` on the float64 softmax / `uniform_posterior`) except where u·total falls
 within float64 rounding of a CDF boundary (the sums are taken in another order).
 
-Rows may be selected with a boolean ``active`` mask of the row count (inactive rows keep ``out``'s value and cost
-one load), so a sampler step needs no compaction and no host sync. Inputs on CPU run in Triton's interpreter
-(TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
+The samplers pass only the rows that take a token (a gathered copy, or the denoiser's row-selected logits).
+Inputs on CPU run in Triton's interpreter (TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
 """
 
 from __future__ import annotations
@@ -45,69 +44,65 @@ MODE_ARGMAX = 2
 
 @triton.jit(do_not_specialize=["MASK_COL"])
 def _draw_kernel(
-    logits_ptr, stride_row, u_ptr, active_ptr, zt_ptr, alpha_ptr, out_ptr, V, MASK_COL,
-    MODE: tl.constexpr, HAS_ACTIVE: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, stride_row, u_ptr, zt_ptr, alpha_ptr, out_ptr, V, MASK_COL,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    go = True
-    if HAS_ACTIVE:
-        go = tl.load(active_ptr + row) != 0
-    if go:
-        base = logits_ptr + row.to(tl.int64) * stride_row
-        cols0 = tl.arange(0, BLOCK_V)
-        # pass 1: running max (and its first index), S = Σ exp(z − m) in float64
-        m = tl.full((), float("-inf"), dtype=tl.float64)
-        s = tl.zeros((), dtype=tl.float64)
-        best = tl.zeros((), dtype=tl.int64)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    cols0 = tl.arange(0, BLOCK_V)
+    # pass 1: running max (and its first index), S = Σ exp(z − m) in float64
+    m = tl.full((), float("-inf"), dtype=tl.float64)
+    s = tl.zeros((), dtype=tl.float64)
+    best = tl.zeros((), dtype=tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        ok = (cols < V) & (cols != MASK_COL)
+        z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
+        block_max = tl.max(z, axis=0)
+        if MODE == 2:
+            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + v0
+            best = tl.where(block_max > m, block_best, best)
+            m = tl.maximum(m, block_max)
+        else:
+            new_m = tl.maximum(m, block_max)
+            # -inf entries (masked, or real -inf logits) have weight 0; no (-inf) − (-inf) is ever formed
+            scale = tl.where(new_m == m, 1.0, tl.exp(m - new_m))
+            s = s * scale + tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - new_m)), axis=0)
+            m = new_m
+    if MODE == 2:
+        tl.store(out_ptr + row, best)
+    else:
+        u = tl.load(u_ptr + row).to(tl.float64)
+        if MODE == 1:
+            zt = tl.load(zt_ptr + row).to(tl.int64)
+            a_t = tl.load(alpha_ptr).to(tl.float64)
+            a_s = tl.load(alpha_ptr + 1).to(tl.float64)
+            a_ts = a_t / a_s
+            p_z = tl.exp(tl.load(base + zt).to(tl.float64) - m) / s
+            coef = (a_s - a_t) / s  # multiplies w_j
+            floor = (1.0 - a_ts) * (1.0 - a_s) / V
+            spike = V * a_t * p_z + a_ts - a_t  # extra mass at column z_t
+            target = u * ((a_s - a_t) + (1.0 - a_ts) * (1.0 - a_s) + spike)
+        else:
+            target = u * s
+        # pass 2: count the CDF entries ≤ target; remember the last column with positive mass
+        running = tl.zeros((), dtype=tl.float64)
+        count = tl.zeros((), dtype=tl.int64)
+        last = tl.zeros((), dtype=tl.int64)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + cols0
-            ok = (cols < V) & (cols != MASK_COL)
+            in_row = cols < V
+            ok = in_row & (cols != MASK_COL)
             z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
-            block_max = tl.max(z, axis=0)
-            if MODE == 2:
-                block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + v0
-                best = tl.where(block_max > m, block_best, best)
-                m = tl.maximum(m, block_max)
-            else:
-                new_m = tl.maximum(m, block_max)
-                # -inf entries (masked, or real -inf logits) have weight 0; no (-inf) − (-inf) is ever formed
-                scale = tl.where(new_m == m, 1.0, tl.exp(m - new_m))
-                s = s * scale + tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - new_m)), axis=0)
-                m = new_m
-        if MODE == 2:
-            tl.store(out_ptr + row, best)
-        else:
-            u = tl.load(u_ptr + row).to(tl.float64)
+            w = tl.where(z == float("-inf"), 0.0, tl.exp(z - m))
             if MODE == 1:
-                zt = tl.load(zt_ptr + row).to(tl.int64)
-                a_t = tl.load(alpha_ptr).to(tl.float64)
-                a_s = tl.load(alpha_ptr + 1).to(tl.float64)
-                a_ts = a_t / a_s
-                p_z = tl.exp(tl.load(base + zt).to(tl.float64) - m) / s
-                coef = (a_s - a_t) / s  # multiplies w_j
-                floor = (1.0 - a_ts) * (1.0 - a_s) / V
-                spike = V * a_t * p_z + a_ts - a_t  # extra mass at column z_t
-                target = u * ((a_s - a_t) + (1.0 - a_ts) * (1.0 - a_s) + spike)
-            else:
-                target = u * s
-            # pass 2: count the CDF entries ≤ target; remember the last column with positive mass
-            running = tl.zeros((), dtype=tl.float64)
-            count = tl.zeros((), dtype=tl.int64)
-            last = tl.zeros((), dtype=tl.int64)
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + cols0
-                in_row = cols < V
-                ok = in_row & (cols != MASK_COL)
-                z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
-                w = tl.where(z == float("-inf"), 0.0, tl.exp(z - m))
-                if MODE == 1:
-                    w = coef * w + floor + tl.where(cols == zt, spike, 0.0)
-                    w = tl.where(in_row, w, 0.0)
-                cdf = running + tl.cumsum(w, axis=0)
-                count += tl.sum(((cdf <= target) & in_row).to(tl.int64), axis=0)
-                last = tl.maximum(last, tl.max(tl.where(w > 0.0, cols, 0), axis=0).to(tl.int64))
-                running += tl.sum(w, axis=0)
-            tl.store(out_ptr + row, tl.minimum(count, last))
+                w = coef * w + floor + tl.where(cols == zt, spike, 0.0)
+                w = tl.where(in_row, w, 0.0)
+            cdf = running + tl.cumsum(w, axis=0)
+            count += tl.sum(((cdf <= target) & in_row).to(tl.int64), axis=0)
+            last = tl.maximum(last, tl.max(tl.where(w > 0.0, cols, 0), axis=0).to(tl.int64))
+            running += tl.sum(w, axis=0)
+        tl.store(out_ptr + row, tl.minimum(count, last))
 
 
 def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -131,45 +126,29 @@ def _row_tensor(t: torch.Tensor | None, num_rows: int, device: torch.device, nam
     return t.reshape(-1).contiguous()
 
 
-def _launch(logits, u, *, mode: int, exclude: int | None, active, out, zt=None, alphas=None) -> torch.Tensor:
+def _launch(logits, u, *, mode: int, exclude: int | None, zt=None, alphas=None) -> torch.Tensor:
     flat, stride = _rows(logits)
     n, vocab = flat.shape
-    lead = logits.shape[:-1]
     device = flat.device
     if exclude is not None and not 0 <= exclude < vocab:
         raise ValueError(f"exclude={exclude} must lie in [0, {vocab})")
     u = _row_tensor(u, n, device, "u")
     zt = _row_tensor(zt, n, device, "zt")
-    active = _row_tensor(active, n, device, "active")
-    if out is None:
-        if active is not None:
-            raise ValueError("active rows need an `out` tensor whose other rows are kept")
-        result = torch.empty(lead, dtype=torch.long, device=device)
-    else:
-        if out.shape != lead or out.dtype != torch.long or out.device != device:
-            raise ValueError(f"out must be a long tensor of shape {tuple(lead)} on {device}")
-        result = out.clone()
+    out = torch.empty(logits.shape[:-1], dtype=torch.long, device=device)
     if n == 0:
-        return result
-    flat_out = result.view(-1)
-    dummy = flat_out  # never read by the modes that do not use a pointer
-    block = 64 if INTERPRET else 2048
+        return out
+    dummy = out  # stands in for the pointers a mode never reads
     _draw_kernel[(n,)](
-        flat, stride, u if u is not None else dummy, active.view(torch.uint8) if active is not None else dummy,
-        zt if zt is not None else dummy, alphas if alphas is not None else dummy, flat_out, vocab,
-        -1 if exclude is None else exclude,
-        MODE=mode, HAS_ACTIVE=active is not None, BLOCK_V=block, num_warps=8 if not INTERPRET else 1,
+        flat, stride, dummy if u is None else u, dummy if zt is None else zt, dummy if alphas is None else alphas,
+        out, vocab, -1 if exclude is None else exclude,
+        MODE=mode, BLOCK_V=64 if INTERPRET else 2048, num_warps=1 if INTERPRET else 8,
     )
-    return result
+    return out
 
 
-def draw_categorical(logits: torch.Tensor, u: torch.Tensor, *, exclude: int | None = None,
-                     active: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """token ~ softmax(logits) per row (column ``exclude`` never drawn) by inverse CDF at the uniforms ``u`` (…).
-
-    With ``active`` (bool, …) only those rows are drawn; the others keep ``out``'s values (a new tensor is
-    returned; ``out`` is not modified)."""
-    return _launch(logits, u.to(torch.float64), mode=MODE_CATEGORICAL, exclude=exclude, active=active, out=out)
+def draw_categorical(logits: torch.Tensor, u: torch.Tensor, *, exclude: int | None = None) -> torch.Tensor:
+    """token ~ softmax(logits) per row (column ``exclude`` never drawn) by inverse CDF at the uniforms ``u`` (…)."""
+    return _launch(logits, u.to(torch.float64), mode=MODE_CATEGORICAL, exclude=exclude)
 
 
 def draw_uniform_posterior(logits: torch.Tensor, zt: torch.Tensor, u: torch.Tensor, alpha_t: torch.Tensor,
@@ -181,11 +160,9 @@ def draw_uniform_posterior(logits: torch.Tensor, zt: torch.Tensor, u: torch.Tens
                                                                                  dtype=torch.float64)
     if alphas.shape != (2,):
         raise ValueError("alpha_t and alpha_s must be scalars")
-    return _launch(logits, u.to(torch.float64), mode=MODE_UNIFORM_POSTERIOR, exclude=None, active=None, out=None,
-                   zt=zt, alphas=alphas)
+    return _launch(logits, u.to(torch.float64), mode=MODE_UNIFORM_POSTERIOR, exclude=None, zt=zt, alphas=alphas)
 
 
-def masked_argmax(logits: torch.Tensor, *, exclude: int | None = None, active: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """First index of the row maximum (column ``exclude`` skipped); ``active``/``out`` as in `draw_categorical`."""
-    return _launch(logits, None, mode=MODE_ARGMAX, exclude=exclude, active=active, out=out)
+def masked_argmax(logits: torch.Tensor, *, exclude: int | None = None) -> torch.Tensor:
+    """First index of the row maximum (column ``exclude`` skipped): argmax of the float64 softmax."""
+    return _launch(logits, None, mode=MODE_ARGMAX, exclude=exclude)
