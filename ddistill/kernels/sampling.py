@@ -126,6 +126,14 @@ def _row_tensor(t: torch.Tensor | None, num_rows: int, device: torch.device, nam
     return t.reshape(-1).contiguous()
 
 
+def _block(vocab: int) -> int:
+    """Columns per block: 2048 on the GPU (8 float64 values per thread at 8 warps); in the interpreter small blocks
+    for small test vocabularies (several blocks per row) and large ones for a real vocabulary (speed)."""
+    if not INTERPRET:
+        return 2048
+    return 64 if vocab <= 1024 else 4096
+
+
 def _launch(logits, u, *, mode: int, exclude: int | None, zt=None, alphas=None) -> torch.Tensor:
     flat, stride = _rows(logits)
     n, vocab = flat.shape
@@ -141,7 +149,7 @@ def _launch(logits, u, *, mode: int, exclude: int | None, zt=None, alphas=None) 
     _draw_kernel[(n,)](
         flat, stride, dummy if u is None else u, dummy if zt is None else zt, dummy if alphas is None else alphas,
         out, vocab, -1 if exclude is None else exclude,
-        MODE=mode, BLOCK_V=64 if INTERPRET else 2048, num_warps=1 if INTERPRET else 8,
+        MODE=mode, BLOCK_V=_block(vocab), num_warps=1 if INTERPRET else 8,
     )
     return out
 
