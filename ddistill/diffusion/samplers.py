@@ -11,6 +11,9 @@ its [MASK] column is 0. After the last step the remaining masks are filled from 
 greedy_tail). With cached=True the denoiser is called only when some token changed since its last call (valid
 because an MDLM without time conditioning is a function of z alone). Every step consumes the same random numbers
 (two uniforms per position) whether or not the denoiser was called, so cached and uncached runs give identical samples.
+Which positions unmask at which step depends on the unmasking uniforms alone, so the sampler replays them first
+(one host sync) and then knows every denoiser call and the positions it serves: the loop has no host sync, and
+with `row_logits` the denoiser computes x_θ at those positions only.
 
 DUO step t → s: z_s ~ q(z_s | z_t, x̂ = x_θ(z_t)) (`uniform_posterior`, DUO eq. 4) from a uniform prior; the final step
 from t_end is either an ancestral step to α = 1 or the greedy tail z = argmax x_θ(z, t_end). NFE = T + 1.
