@@ -5,8 +5,8 @@ At the issue-11 sampler shape (`small` DiT, batch 16 × 1024, V = 50258, bf16 lo
 A CPU smoke run (Triton interpreter, fp32 logits):
     python benchmarks/bench_sampler_draw.py --device cpu --size test --batch 2 --length 8 --vocab 101 --iters 1
 
-Rows (median ms over --iters after one warm-up call; `GB/s` = bytes of logits read per pass × 2 passes / time, the
-fused kernels' floor being two reads of the bf16 logits):
+Rows (median ms over --iters after one warm-up call; `GB/s` = bytes of the logits × the reads a fused kernel needs
+(2 for the draws, 1 for the argmax) / time: the fused kernels' memory floor, a figure of merit for the torch rows):
   * `duo posterior draw` — every row: `draw_uniform_posterior` vs softmax(float64) → `uniform_posterior` →
     `sample_categorical` (the pre-fusion DUO step).
   * `x_theta draw, n rows` — MDLM: `draw_categorical` (mask column excluded) on n gathered rows vs the torch path.
@@ -23,6 +23,7 @@ import csv
 import time
 
 import torch
+import triton
 
 from harness import RESULTS, append_csv, git_revision
 
@@ -31,7 +32,7 @@ from ddistill.diffusion.uniform import uniform_posterior
 from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
 from ddistill.models import ModelConfig, build_model
 
-FIELDS = ["device", "torch", "git", "rows", "vocab", "what", "impl", "ms", "gb_per_s"]
+FIELDS = ["device", "torch", "triton", "git", "rows", "vocab", "what", "impl", "ms", "gb_per_s"]
 
 
 def timed(fn, device: torch.device, iters: int) -> float:
@@ -51,10 +52,11 @@ def timed(fn, device: torch.device, iters: int) -> float:
 def write_table() -> None:
     rows = list(csv.DictReader((RESULTS / "sampler_draw.csv").open()))
     lines = ["# One sampler step taken apart (benchmarks/bench_sampler_draw.py)", "",
-             "| device | git | rows × V | what | impl | ms | GB/s (2 reads of the logits) |", "|---|---|---|---|---|---|---|"]
+             "Command: `python benchmarks/bench_sampler_draw.py --iters 5` (small DiT, batch 16 × 1024, bf16 logits).", "",
+             "| device | torch / triton | git | rows × V | what | impl | ms | GB/s (logits reads: 2 per draw, 1 per argmax) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gbs = f"{float(r['gb_per_s']):.0f}" if r["gb_per_s"] else ""
-        lines.append(f"| {r['device']} | {r['git']} | {r['rows']}×{r['vocab']} | {r['what']} | {r['impl']} | "
+        lines.append(f"| {r['device']} | {r['torch']} / {r['triton']} | {r['git']} | {r['rows']}×{r['vocab']} | {r['what']} | {r['impl']} | "
                      f"{float(r['ms']):.3f} | {gbs} |")
     (RESULTS / "sampler_draw.md").write_text("\n".join(lines) + "\n")
 
@@ -82,11 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     a_s = torch.tensor(0.35, dtype=torch.float64, device=device)
     mask_col = torch.tensor([v - 1], device=device)
     base = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, git=git_revision(), vocab=v)
+                torch=torch.__version__, triton=triton.__version__, git=git_revision(), vocab=v)
     rows_out = []
 
-    def record(what: str, impl: str, rows: int, ms: float, reads: bool = True) -> None:
-        gbs = 2 * rows * v * logits.element_size() / (ms * 1e-3) / 1e9 if reads else ""
+    def record(what: str, impl: str, rows: int, ms: float, passes: int = 2) -> None:
+        """passes: reads of the logits a fused kernel needs (its memory floor); 0 for rows that are no draw."""
+        gbs = passes * rows * v * logits.element_size() / (ms * 1e-3) / 1e9 if passes else ""
         rows_out.append(dict(base, rows=rows, what=what, impl=impl, ms=ms, gb_per_s=gbs))
         print(rows_out[-1], flush=True)
 
@@ -104,9 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         record(f"x_theta draw, {rows} rows", "torch", rows, timed(
             lambda: sample_categorical(torch.softmax(sub.to(torch.float64).index_fill(-1, mask_col, float("-inf")),
                                                      dim=-1), u_sub), device, args.iters))
-    record("greedy tail", "fused", n, timed(lambda: masked_argmax(logits), device, args.iters))
+    record("greedy tail", "fused", n, timed(lambda: masked_argmax(logits), device, args.iters), passes=1)
     record("greedy tail", "torch", n, timed(lambda: torch.softmax(logits.to(torch.float64), -1).argmax(-1), device,
-                                            args.iters))
+                                            args.iters), passes=1)
     del logits
     model = build_model(ModelConfig(size=args.size, vocab_size=v, length=args.length, time_conditioning=False,
                                     dropout=0.0)).to(device).eval()
@@ -117,9 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         if label == "compiled":
             model.compile_blocks()
         with torch.no_grad():
-            record("denoiser, full logits", label, n, timed(lambda: model(x, sigma), device, args.iters), False)
+            record("denoiser, full logits", label, n, timed(lambda: model(x, sigma), device, args.iters), passes=0)
             record(f"denoiser, {few.numel()} rows", label, n, timed(lambda: model(x, sigma, rows=few), device,
-                                                                  args.iters), False)
+                                                                  args.iters), passes=0)
     if not args.no_save:
         append_csv(rows_out, RESULTS / "sampler_draw.csv", FIELDS)
         write_table()

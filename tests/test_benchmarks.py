@@ -36,6 +36,15 @@ def test_bench_dit_cpu_smoke():
     assert int(_field(lines[2], "nfe")) == 4  # DUO: 3 steps + the greedy tail
 
 
+def test_bench_sampler_draw_cpu_smoke():
+    lines = [line for line in _run("bench_sampler_draw.py", "--device", "cpu", "--size", "test", "--batch", "1",
+                                   "--length", "4", "--vocab", "67", "--iters", "1").splitlines() if line.startswith("{")]
+    rows = [(_field(line, "what"), _field(line, "impl")) for line in lines]
+    assert ("duo posterior draw", "fused") in rows and ("duo posterior draw", "torch") in rows
+    assert ("greedy tail", "fused") in rows and ("denoiser", "eager") in rows  # _field stops at a comma
+    assert all(float(_field(line, "ms")) > 0 for line in lines)
+
+
 @pytest.mark.parametrize("loss", ["mdlm", "sdtt"])
 def test_bench_e2e_kernel_and_torch_paths_train_alike(loss):
     lines = _run("bench_e2e_step.py", "--device", "cpu", "--size", "test", "--vocab-size", "1001", "--batch", "2",
