@@ -161,3 +161,22 @@ def test_fused_draw_needs_the_exact_float64_draw():
         sample_duo(lambda x, s: torch.zeros(*x.shape, 5), nucleus_p=0.9, draw="fused", **kw)
     with pytest.raises(ValueError, match="draw='gpu'"):
         sample_mdlm(lambda x, s: torch.zeros(*x.shape, 5), mask_id=4, draw="gpu", **kw)
+
+
+def test_dit_row_positions_equal_full_logits_and_bad_shapes_are_refused():
+    """DiT.forward(rows=positions): the full logits at those flat positions (what row_logits=True relies on)."""
+    vocab = 37
+    model = _small_dit(vocab, time_conditioning=False)
+    x = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(3))
+    sigma = torch.zeros(2)
+    positions = torch.tensor([0, 5, 9, 15])
+    with torch.no_grad():
+        full = model(x, sigma).reshape(-1, vocab)
+        assert torch.allclose(model(x, sigma, rows=positions), full[positions], atol=1e-5, rtol=1e-5)
+        assert model(x, sigma, rows=positions[:0]).shape == (0, vocab)
+        with pytest.raises(ValueError, match="1-D positions"):
+            model(x, sigma, rows=positions.float())
+    kw = dict(batch_size=1, length=4, num_steps=2, mask_id=4, vocab_size=5, schedule=LogLinearSchedule(),
+              device="cpu", generator=torch.Generator(), row_logits=True)
+    with pytest.raises(ValueError, match="rows=…"):
+        sample_mdlm(lambda x, s, rows: torch.zeros(*x.shape, 5), **kw)  # ignores rows: full logits
