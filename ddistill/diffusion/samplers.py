@@ -198,8 +198,8 @@ def sample_mdlm(
     for k in range(num_steps, -1, -1):
         serves[k] = k if counts[k + 1] else serves[k + 1]
 
-    def denoise(k: int) -> torch.Tensor:
-        """x_θ logits (n, V) at the positions step serves[k] fills."""
+    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
+        """x_θ logits (n, V) of x at step k, at the positions step serves[k] fills."""
         rows = order[:0] if serves[k] is None else step_rows[serves[k]]
         sigma = _sigma(schedule, ts[k])
         if not row_logits:
@@ -227,7 +227,7 @@ def sample_mdlm(
         torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)  # u_unmask, folded into reveal
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         if logits is None or not cached:
-            logits = denoise(k)
+            logits = denoise(x, k)
             nfe += 1
         if counts[k + 1]:
             x = take(x, logits, step_rows[k], u_token)
@@ -235,7 +235,7 @@ def sample_mdlm(
     u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
     if counts[num_steps + 1]:
         if logits is None or not cached:
-            logits = denoise(num_steps)
+            logits = denoise(x, num_steps)
             nfe += 1
         x = take(x, logits, step_rows[num_steps], u_token, greedy=greedy_tail)
     return SampleResult(tokens=x, nfe=nfe)
