@@ -32,7 +32,7 @@ def _torch_xtheta(logits, u, exclude):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("n", "v", "exclude"), [(37, 301, 300), (5, 130, None)])
+@pytest.mark.parametrize(("n", "v", "exclude"), [(21, 301, 300), (5, 130, None)])
 def test_draw_categorical_equals_torch(dtype, n, v, exclude):
     logits = _logits(n, v, dtype, seed=v, pad=3)
     u = torch.rand(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -43,9 +43,9 @@ def test_draw_categorical_equals_torch(dtype, n, v, exclude):
         assert (tokens != exclude).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("alpha_t", "alpha_s"), [(0.3, 0.6), (0.02, 0.05), (0.9, 1.0)])
-def test_draw_uniform_posterior_equals_torch(dtype, alpha_t, alpha_s):
+@pytest.mark.parametrize(("alpha_t", "alpha_s", "dtype"), [(0.3, 0.6, torch.float32), (0.02, 0.05, torch.float16),
+                                                        (0.9, 1.0, torch.float32), (0.9, 1.0, torch.float16)])
+def test_draw_uniform_posterior_equals_torch(alpha_t, alpha_s, dtype):
     n, v = 29, 203
     logits = _logits(n, v, dtype, seed=5, pad=1)
     g = torch.Generator().manual_seed(4)
