@@ -9,9 +9,18 @@ Forward+backward: the MDLM loss (masking at stratified times, SUBS, weight α'/(
 default autocast (bf16 on CUDA), one AdamW step excluded (the optimizer is not part of the DiT). Sampler: MDLM
 ancestral with caching (not time-conditioned) and DUO ancestral with the greedy tail (time-conditioned), float64
 categorical sampling; tokens/s = generated tokens / wall time of one call after a 2-step warm-up call, NFE
-reported. Results are appended to
-benchmarks/results/dit.csv (keyed by device, torch version and git revision) and benchmarks/results/dit.md is
-regenerated from it.
+reported. `--draws` picks the samplers' draw path (fused: the Triton float64 draw kernels of
+ddistill.kernels.sampling; torch: the float64 reference path; auto: fused on CUDA), `--compile off on` also times
+the DiT with its blocks compiled (`DiT.compile_blocks`; the compile happens in the warm-up call). Rows are labelled
+"sample <kind> [<draw>(, compiled)]".
+
+The issue-11 sampler goal, on one H200 (ratios to the reference's 0.44 / 1.70 / 12.83 s for MDLM and
+0.70 / 2.70 / 21.37 s for DUO at 8 / 32 / 256 steps, `small`, batch 16 × 1024, are printed and tabled):
+    python benchmarks/bench_dit.py --size small --batch 16 --length 1024 --no-train --samplers mdlm,duo \
+        --sampler-steps 8 32 256 --draws fused torch --compile off on
+
+Each row is appended to benchmarks/results/dit.csv (keyed by device, torch version and git revision) as soon as it
+is measured, and benchmarks/results/dit.md is regenerated from it at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +37,11 @@ from harness import RESULTS, append_csv, git_revision
 
 from ddistill.diffusion import LogLinearSchedule, mask_tokens, mdlm_loss, sample_duo, sample_mdlm, sample_times
 from ddistill.models import ModelConfig, build_model
+
+# Wall seconds of the reference code's samplers (DUO ch-1, float64) on one H200, `small`, batch 16 × 1024 (issue 11).
+REFERENCE_SECONDS = {("mdlm", 8): 0.44, ("mdlm", 32): 1.70, ("mdlm", 256): 12.83,
+                     ("duo", 8): 0.70, ("duo", 32): 2.70, ("duo", 256): 21.37}
+REFERENCE_SHAPE = ("small", 16, 1024)
 
 FIELDS = ["device", "torch", "git", "size", "params", "batch", "length", "what", "steps", "nfe", "ms", "tokens_per_s",
           "peak_mem_gb"]
@@ -74,7 +88,7 @@ def bench_train(model, batch: int, length: int, vocab: int, device, iters: int, 
     return sorted(times)[len(times) // 2], peak_gb(device)
 
 
-def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: int, device,
+def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: int, device, draw: str = "auto",
                   warmup: bool = True) -> tuple[float, int, float]:
     """Wall ms of one sampler call (after a 2-step warm-up call that pays cuBLAS/SDPA/allocator start-up), NFE,
     peak GB."""
@@ -85,9 +99,10 @@ def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: 
         with torch.no_grad():
             if kind == "mdlm":
                 return sample_mdlm(model, batch_size=batch, length=length, num_steps=num_steps, mask_id=vocab - 1,
-                                   vocab_size=vocab, schedule=schedule, cached=True, generator=gen, device=device)
+                                   vocab_size=vocab, schedule=schedule, cached=True, generator=gen, device=device,
+                                   draw=draw, row_logits=True)
             return sample_duo(model, batch_size=batch, length=length, num_steps=num_steps, vocab_size=vocab,
-                              schedule=schedule, generator=gen, device=device)
+                              schedule=schedule, generator=gen, device=device, draw=draw)
 
     if warmup:
         run(2)
@@ -99,15 +114,27 @@ def bench_sampler(model, kind: str, batch: int, length: int, vocab: int, steps: 
     return (time.perf_counter() - start) * 1e3, out.nfe, peak_gb(device)
 
 
+def reference_ratio(row: dict) -> float | None:
+    """Reference seconds / measured seconds for a sampler row at the reference shape, else None."""
+    kind = row["what"].split()[1] if row["what"].startswith("sample ") else None
+    ref = REFERENCE_SECONDS.get((kind, int(row["steps"]))) if kind and row["steps"] != "" else None
+    if ref is None or (row["size"], int(row["batch"]), int(row["length"])) != REFERENCE_SHAPE:
+        return None
+    return ref / (float(row["ms"]) / 1e3)
+
+
 def write_table() -> Path:
     rows = list(csv.DictReader((RESULTS / "dit.csv").open()))
     lines = ["# DiT throughput (benchmarks/bench_dit.py)", "",
-             "| device | git | size | batch×length | what | steps | NFE | ms | tokens/s | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "× ref: the reference code's sampler seconds on one H200 (issue 11) over ours, at small, 16×1024.", "",
+             "| device | git | size | batch×length | what | steps | NFE | ms | tokens/s | peak GB | × ref |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ratio = reference_ratio(r)
         lines.append(f"| {r['device']} | {r['git']} | {r['size']} ({int(r['params']) / 1e6:.1f}M) | "
                      f"{r['batch']}×{r['length']} | {r['what']} | {r['steps']} | {r['nfe']} | {float(r['ms']):.1f} | "
-                     f"{float(r['tokens_per_s']):,.0f} | {float(r['peak_mem_gb']):.2f} |")
+                     f"{float(r['tokens_per_s']):,.0f} | {float(r['peak_mem_gb']):.2f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}'} |")
     out = RESULTS / "dit.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -123,18 +150,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--sampler-steps", type=int, nargs="+", default=[16, 128])
-    p.add_argument("--samplers", default="mdlm,duo", help="comma list of mdlm, duo")
+    p.add_argument("--samplers", nargs="+", default=["mdlm,duo"], help="mdlm and/or duo (space or comma separated)")
     p.add_argument("--no-train", action="store_true", help="time the samplers only")
+    p.add_argument("--draws", nargs="+", choices=("auto", "fused", "torch"), default=["auto"],
+                   help="the samplers' draw paths to time (ddistill.diffusion.samplers, `draw`)")
+    p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
+                   help="time the samplers with eager and/or compiled DiT blocks (off runs first)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
+    samplers = {name for item in args.samplers for name in item.split(",") if name}
+    if not samplers <= {"mdlm", "duo"}:
+        p.error(f"--samplers {' '.join(args.samplers)}: expected mdlm and/or duo")
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows = []
+    saved = []
+
+    def record(row: dict) -> None:
+        ratio = reference_ratio({k: str(v) for k, v in row.items()})
+        print({**row, **({} if ratio is None else {"x_reference": round(ratio, 3)})}, flush=True)
+        if not args.no_save:  # at once: a run cut short by a time limit keeps what it measured
+            append_csv([row], RESULTS / "dit.csv", FIELDS)
+        saved.append(row)
+
     base = dict(device=device_name(device), torch=torch.__version__, git=git_revision(), size=args.size,
                 length=args.length)
     for kind, time_cond in (("mdlm", False), ("duo", True)):
-        if kind not in args.samplers.split(","):
+        if kind not in samplers:
             continue
         model = build_model(ModelConfig(size=args.size, vocab_size=args.vocab, length=args.length,
                                         time_conditioning=time_cond, dropout=0.0)).to(device)
@@ -145,27 +187,30 @@ def main(argv: list[str] | None = None) -> None:
         params = model.num_parameters()
         if kind == "mdlm" and not args.no_train:
             ms, mem = bench_train(model, args.batch, args.length, args.vocab, device, args.iters, args.warmup)
-            rows.append(dict(base, params=params, batch=args.batch, what="train fwd+bwd (MDLM loss)", steps="",
-                             nfe="", ms=ms, tokens_per_s=args.batch * args.length / ms * 1e3, peak_mem_gb=mem))
-            print(rows[-1], flush=True)
+            record(dict(base, params=params, batch=args.batch, what="train fwd+bwd (MDLM loss)", steps="",
+                        nfe="", ms=ms, tokens_per_s=args.batch * args.length / ms * 1e3, peak_mem_gb=mem))
         model.eval()
         sb = args.sampler_batch or args.batch
-        for steps in args.sampler_steps:
-            try:
-                ms, nfe, mem = bench_sampler(model, kind, sb, args.length, args.vocab, steps, device)
-            except torch.OutOfMemoryError:
-                print(f"{kind} sampler at batch {sb}: out of memory (float64 posterior over B×L×V)", flush=True)
-                torch.cuda.empty_cache()
-                continue
-            rows.append(dict(base, params=params, batch=sb, what=f"sample {kind}", steps=steps, nfe=nfe, ms=ms,
-                             tokens_per_s=sb * args.length / ms * 1e3, peak_mem_gb=mem))
-            print(rows[-1], flush=True)
+        for compiled in sorted(set(args.compile), key=("off", "on").index):
+            if compiled == "on":
+                model.compile_blocks()
+            for draw in args.draws:
+                label = draw if draw != "auto" else ("fused" if device.type == "cuda" else "torch")
+                what = f"sample {kind} [{label}{', compiled' if compiled == 'on' else ''}]"
+                for steps in args.sampler_steps:
+                    try:
+                        ms, nfe, mem = bench_sampler(model, kind, sb, args.length, args.vocab, steps, device, draw)
+                    except torch.OutOfMemoryError:
+                        print(f"{what} at batch {sb}: out of memory", flush=True)
+                        torch.cuda.empty_cache()
+                        continue
+                    record(dict(base, params=params, batch=sb, what=what, steps=steps, nfe=nfe, ms=ms,
+                                tokens_per_s=sb * args.length / ms * 1e3, peak_mem_gb=mem))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if args.no_save:
+    if args.no_save or not saved:
         return
-    append_csv(rows, RESULTS / "dit.csv", FIELDS)
     print(f"wrote {RESULTS / 'dit.csv'} and {write_table()}", file=sys.stderr)
 
 

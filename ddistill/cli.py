@@ -133,7 +133,10 @@ def _load(args):
         print(f"ddistill: warning: --length {args.length} is beyond the {cfg.length} tokens this model was trained on "
               "(its config's length); rotary positions extend, but samples past that length are out of distribution",
               file=sys.stderr)
-    return model.to(device), cfg
+    model = model.to(device)
+    if args.compile:
+        model.compile_blocks()
+    return model, cfg
 
 
 def _model_tokenizer(checkpoint: str, vocab_size: int):
@@ -164,6 +167,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy-tail", action=argparse.BooleanOptionalAction, default=None,
                    help="argmax at the final step (None: on for DUO, off for MDLM)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
+    p.add_argument("--draw", choices=("auto", "fused", "torch"), default="auto",
+                   help="MDLM/DUO draws: fused float64 Triton kernels, the float64 torch reference, or auto (fused on "
+                        "CUDA when --nucleus-p is 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional) before sampling")
     dimo = p.add_argument_group("--process dimo (defaults: the DiMO training defaults, methods/dimo.py)")
     dimo.add_argument("--r-init", type=_probability, default=0.6, help="mask fraction of the generator's input")
     dimo.add_argument("--embed-noise", type=float, default=0.1, help="σ of the input-embedding noise")
@@ -174,12 +181,18 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                       help="positions re-masked at steps >= 2: the least confident, or uniformly random ones")
 
 
+def _check_draw(args) -> None:
+    if args.draw == "fused" and args.nucleus_p < 1.0:
+        raise BadInput(f"--draw fused needs --nucleus-p 1 (got {args.nucleus_p}); nucleus sampling runs on the torch path")
+
+
 def _sampler_kwargs(args, process: str, model=None) -> dict:
     kwargs = {"nucleus_p": args.nucleus_p}
     if process == "dimo":
         return {**kwargs, "r_init": args.r_init, "embed_noise": args.embed_noise, "temperature": args.temperature,
                 "remask": args.remask, "embed_dim": model.config.hidden_size,
                 "noise_rms": model.input_embedding_rms() if args.embed_noise_rms else 1.0}
+    kwargs["draw"] = args.draw
     if args.greedy_tail is not None:
         kwargs["greedy_tail"] = args.greedy_tail
     return kwargs
@@ -196,6 +209,7 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def cmd_sample(argv: Sequence[str]) -> None:
     args = sample_parser().parse_args(argv)
+    _check_draw(args)
     _check_checkpoint(args.checkpoint)
     process = _process_of(args.checkpoint, args.process)
     import torch
@@ -219,7 +233,7 @@ def cmd_sample(argv: Sequence[str]) -> None:
             out = sample_dimo(model, mask_id=cfg.vocab_size - 1, **common)
         elif process == "absorbing":
             out = sample_mdlm(model, mask_id=cfg.vocab_size - 1, time_conditioning=cfg.time_conditioning,
-                              cached=not cfg.time_conditioning, schedule=LogLinearSchedule(), **common)
+                              cached=not cfg.time_conditioning, schedule=LogLinearSchedule(), row_logits=True, **common)
         else:
             out = sample_duo(model, schedule=LogLinearSchedule(), **common)
         mask_id = None if process == "uniform" else cfg.vocab_size - 1
@@ -266,6 +280,7 @@ def _check_judge(name: str) -> None:
 
 def cmd_eval(argv: Sequence[str]) -> None:
     args = eval_parser().parse_args(argv)
+    _check_draw(args)
     _check_checkpoint(args.checkpoint)  # every argument is checked before the model or the judge is loaded
     _check_judge(args.judge)
     if args.mauve_reference and not Path(args.mauve_reference).is_file():

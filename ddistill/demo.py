@@ -282,7 +282,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
                               greedy_tail=tail == "greedy")
                 if sampler == "mdlm":
                     result = sample_mdlm(model, mask_id=mcfg.vocab_size - 1, cached=not mcfg.time_conditioning,
-                                         time_conditioning=mcfg.time_conditioning, **common)
+                                         time_conditioning=mcfg.time_conditioning, row_logits=True, **common)
                 elif sampler == "duo":
                     result = sample_duo(model, **common)
                 elif sampler == "dimo":  # the DiMO training defaults of x_init and the embedding noise

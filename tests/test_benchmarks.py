@@ -30,10 +30,19 @@ def test_bench_dit_cpu_smoke():
     lines = _run("bench_dit.py", "--size", "test", "--batch", "2", "--length", "32", "--vocab", "1001",
                  "--sampler-steps", "3", "--iters", "1", "--warmup", "0", "--device", "cpu").splitlines()
     whats = [_field(line, "what") for line in lines]
-    assert whats == ["train fwd+bwd (MDLM loss)", "sample mdlm", "sample duo"]
+    assert whats == ["train fwd+bwd (MDLM loss)", "sample mdlm [torch]", "sample duo [torch]"]  # auto: torch on CPU
     assert all(float(_field(line, "tokens_per_s")) > 0 for line in lines)
     assert int(_field(lines[1], "nfe")) <= 3  # cached MDLM sampler: at most one call per step
     assert int(_field(lines[2], "nfe")) == 4  # DUO: 3 steps + the greedy tail
+
+
+def test_bench_sampler_draw_cpu_smoke():
+    lines = [line for line in _run("bench_sampler_draw.py", "--device", "cpu", "--size", "test", "--batch", "1",
+                                   "--length", "4", "--vocab", "67", "--iters", "1").splitlines() if line.startswith("{")]
+    rows = [(_field(line, "what"), _field(line, "impl")) for line in lines]
+    assert ("duo posterior draw", "fused") in rows and ("duo posterior draw", "torch") in rows
+    assert ("greedy tail", "fused") in rows and ("denoiser", "eager") in rows  # _field stops at a comma
+    assert all(float(_field(line, "ms")) > 0 for line in lines)
 
 
 @pytest.mark.parametrize("loss", ["mdlm", "sdtt"])

@@ -42,10 +42,11 @@ def test_sample_from_public_layout_checkpoint(mdlm_checkpoint, tmp_path):
         assert all(0 <= t < MASK_ID for t in rec["token_ids"])  # fully unmasked, never the mask id
         assert 1 <= rec["nfe"] <= 7 and rec["steps"] == 6
     assert "NFE=" in proc.stdout
-    # Same seed, same samples: the sampler is deterministic given its generator.
+    # Same seed, same samples: the sampler is deterministic given its generator, and the fused draw kernels
+    # (Triton interpreter here) draw what the torch path draws.
     again = tmp_path / "again.jsonl"
     proc = run_cli("sample", str(mdlm_checkpoint), "--steps", "6", "--num-samples", "3", "--batch-size", "2",
-                   "--seed", "7", "--device", "cpu", "--out", str(again))
+                   "--seed", "7", "--device", "cpu", "--draw", "fused", "--out", str(again))
     assert proc.returncode == 0, proc.stderr
     assert [json.loads(line)["token_ids"] for line in again.read_text().splitlines()] == [
         r["token_ids"] for r in records
@@ -120,6 +121,8 @@ def test_eval_checks_its_arguments_before_loading_anything(mdlm_checkpoint, tmp_
     assert "is neither a known judge" in err
     err = _main_fails(capsys, "eval", str(mdlm_checkpoint), "--mauve-reference", str(tmp_path / "refs.jsonl"))
     assert "--mauve-reference" in err and "is not a file" in err
+    err = _main_fails(capsys, "eval", str(mdlm_checkpoint), "--draw", "fused", "--nucleus-p", "0.9")
+    assert "--draw fused needs --nucleus-p 1" in err
 
 
 def test_length_beyond_the_model_warns_and_samples(mdlm_checkpoint, capsys):

@@ -11,6 +11,9 @@ its [MASK] column is 0. After the last step the remaining masks are filled from 
 greedy_tail). With cached=True the denoiser is called only when some token changed since its last call (valid
 because an MDLM without time conditioning is a function of z alone). Every step consumes the same random numbers
 (two uniforms per position) whether or not the denoiser was called, so cached and uncached runs give identical samples.
+Which positions unmask at which step depends on the unmasking uniforms alone, so the sampler replays them first
+(one host sync) and then knows every denoiser call and the positions it serves: the loop has no host sync, and
+with `row_logits` the denoiser computes x_θ at those positions only.
 
 DUO step t → s: z_s ~ q(z_s | z_t, x̂ = x_θ(z_t)) (`uniform_posterior`, DUO eq. 4) from a uniform prior; the final step
 from t_end is either an ancestral step to α = 1 or the greedy tail z = argmax x_θ(z, t_end). NFE = T + 1.
@@ -26,6 +29,12 @@ frequent ones and lowers the sample entropy as N grows). NFE = N.
 
 Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
 token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
+
+Fused draws (`draw`, see `_use_fused`): on CUDA with nucleus_p = 1 and float64 draws, MDLM's x_θ draw, DUO's
+posterior draw and both greedy tails run in `ddistill.kernels.sampling` (softmax, posterior and inverse CDF in
+float64 registers, row by row; no B×L×V float64 tensor). They consume the same uniforms as the torch path and agree
+with it token for token except where u·total falls within float64 rounding of a CDF boundary. The torch path stays
+the reference (nucleus_p < 1, other dtypes, CPU, draw="torch").
 """
 
 from __future__ import annotations
@@ -39,8 +48,9 @@ import torch
 from ddistill.diffusion.absorbing import exact_count_mask
 from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.diffusion.uniform import uniform_posterior
+from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
 
-__all__ = ["SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
+__all__ = ["DRAWS", "SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
            "sample_dimo", "dimo_initial_tokens"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -97,6 +107,37 @@ def _sigma(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
     return schedule.sigma(t).float().reshape(1)
 
 
+DRAWS = ("auto", "fused", "torch")
+
+
+def _use_fused(draw: str, device: torch.device, nucleus_p: float, dtype: torch.dtype) -> bool:
+    """Whether a sampler draws with the fused Triton kernels (`ddistill.kernels.sampling`) instead of the torch path.
+
+    "auto": fused on CUDA when the draw is the plain float64 categorical (nucleus_p = 1, dtype float64); "torch"
+    forces the reference path; "fused" forces the kernels (on CPU they run in Triton's interpreter)."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw={draw!r}: expected one of {DRAWS}")
+    exact = nucleus_p >= 1.0 and dtype == torch.float64
+    if draw == "fused" and not exact:
+        raise ValueError(f"draw='fused' needs nucleus_p=1 and dtype=float64 (got nucleus_p={nucleus_p}, dtype={dtype})")
+    return draw == "fused" or (draw == "auto" and exact and device.type == "cuda")
+
+
+def _mdlm_reveal_steps(x: torch.Tensor, mask_id: int, p_unmask: torch.Tensor, generator: torch.Generator,
+                       num_steps: int) -> torch.Tensor:
+    """The step at which each [MASK] position of x is revealed (num_steps: by the final fill; −1: never masked).
+
+    Consumes exactly the random numbers of the sampling loop (u_unmask, u_token per step; the caller restores the
+    generator's state afterwards): whether a position unmasks at a step depends on the u_unmask's only, never on
+    the tokens drawn, so the whole schedule, hence every denoiser call of the cached sampler, is known up front."""
+    reveal = torch.where(x == mask_id, num_steps, -1)
+    for k in range(num_steps):
+        u_unmask = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)  # u_token, unused here
+        reveal = torch.where((reveal == num_steps) & (u_unmask < p_unmask[k]), k, reveal)
+    return reveal
+
+
 @torch.no_grad()
 def sample_mdlm(
     denoiser: Denoiser,
@@ -116,50 +157,87 @@ def sample_mdlm(
     time_conditioning: bool = False,
     greedy_tail: bool = False,
     t_end: float = 1e-5,
+    draw: str = "auto",
+    row_logits: bool = False,
 ) -> SampleResult:
-    """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included."""
+    """MDLM ancestral sampling (module docstring). `vocab_size` counts all logit columns, mask id included.
+
+    The unmasking schedule is computed first (`_mdlm_reveal_steps`, one host sync), so the loop knows which steps
+    call the denoiser and which positions each call's logits serve; no step syncs with the host (`draw`: see
+    `_use_fused`). With `row_logits` the denoiser is called as denoiser(x, σ, rows=positions) and returns the logits
+    of those flat positions b·L + l only, (len(positions), V), as `DiT.forward` does: at a step only the positions
+    that take a token need x_θ, and the output layer is a large part of a small model's cost."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     if cached and time_conditioning:
         raise ValueError("cached=True requires a denoiser without time conditioning (time_conditioning=False)")
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
     device = torch.device(device)
+    fused = _use_fused(draw, device, nucleus_p, dtype)
     x = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
     if prefix is not None:
         x[:, : prefix.shape[1]] = prefix.to(device)
     ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device=device)
     alphas = schedule.alpha(ts)
+    p_unmask = (alphas[1:] - alphas[:-1]) / (1.0 - alphas[:-1])
     mask_col = torch.tensor([mask_id], device=device)
+
+    start = generator.get_state()
+    reveal = _mdlm_reveal_steps(x, mask_id, p_unmask, generator, num_steps).reshape(-1)
+    generator.set_state(start)
+    counts = torch.bincount(reveal + 1, minlength=num_steps + 2).tolist()  # the one host sync
+    # Positions grouped by the step that reveals them, ascending within a step (the row-major order of a boolean
+    # mask); step_rows[num_steps] are those the final fill takes.
+    order = torch.argsort(reveal, stable=True)
+    bounds = [counts[0]]
+    for count in counts[1:]:
+        bounds.append(bounds[-1] + count)
+    step_rows = [order[bounds[k] : bounds[k + 1]] for k in range(num_steps + 1)]
+    # the step whose positions a denoiser call at step k serves: the first k' >= k that reveals anything
+    serves: list[int | None] = [None] * (num_steps + 2)
+    for k in range(num_steps, -1, -1):
+        serves[k] = k if counts[k + 1] else serves[k + 1]
+
+    def denoise(x: torch.Tensor, k: int) -> torch.Tensor:
+        """x_θ logits (n, V) of x at step k, at the positions step serves[k] fills."""
+        rows = order[:0] if serves[k] is None else step_rows[serves[k]]
+        sigma = _sigma(schedule, ts[k])
+        if not row_logits:
+            return _call(denoiser, x, sigma, vocab_size).reshape(-1, vocab_size)[rows]
+        logits = denoiser(x, sigma.expand(batch_size), rows=rows)
+        if logits.shape != (rows.numel(), vocab_size):
+            raise ValueError(f"denoiser(x, sigma, rows=…) returned logits of shape {tuple(logits.shape)}, expected "
+                             f"{(rows.numel(), vocab_size)}")
+        return logits
+
+    def take(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False):
+        """x with the positions `rows` filled from x_θ (SUBS without the carry-over: those positions are masked)."""
+        if fused:
+            tokens = masked_argmax(logits, exclude=mask_id) if greedy else draw_categorical(
+                logits, u.reshape(-1)[rows], exclude=mask_id)
+        else:  # torch path: nucleus and the float64 draw on the rows that take a token
+            p = nucleus_filter(torch.softmax(logits.to(dtype).index_fill(-1, mask_col, float("-inf")), dim=-1),
+                               nucleus_p)
+            tokens = p.argmax(dim=-1) if greedy else sample_categorical(p, u.reshape(-1)[rows])
+        return x.reshape(-1).index_copy(0, rows, tokens).reshape(x.shape)
+
     nfe = 0
-    logits = None  # the denoiser's logits (B, L, V) for the current x, when valid
-
-    def draw(logits: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        # x_θ (SUBS without the carry-over: the rows that take a new token are masked in x), then nucleus and the
-        # categorical draw, only on the rows that take a new token: the float64 softmax over V is the sampler's
-        # main cost besides the denoiser, and a step reveals a fraction of the masked rows. Row-wise, so the same
-        # numbers as converting every masked row; `rows` enumerates positions in row-major order, as masked_scatter.
-        row_logits = logits[rows].to(dtype).index_fill(-1, mask_col, float("-inf"))
-        p = nucleus_filter(torch.softmax(row_logits, dim=-1), nucleus_p)
-        return p.argmax(dim=-1) if greedy else sample_categorical(p, u[rows])
-
+    logits = None  # the denoiser's logits for the current x (at the positions they serve), when valid
     for k in range(num_steps):
-        u_unmask = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
+        torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)  # u_unmask, folded into reveal
         u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
         if logits is None or not cached:
-            logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
+            logits = denoise(x, k)
             nfe += 1
-        p_unmask = (alphas[k + 1] - alphas[k]) / (1.0 - alphas[k])
-        unmask = (x == mask_id) & (u_unmask < p_unmask)
-        if bool(unmask.any()):
-            x = x.masked_scatter(unmask, draw(logits, unmask, u_token))
+        if counts[k + 1]:
+            x = take(x, logits, step_rows[k], u_token)
             logits = None
     u_token = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-    still_masked = x == mask_id
-    if bool(still_masked.any()):
+    if counts[num_steps + 1]:
         if logits is None or not cached:
-            logits = _call(denoiser, x, _sigma(schedule, ts[-1]), vocab_size)
+            logits = denoise(x, num_steps)
             nfe += 1
-        x = x.masked_scatter(still_masked, draw(logits, still_masked, u_token, greedy=greedy_tail))
+        x = take(x, logits, step_rows[num_steps], u_token, greedy=greedy_tail)
     return SampleResult(tokens=x, nfe=nfe)
 
 
@@ -179,10 +257,13 @@ def sample_duo(
     prefix: torch.Tensor | None = None,
     greedy_tail: bool = True,
     t_end: float = 1e-5,
+    draw: str = "auto",
 ) -> SampleResult:
-    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1."""
+    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1. `draw`: `_use_fused`
+    (the fused path never forms a B×L×K float64 tensor; its greedy tail is the argmax of the logits)."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     device = torch.device(device)
+    fused = _use_fused(draw, device, nucleus_p, dtype)
     x = torch.randint(0, vocab_size, (batch_size, length), generator=generator, device=device)
     num_fixed = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:
@@ -192,18 +273,16 @@ def sample_duo(
     alphas = schedule.alpha(ts)
     one = torch.ones((), dtype=torch.float64, device=device)
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = _call(denoiser, x, _sigma(schedule, t), vocab_size)
-        return nucleus_filter(torch.softmax(logits.to(dtype), dim=-1), nucleus_p)
-
     for k in range(num_steps + 1):
         u = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
-        probs = denoise(x, ts[k])
-        if k == num_steps and greedy_tail:
-            x = probs.argmax(dim=-1)
+        logits = _call(denoiser, x, _sigma(schedule, ts[k]), vocab_size)
+        greedy = k == num_steps and greedy_tail
+        alpha_s = alphas[k + 1] if k < num_steps else one
+        if fused:
+            x = masked_argmax(logits) if greedy else draw_uniform_posterior(logits, x, u, alphas[k], alpha_s)
         else:
-            alpha_s = alphas[k + 1] if k < num_steps else one
-            x = sample_categorical(uniform_posterior(probs, x, alphas[k], alpha_s), u)
+            probs = nucleus_filter(torch.softmax(logits.to(dtype), dim=-1), nucleus_p)
+            x = probs.argmax(dim=-1) if greedy else sample_categorical(uniform_posterior(probs, x, alphas[k], alpha_s), u)
         if prefix is not None:
             x[:, :num_fixed] = prefix
     return SampleResult(tokens=x, nfe=num_steps + 1)

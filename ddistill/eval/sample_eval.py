@@ -47,6 +47,7 @@ from ddistill.eval.metrics import (
 
 SAMPLERS = (*PROCESSES, "dimo")  # the processes plus the DiMO generator's sampler
 from ddistill.eval.report import EvalRow, write_report
+from ddistill.models.dit import DiT
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -252,6 +253,8 @@ def evaluate_sampler(
         # the MDLM cache is only exact for a denoiser that ignores sigma
         sampler_kwargs.setdefault("time_conditioning", bool(time_conditioning))
         sampler_kwargs.setdefault("cached", not time_conditioning)
+    if process == "absorbing" and isinstance(denoiser, DiT):
+        sampler_kwargs.setdefault("row_logits", True)  # x_θ at the revealed positions only (DiT.forward's rows)
     draw_kwargs = dict(
         process=process,
         length=length,

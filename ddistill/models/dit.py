@@ -442,15 +442,22 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, L, vocab_size); bf16 on CUDA under the default autocast, fp32 on CPU.
 
-        `rows` (a (B, L) bool mask) applies the output layer to the selected positions only and returns
-        (num_selected, vocab_size): the masked-diffusion losses read masked positions only, and the output layer is
-        most of the cost of a small model at V = 50258. `soft_inputs`, `embed_noise`: see `hidden_states`.
+        `rows` (a (B, L) bool mask, or a 1-D integer tensor of flat positions b·L + l) applies the output layer to
+        the selected positions only and returns (num_selected, vocab_size): the masked-diffusion losses read masked
+        positions only, the MDLM sampler the positions it reveals, and the output layer is most of the cost of a
+        small model at V = 50258 (positions given as indices need no host sync). `soft_inputs`, `embed_noise`: see
+        `hidden_states`.
         """
         h = self.hidden_states(x, sigma, soft_inputs, embed_noise=embed_noise)
         if rows is not None:
-            if rows.shape != x.shape[:2]:
-                raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")
-            h = h[rows]
+            if rows.dtype == torch.bool:
+                if rows.shape != x.shape[:2]:
+                    raise ValueError(f"rows must have shape {tuple(x.shape[:2])}, got {tuple(rows.shape)}")
+                h = h[rows]
+            elif rows.dim() == 1 and not rows.is_floating_point():
+                h = h.reshape(-1, h.shape[-1])[rows]
+            else:
+                raise ValueError(f"rows must be a (B, L) bool mask or 1-D positions, got {rows.dtype} {tuple(rows.shape)}")
         with self._autocast(x.device):
             return self.output_layer.linear(h)[..., : self.vocab_size]
 

@@ -1,0 +1,176 @@
+"""Fused "probabilities + categorical draw" for the ancestral samplers: one Triton program per row of logits.
+
+The torch samplers (`ddistill.diffusion.samplers`) convert the denoiser's logits to float64, take the softmax, form
+the posterior and its cumulative sum: several (rows × V) float64 tensors per step (16·1024·50258·8 B = 6.6 GB each
+at the `small` benchmark shape). These kernels read the logits (any float dtype, row stride free) row by row and
+return the drawn token; every quantity is float64 in registers and nothing of size V is written.
+
+Per row z (V columns; the excluded column, if any, has weight 0), with m = max_j z_j and w_j = exp(z_j − m) in
+float64, S = Σ_j w_j, p = w / S (the float64 softmax):
+
+* ``draw_categorical`` (MDLM's x_θ draw, arXiv 2406.07524): token ~ p, i.e. the inverse CDF
+  token = #{j : C_j ≤ u·S} with C_j = Σ_{i ≤ j} w_i (the normalisation by S is folded into the target).
+* ``draw_uniform_posterior`` (DUO eq. 4, arXiv 2506.10892, with x̂ = p, z = z_t, α_{t|s} = α_t/α_s):
+  q_j ∝ (α_s − α_t)·p_j + (1 − α_{t|s})(1 − α_s)/V + [j = z]·(V·α_t·p_z + α_{t|s} − α_t); the normaliser
+  V·α_t·p_z + 1 − α_t is not applied (an inverse-CDF draw is scale-free), and the target is u times the closed-form
+  total (α_s − α_t) + (1 − α_{t|s})(1 − α_s) + V·α_t·p_z + α_{t|s} − α_t.
+* ``masked_argmax``: the first index of the largest logit (the excluded column skipped): the greedy tail. argmax
+  of the float64 softmax is argmax of the logits, since exp is monotone.
+
+Pass 1 reads the row once for m and S (online: S is rescaled when the running max grows); pass 2 recomputes w
+block by block and counts the CDF entries ≤ target. The result is clamped to the last id with positive mass (the
+target can round up to the total). The uniforms u are the caller's, so these draws agree token for token with the
+torch reference (`sample_categorical` on the float64 softmax / `uniform_posterior`) except where u·total falls
+within float64 rounding of a CDF boundary (the sums are taken in another order).
+
+The samplers pass only the rows that take a token (a gathered copy, or the denoiser's row-selected logits).
+Inputs on CPU run in Triton's interpreter (TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ddistill.kernels._common import INTERPRET, check_device
+
+__all__ = ["draw_categorical", "draw_uniform_posterior", "masked_argmax"]
+
+MODE_CATEGORICAL = 0
+MODE_UNIFORM_POSTERIOR = 1
+MODE_ARGMAX = 2
+
+
+@triton.jit(do_not_specialize=["MASK_COL"])
+def _draw_kernel(
+    logits_ptr, stride_row, u_ptr, zt_ptr, alpha_ptr, out_ptr, V, MASK_COL,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    cols0 = tl.arange(0, BLOCK_V)
+    # pass 1: running max (and its first index), S = Σ exp(z − m) in float64
+    m = tl.full((), float("-inf"), dtype=tl.float64)
+    s = tl.zeros((), dtype=tl.float64)
+    best = tl.zeros((), dtype=tl.int64)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
+        ok = (cols < V) & (cols != MASK_COL)
+        z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
+        block_max = tl.max(z, axis=0)
+        if MODE == 2:
+            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + v0
+            best = tl.where(block_max > m, block_best, best)
+            m = tl.maximum(m, block_max)
+        else:
+            new_m = tl.maximum(m, block_max)
+            # -inf entries (masked, or real -inf logits) have weight 0; no (-inf) − (-inf) is ever formed
+            scale = tl.where(new_m == m, 1.0, tl.exp(m - new_m))
+            s = s * scale + tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - new_m)), axis=0)
+            m = new_m
+    if MODE == 2:
+        tl.store(out_ptr + row, best)
+    else:
+        u = tl.load(u_ptr + row).to(tl.float64)
+        if MODE == 1:
+            zt = tl.load(zt_ptr + row).to(tl.int64)
+            a_t = tl.load(alpha_ptr).to(tl.float64)
+            a_s = tl.load(alpha_ptr + 1).to(tl.float64)
+            a_ts = a_t / a_s
+            p_z = tl.exp(tl.load(base + zt).to(tl.float64) - m) / s
+            coef = (a_s - a_t) / s  # multiplies w_j
+            floor = (1.0 - a_ts) * (1.0 - a_s) / V
+            spike = V * a_t * p_z + a_ts - a_t  # extra mass at column z_t
+            target = u * ((a_s - a_t) + (1.0 - a_ts) * (1.0 - a_s) + spike)
+        else:
+            target = u * s
+        # pass 2: count the CDF entries ≤ target; remember the last column with positive mass
+        running = tl.zeros((), dtype=tl.float64)
+        count = tl.zeros((), dtype=tl.int64)
+        last = tl.zeros((), dtype=tl.int64)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + cols0
+            in_row = cols < V
+            ok = in_row & (cols != MASK_COL)
+            z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
+            w = tl.where(z == float("-inf"), 0.0, tl.exp(z - m))
+            if MODE == 1:
+                w = coef * w + floor + tl.where(cols == zt, spike, 0.0)
+                w = tl.where(in_row, w, 0.0)
+            cdf = running + tl.cumsum(w, axis=0)
+            count += tl.sum(((cdf <= target) & in_row).to(tl.int64), axis=0)
+            last = tl.maximum(last, tl.max(tl.where(w > 0.0, cols, 0), axis=0).to(tl.int64))
+            running += tl.sum(w, axis=0)
+        tl.store(out_ptr + row, tl.minimum(count, last))
+
+
+def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(logits viewed as (N, V) without a copy where the strides allow it, row stride)."""
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits of shape {tuple(logits.shape)}: expected (…, V) with V >= 1")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    check_device(logits)
+    flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() != 2 else logits
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return flat, flat.stride(0)
+
+
+def _row_tensor(t: torch.Tensor | None, num_rows: int, device: torch.device, name: str) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.numel() != num_rows or t.device != device:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} on {t.device}: expected {num_rows} entries on {device}")
+    return t.reshape(-1).contiguous()
+
+
+def _block(vocab: int) -> int:
+    """Columns per block: 2048 on the GPU (8 float64 values per thread at 8 warps); in the interpreter small blocks
+    for small test vocabularies (several blocks per row) and large ones for a real vocabulary (speed)."""
+    if not INTERPRET:
+        return 2048
+    return 64 if vocab <= 1024 else 4096
+
+
+def _launch(logits, u, *, mode: int, exclude: int | None, zt=None, alphas=None) -> torch.Tensor:
+    flat, stride = _rows(logits)
+    n, vocab = flat.shape
+    device = flat.device
+    if exclude is not None and not 0 <= exclude < vocab:
+        raise ValueError(f"exclude={exclude} must lie in [0, {vocab})")
+    u = _row_tensor(u, n, device, "u")
+    zt = _row_tensor(zt, n, device, "zt")
+    out = torch.empty(logits.shape[:-1], dtype=torch.long, device=device)
+    if n == 0:
+        return out
+    dummy = out  # stands in for the pointers a mode never reads
+    _draw_kernel[(n,)](
+        flat, stride, dummy if u is None else u, dummy if zt is None else zt, dummy if alphas is None else alphas,
+        out, vocab, -1 if exclude is None else exclude,
+        MODE=mode, BLOCK_V=_block(vocab), num_warps=1 if INTERPRET else 8,
+    )
+    return out
+
+
+def draw_categorical(logits: torch.Tensor, u: torch.Tensor, *, exclude: int | None = None) -> torch.Tensor:
+    """token ~ softmax(logits) per row (column ``exclude`` never drawn) by inverse CDF at the uniforms ``u`` (…)."""
+    return _launch(logits, u.to(torch.float64), mode=MODE_CATEGORICAL, exclude=exclude)
+
+
+def draw_uniform_posterior(logits: torch.Tensor, zt: torch.Tensor, u: torch.Tensor, alpha_t: torch.Tensor,
+                           alpha_s: torch.Tensor) -> torch.Tensor:
+    """z_s ~ q(z_s | z_t, x̂ = softmax(logits)) of DUO eq. 4 (module docstring) at the uniforms ``u`` (…).
+
+    α_t, α_s are scalars (0-d tensors on the logits' device, so no host sync; 0 < α_t < α_s ≤ 1)."""
+    alphas = torch.stack([torch.as_tensor(alpha_t), torch.as_tensor(alpha_s)]).to(device=logits.device,
+                                                                                 dtype=torch.float64)
+    if alphas.shape != (2,):
+        raise ValueError("alpha_t and alpha_s must be scalars")
+    return _launch(logits, u.to(torch.float64), mode=MODE_UNIFORM_POSTERIOR, exclude=None, zt=zt, alphas=alphas)
+
+
+def masked_argmax(logits: torch.Tensor, *, exclude: int | None = None) -> torch.Tensor:
+    """First index of the row maximum (column ``exclude`` skipped): argmax of the float64 softmax."""
+    return _launch(logits, None, mode=MODE_ARGMAX, exclude=exclude)
