@@ -13,7 +13,7 @@ from ddistill.data.corpora import DataConfig, load_documents
 from ddistill.data.packing import build_token_blocks
 from ddistill.data.tokenizer import check_vocab_size, get_encoder, get_tokenizer, tokenizer_spec
 
-NAME = "classics-bpe-4096"  # the demo's tokenizer: built once in the shared asset cache
+NAME = "classics-bpe-4096"  # built once in the shared asset cache (the CPU demo uses classics-bpe-512)
 EDGE_CASES = [
     "", " ", "   leading spaces", "trailing   ", "tabs\tand\nnew\n\nlines\r\n", "don't you'll we've I'M",
     "naïve café — “quotes” … 東京 🚀🚀 \u00a0nbsp", "numbers 1234567 3.14159 1e-10", "x" * 300,

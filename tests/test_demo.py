@@ -89,16 +89,30 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
 
 
 def test_profiles_show_the_claim_setup():
-    """CPU: the classics BPE (4,096 ids, the model's vocabulary matches), 64 samples a cell; GPU: the offline judge."""
+    """CPU: a classics BPE matching the model's vocabulary, teacher and students of one architecture (SDTT's
+    init_from refuses any other, but only after the teacher has trained), every round's student step count among the
+    step counts shown (the cells of the claim), 64+ samples a cell; GPU: the offline judge."""
     from ddistill.data.tokenizer import check_vocab_size
     from ddistill.engine.run_config import load_run_config
+    from ddistill.models.dit import resolve_model_config
 
     cpu = resolve_profile(["profile=cpu"])
     assert cpu.num_samples >= 64 and cpu.judge == "smollm2"
-    for spec in [cpu.teacher, *cpu.distill.values()]:
-        run = load_run_config(spec.config, [*spec.overrides, "train.out_dir=unused"])
-        assert run.data.tokenizer == "classics-bpe-4096"
+    spec = cpu.distill["sdtt"]
+    rounds = [f"method.num_rounds={spec.num_rounds}", f"method.steps_per_round={spec.steps_per_round}"]
+    runs = [load_run_config(cpu.teacher.config, [*cpu.teacher.overrides, "train.out_dir=unused"]),
+            load_run_config(spec.config, [*spec.overrides, *rounds, "init_from=unused", "train.out_dir=unused"])]
+    architectures = set()
+    for run in runs:
+        assert run.data.tokenizer.startswith("classics-bpe-") and run.data.block_size == run.model.length
         check_vocab_size(run.data.tokenizer, run.model.vocab_size, what="model.vocab_size")
+        model = resolve_model_config(run.model)
+        architectures.add((model.hidden_size, model.n_blocks, model.n_heads, model.cond_dim, model.length,
+                           model.vocab_size, run.data.tokenizer))
+    assert len(architectures) == 1, architectures
+    sdtt = runs[1].method.config
+    students = [sdtt.initial_teacher_steps // sdtt.num_teacher_steps ** (r + 1) for r in range(spec.num_rounds)]
+    assert set(students) <= set(cpu.steps) and sdtt.initial_teacher_steps in cpu.steps, (students, cpu.steps)
     gpu = resolve_profile(["profile=gpu"])
     assert gpu.judge == "smollm2" and gpu.num_samples >= 64
 
