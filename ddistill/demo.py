@@ -13,9 +13,10 @@
 
 Each round's student is exported from that round's own checkpoint (`checkpoints/step_<r·S>`, EMA weights), so a
 second run into the same out_dir resumes: finished stages are not trained again, and it re-samples and re-scores
-with every label on its own weights. Samples are drawn with seeds fixed by (seed, steps, batch), training is
-bitwise reproducible on CPU for a fixed torch thread count, so two fresh runs with the same seed and thread count
-give the same table (another thread count sums in another order and trains other weights).
+with every label on its own weights. Samples are drawn with seeds fixed by (seed, steps, batch), and CPU training
+with one torch thread is bitwise reproducible, so two fresh runs with the same seed then give the same table. With
+several threads it is not (the weights drift apart in the last bits from the first steps on; the op was not found),
+so two runs give tables that differ within their intervals.
 
 The CPU profile is sized so that the claim shows on 2 cores: the classics BPE of 512 ids
 (`data.tokenizer=classics-bpe-512`: a cheap output layer and words of several ids, the local dependencies a
