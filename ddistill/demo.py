@@ -14,7 +14,8 @@
 Each round's student is exported from that round's own checkpoint (`checkpoints/step_<r·S>`, EMA weights), so a
 second run into the same out_dir resumes: finished stages are not trained again, and it re-samples and re-scores
 with every label on its own weights. Samples are drawn with seeds fixed by (seed, steps, batch), and CPU training
-with one torch thread is bitwise reproducible, so two fresh runs with the same seed then give the same table. With
+with one torch thread is bitwise reproducible (checked over 20 steps), so two fresh runs with the same seed should
+then give the same table. With
 several threads it is not (the weights drift apart in the last bits from the first steps on; the op was not found),
 so two runs give tables that differ within their intervals.
 
