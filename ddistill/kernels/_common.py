@@ -39,7 +39,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # a constexpr so @triton.jit code may 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Whether triton.language itself was imported in interpreter mode (its @jit helpers, e.g. tl.sum, are decorated then).
 _LANGUAGE_INTERPRETED = type(tl.sum).__name__ == "InterpretedFunction"
-IMPLS = ("triton", "torch")
+IMPLS = ("triton", "torch", "chunked")  # chunked: cuBLAS row chunks, gradient in the forward (chunked.py)
 
 # Integer kernel arguments that change from call to call (compacted row count, vocabulary splits, chunk offset and
 # width). Triton specialises integer arguments on divisibility by 16, so without this a training step whose masked-row

@@ -437,11 +437,14 @@ def distill_loss(
     row_mask: torch.Tensor | None = None,
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Σ_{r in row_mask} w_r D_kind(softmax(s_r) ‖ softmax(t_r)) / normalizer, logits never materialised.
 
     ``kind`` ∈ {"kl_fwd", "kl_rev", "jsd", "tvd"} (see module docstring; kl_rev = KL(student‖teacher), SDTT/DUO's
     ``kl-bwd``). The teacher side is detached. ``mask_id`` (if < vocab_size) is excluded from both softmaxes (SUBS).
+    ``impl``: "triton" (fused kernels), "chunked" (cuBLAS row chunks, gradient in the forward, ``chunk_rows`` rows a
+    chunk: ``ddistill.kernels.chunked``) or "torch" (reference).
     """
     check_impl(impl)
     if kind not in KINDS:
@@ -451,6 +454,10 @@ def distill_loss(
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
     args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, row_weight, vocab_size)
+    if impl == "chunked":
+        from ddistill.kernels.chunked import distill_loss_chunked
+
+        return distill_loss_chunked(*args, kind, beta, temperature, mask_id, row_mask, normalizer, chunk_rows)
     if impl == "torch":
         return reference.distill_loss_reference(
             *args, kind=kind, beta=beta, temperature=temperature, mask_id=mask_id, row_mask=row_mask, normalizer=normalizer
@@ -504,6 +511,8 @@ def dimo_generator_loss(
     and teacher softmaxes (SUBS), so the generator's mask column receives zero gradient.
     """
     check_impl(impl)
+    if impl == "chunked":
+        raise ValueError("dimo_generator_loss has no impl='chunked'; use impl='triton' or impl='torch'")
     if not math.isfinite(beta):
         raise ValueError(f"beta={beta!r} must be a finite number")
     args = (gen_hidden, gen_weight, gen_bias, aux_hidden, aux_weight, aux_bias, teacher_hidden, teacher_weight,

@@ -199,6 +199,7 @@ def masked_diffusion_loss(
     is_masked: torch.Tensor | None = None,
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """MDLM SUBS loss ``Σ_{masked r} w_r (lse'_r − z_{r,x0_r}) / normalizer`` without materialising logits.
 
@@ -211,9 +212,17 @@ def masked_diffusion_loss(
         vocab_size: number of real columns; ``mask_id`` (< vocab_size, or None) is excluded from the softmax.
         is_masked: (N,) bool, rows where x_t == MASK (None: every row).
         normalizer: divisor (number of valid tokens), float or 0-d tensor.
-        impl: ``"triton"`` (fused kernel) or ``"torch"`` (reference: logits + SUBS log-softmax).
+        impl: ``"triton"`` (fused kernel), ``"chunked"`` (cuBLAS row chunks with the gradient formed in the forward,
+            ``ddistill.kernels.chunked``) or ``"torch"`` (reference: logits + SUBS log-softmax).
+        chunk_rows: rows per chunk of ``impl="chunked"`` (None: from the ``DDISTILL_CHUNK_MB`` workspace budget).
     """
     check_impl(impl)
+    if impl == "chunked":
+        from ddistill.kernels.chunked import masked_diffusion_loss_chunked
+
+        return masked_diffusion_loss_chunked(
+            hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked, normalizer, chunk_rows
+        )
     if impl == "torch":
         return reference.masked_diffusion_loss_reference(
             hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked=is_masked, normalizer=normalizer

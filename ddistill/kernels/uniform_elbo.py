@@ -285,13 +285,21 @@ def uniform_elbo_loss(
     row_weight: torch.Tensor | float = 1.0,
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Σ_r w_r NELBO_DUO(z_r; x_t, x_0, α_r, α'_r) / normalizer with K = vocab_size, logits never materialised.
 
     ``alpha_t``/``alpha_prime_t`` are per row (N,) (expand per-sequence values with ``repeat_interleave``);
-    0 < α < 1 and α' < 0 (the loss is then ≥ 0).
+    0 < α < 1 and α' < 0 (the loss is then ≥ 0). ``impl``: "triton" (fused kernels), "chunked" (cuBLAS row chunks,
+    gradient in the forward, ``chunk_rows`` rows a chunk: ``ddistill.kernels.chunked``) or "torch" (reference).
     """
     check_impl(impl)
+    if impl == "chunked":
+        from ddistill.kernels.chunked import uniform_elbo_loss_chunked
+
+        return uniform_elbo_loss_chunked(
+            hidden, weight, bias, xt, x0, alpha_t, alpha_prime_t, vocab_size, row_weight, normalizer, chunk_rows
+        )
     if impl == "torch":
         return reference.uniform_elbo_loss_reference(
             hidden, weight, bias, xt, x0, alpha_t, alpha_prime_t, vocab_size, row_weight=row_weight, normalizer=normalizer

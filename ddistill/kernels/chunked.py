@@ -1,0 +1,530 @@
+"""Row-chunked linear + vocabulary losses with the gradient formed in the forward (``impl="chunked"``).
+
+The three fused losses of this package (MDLM SUBS cross-entropy, the distillation divergences, the DUO uniform
+ELBO; their math is in the module docstrings of ``masked_diffusion``, ``distill`` and ``uniform_elbo``) have the
+form ``loss = Σ_r w_r ℓ(z_r) / normalizer`` with ``z = h Wᵀ + b`` and a scalar result. Its upstream gradient is one
+scalar g, so every gradient is g times a tensor that the forward can already form (Liger-Kernel's FLCE plan, see
+/work/shared/reference/kernels.md §2.2). For each chunk of C rows:
+
+1. ``Z = h_c W_padᵀ`` by cuBLAS (bf16 in, fp32 accumulate, **fp32 out**: logits are never rounded to bf16 before
+   the softmax); the bias is added in fp32 when the row kernel loads Z;
+2. a row kernel (Triton, one program per row, walking the vocabulary in blocks) forms the fp32 statistics
+   (log-sum-exp and the loss's row sums), the per-row loss ℓ_r, and ``dZ = (w_r/normalizer)·∂ℓ_r/∂z_r`` in fp32,
+   written once in the input dtype (0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
+3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators;
+4. Z and dZ are dropped.
+
+That is 3 GEMM units (logits, dh, dW) per trained linear instead of the 4 of a recompute in backward; the
+distillation's teacher linear adds one more (its logits). The backward only multiplies the stored dh, dW, db by g
+(``torch.mul`` writing the result dtype directly, so one rounding), which also makes a second backward or any
+``grad_output`` exact. Row weights and the normalizer are constants of the loss (no gradient flows to them).
+
+Cost model at C rows and V_pad columns: workspace C·V_pad·(4·#linears + 2) bytes, plus the fp32 dW accumulator
+(V_pad·d·4 bytes, 154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose
+read-modify-write per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget
+in MiB, default 512) picks C.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from ddistill.kernels._common import INTERPRET, LOG2E, as_row_tensor, check_device, prepare_linear, weighted_sum
+from ddistill.kernels.distill import KINDS, _log_q_over_m
+from ddistill.kernels.uniform_elbo import _log1p
+
+CHUNK_ENV = "DDISTILL_CHUNK_MB"
+ROW_ALIGN = 64  # default chunk sizes are multiples of this many rows (GEMM tiles)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row kernels: one program per row of the chunk; the row's logits are read from the fp32 buffer Z.
+
+
+@triton.jit
+def _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS: tl.constexpr):
+    """fp32 logits of one row block, −inf outside ``ok``."""
+    z = tl.load(z_row + cols, mask=ok, other=float("-inf"))
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
+def _row_logit_at(z_row, b_ptr, col, HAS_BIAS: tl.constexpr):
+    z = tl.load(z_row + col)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + col).to(tl.float32)
+    return z
+
+
+@triton.jit(do_not_specialize=["ROW0"])
+def _ce_rows_kernel(
+    z_ptr, b_ptr, y_ptr, scale_ptr, loss_ptr, dz_ptr,
+    ROW0, V_VALID, V_PAD, MASK_COL, stride_z, stride_dz,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """MDLM SUBS row: ℓ = lse' − z_y, dZ = scale·(p' − [j = y]) (mask column and padding excluded, dZ = 0 there)."""
+    r = tl.program_id(0)
+    row = ROW0 + r
+    z_row = z_ptr + r.to(tl.int64) * stride_z
+    dz_row = dz_ptr + r.to(tl.int64) * stride_dz
+    y = tl.load(y_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    m = -1.0e30
+    s = 0.0
+    for v0 in range(0, V_VALID, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        z = _row_logits(z_row, b_ptr, cols, (cols < V_VALID) & (cols != MASK_COL), HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
+    tl.store(loss_ptr + row, (m - z_y) + log_s)
+    for v0 in range(0, V_PAD, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = (cols < V_VALID) & (cols != MASK_COL)
+        z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
+        p = tl.where(ok, tl.exp2(((z - m) - log_s) * LOG2E), 0.0)
+        g = (p - tl.where(cols == y, 1.0, 0.0)) * scale
+        tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
+
+
+@triton.jit
+def _sign(a):
+    return tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))
+
+
+@triton.jit(do_not_specialize=["ROW0"])
+def _pair_rows_kernel(
+    s_ptr, bs_ptr, t_ptr, bt_ptr, scale_ptr, loss_ptr, dz_ptr,
+    ROW0, V_VALID, V_PAD, MASK_COL, stride_s, stride_t, stride_dz, INV_TAU, BETA, LOG_BETA, LOG_1M_BETA,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Divergence row between q = softmax(s/τ) (student) and p = softmax(t/τ) (teacher); dZ w.r.t. s.
+
+    Pass 1: both online LSEs and Σ e^{t−m_t}(t−s), Σ e^{s−m_s}(s−t), which give KL(p‖q) and KL(q‖p) (fp64 per
+    row). JSD / TVD take a second pass for the loss and the row constant Σ q·a (Σ q·u); the last pass writes dZ.
+    """
+    r = tl.program_id(0)
+    row = ROW0 + r
+    s_row = s_ptr + r.to(tl.int64) * stride_s
+    t_row = t_ptr + r.to(tl.int64) * stride_t
+    dz_row = dz_ptr + r.to(tl.int64) * stride_dz
+    scale = tl.load(scale_ptr + row)
+    m_s = -1.0e30
+    m_t = -1.0e30
+    s_s = 0.0
+    s_t = 0.0
+    a_f = 0.0  # Σ e^{t − m_t} (t − s)
+    a_r = 0.0  # Σ e^{s − m_s} (s − t)
+    for v0 in range(0, V_VALID, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = (cols < V_VALID) & (cols != MASK_COL)
+        zs = _row_logits(s_row, bs_ptr, cols, ok, HAS_BS) * INV_TAU
+        zt = _row_logits(t_row, bt_ptr, cols, ok, HAS_BT) * INV_TAU
+        diff = tl.where(ok, zt - zs, 0.0)
+        ms_new = tl.maximum(m_s, tl.max(zs, axis=0))
+        mt_new = tl.maximum(m_t, tl.max(zt, axis=0))
+        es = tl.exp2((zs - ms_new) * LOG2E)
+        et = tl.exp2((zt - mt_new) * LOG2E)
+        rs = tl.exp2((m_s - ms_new) * LOG2E)
+        rt = tl.exp2((m_t - mt_new) * LOG2E)
+        s_s = s_s * rs + tl.sum(es, axis=0)
+        s_t = s_t * rt + tl.sum(et, axis=0)
+        a_r = a_r * rs - tl.sum(es * diff, axis=0)
+        a_f = a_f * rt + tl.sum(et * diff, axis=0)
+        m_s = ms_new
+        m_t = mt_new
+    lo_s64 = tl.log(s_s.to(tl.float64))
+    lo_t64 = tl.log(s_t.to(tl.float64))
+    gap64 = (m_s.to(tl.float64) - m_t.to(tl.float64)) + (lo_s64 - lo_t64)  # lse_s − lse_t
+    kl_fwd = a_f.to(tl.float64) / s_t.to(tl.float64) + gap64
+    kl_rev = a_r.to(tl.float64) / s_s.to(tl.float64) - gap64
+    lo_s = lo_s64.to(tl.float32)
+    lo_t = lo_t64.to(tl.float32)
+    gap = gap64.to(tl.float32)
+    if KIND == 0:
+        loss = kl_fwd
+        c = 0.0
+    elif KIND == 1:
+        loss = kl_rev
+        c = kl_rev.to(tl.float32)
+    else:
+        loss64 = tl.zeros((1,), dtype=tl.float64)
+        c64 = tl.zeros((1,), dtype=tl.float64)
+        for v0 in range(0, V_VALID, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            ok = (cols < V_VALID) & (cols != MASK_COL)
+            zs = _row_logits(s_row, bs_ptr, cols, ok, HAS_BS) * INV_TAU
+            zt = _row_logits(t_row, bt_ptr, cols, ok, HAS_BT) * INV_TAU
+            q = tl.where(ok, tl.exp2(((zs - m_s) - lo_s) * LOG2E), 0.0)
+            p = tl.where(ok, tl.exp2(((zt - m_t) - lo_t) * LOG2E), 0.0)
+            a = tl.where(ok, (zs - zt) - gap, 0.0)
+            if KIND == 2:
+                q_m = _log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA)  # log q − log m
+                qa = q * q_m
+                elem = BETA * p * (q_m - a) + (1.0 - BETA) * qa
+                c_elem = qa
+            else:
+                elem = 0.5 * tl.abs(q - p)
+                c_elem = q * _sign(a)
+            loss64 += tl.sum(tl.where(ok, elem, 0.0), axis=0).to(tl.float64)
+            c64 += tl.sum(tl.where(ok, c_elem, 0.0), axis=0).to(tl.float64)
+        loss = tl.sum(loss64, axis=0)
+        c = tl.sum(c64, axis=0).to(tl.float32)
+    tl.store(loss_ptr + row, loss.to(tl.float32))
+    for v0 in range(0, V_PAD, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = (cols < V_VALID) & (cols != MASK_COL)
+        zs = _row_logits(s_row, bs_ptr, cols, ok, HAS_BS) * INV_TAU
+        zt = _row_logits(t_row, bt_ptr, cols, ok, HAS_BT) * INV_TAU
+        q = tl.where(ok, tl.exp2(((zs - m_s) - lo_s) * LOG2E), 0.0)
+        p = tl.where(ok, tl.exp2(((zt - m_t) - lo_t) * LOG2E), 0.0)
+        a = tl.where(ok, (zs - zt) - gap, 0.0)
+        if KIND == 0:
+            g = q - p
+        elif KIND == 1:
+            g = q * (a - c)
+        elif KIND == 2:
+            g = (1.0 - BETA) * q * (_log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA) - c)
+        else:
+            g = 0.5 * q * (_sign(a) - c)
+        g = tl.where(ok, g, 0.0) * scale
+        tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
+
+
+@triton.jit(do_not_specialize=["ROW0"])
+def _elbo_rows_kernel(
+    z_ptr, b_ptr, xt_ptr, x0_ptr, alpha_ptr, dalpha_ptr, scale_ptr, loss_ptr, dz_ptr,
+    ROW0, V_VALID, V_PAD, stride_z, stride_dz,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """DUO NELBO row (``uniform_elbo`` module docstring): pass 1 the LSE, pass 2 Σ_j log1p(u p_j) and R = Σ_j r_j
+    (fp32 per block, fp64 across blocks), the row's loss and constants in fp64, pass 3 dZ."""
+    r = tl.program_id(0)
+    row = ROW0 + r
+    z_row = z_ptr + r.to(tl.int64) * stride_z
+    dz_row = dz_ptr + r.to(tl.int64) * stride_dz
+    m = -1.0e30
+    s = 0.0
+    for v0 in range(0, V_VALID, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        z = _row_logits(z_row, b_ptr, cols, cols < V_VALID, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
+        m = m_new
+    lo64 = tl.log(s.to(tl.float64))
+    lo = lo64.to(tl.float32)
+    xt = tl.load(xt_ptr + row)
+    x0 = tl.load(x0_ptr + row)
+    alpha = tl.load(alpha_ptr + row).to(tl.float64)
+    dalpha = tl.load(dalpha_ptr + row).to(tl.float64)
+    k = V_VALID.to(tl.float64)
+    u = k * alpha / (1.0 - alpha)
+    u32 = u.to(tl.float32)
+    sum_log = tl.zeros((1,), dtype=tl.float64)
+    sum_r = tl.zeros((1,), dtype=tl.float64)
+    for v0 in range(0, V_VALID, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = cols < V_VALID
+        z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
+        up = u32 * tl.where(ok, tl.exp2(((z - m) - lo) * LOG2E), 0.0)
+        sum_log += tl.sum(_log1p(up), axis=0).to(tl.float64)
+        sum_r += tl.sum(up / (1.0 + up), axis=0).to(tl.float64)
+    sum_log_row = tl.sum(sum_log, axis=0)
+    sum_r_row = tl.sum(sum_r, axis=0)
+    p_i = tl.exp((_row_logit_at(z_row, b_ptr, xt, HAS_BIAS) - m).to(tl.float64) - lo64)
+    p_m = tl.exp((_row_logit_at(z_row, b_ptr, x0, HAS_BIAS) - m).to(tl.float64) - lo64)
+    l_i = _log1p(u * p_i)
+    l_m = _log1p(u * p_m)
+    same = (xt == x0).to(tl.float64)
+    diff = 1.0 - same
+    kappa = (1.0 - alpha) / (k * alpha + 1.0 - alpha)
+    c2 = kappa * same + diff
+    xbar_i = (1.0 - alpha) + k * alpha * same
+    xbar_theta_i = (1.0 - alpha) * (1.0 + u * p_i)
+    s_prime = sum_log_row - k * l_i
+    term1 = k * (1.0 / xbar_i - 1.0 / xbar_theta_i)
+    term2 = -c2 * s_prime - u * (l_m - l_i) * diff + ((k - 1.0) * kappa * same - diff / kappa) * tl.log(kappa)
+    coeff = dalpha / (k * alpha)
+    tl.store(loss_ptr + row, (coeff * (term1 - term2)).to(tl.float32))
+    r_i = u * p_i / (1.0 + u * p_i)
+    r_m = u * p_m / (1.0 + u * p_m)
+    scale = tl.load(scale_ptr + row).to(tl.float64)
+    cr = scale * coeff * c2
+    a_i = scale * coeff * (k * r_i / xbar_theta_i - c2 * k * r_i - u * r_i * diff)
+    b_m = scale * coeff * u * r_m * diff
+    cp = (cr * sum_r_row + a_i + b_m).to(tl.float32)
+    cr = cr.to(tl.float32)
+    a_i = a_i.to(tl.float32)
+    b_m = b_m.to(tl.float32)
+    for v0 in range(0, V_PAD, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        ok = cols < V_VALID
+        z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
+        p = tl.where(ok, tl.exp2(((z - m) - lo) * LOG2E), 0.0)
+        up = u32 * p
+        g = cr * (up / (1.0 + up)) - cp * p
+        g += tl.where(cols == xt, a_i, 0.0)
+        g += tl.where(cols == x0, b_m, 0.0)
+        g = tl.where(ok, g, 0.0)
+        tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
+
+
+def _row_block() -> dict:
+    """Block width and warps of the row kernels (small in the interpreter, so tests walk several blocks)."""
+    return dict(BLOCK=256) if INTERPRET else dict(BLOCK=2048, num_warps=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GEMMs with fp32 results
+
+
+_OUT_DTYPE_OK = True
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation and an fp32 (or fp64, for fp64 inputs) result, inputs not upcast on CUDA."""
+    global _OUT_DTYPE_OK
+    if a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda and _OUT_DTYPE_OK:
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): upcast (correct, slower)
+                _OUT_DTYPE_OK = False
+        return a.float() @ b.float()
+    return a @ b
+
+
+def _mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into an fp32/fp64 accumulator without a rounded low-precision product."""
+    global _OUT_DTYPE_OK
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _OUT_DTYPE_OK:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_OK = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def gemm_path() -> str:
+    """Which GEMM path the chunked losses took so far ("out_dtype": fp32 results straight from cuBLAS)."""
+    return "out_dtype" if _OUT_DTYPE_OK else "upcast"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chunk loop and its autograd wrapper
+
+
+def chunk_rows_for(num_rows: int, width: int, bytes_per_entry: int, chunk_rows: int | None) -> int:
+    """Rows per chunk: ``chunk_rows`` if given, else the most multiples of ROW_ALIGN rows whose workspace
+    (``width`` columns × ``bytes_per_entry``) fits ``DDISTILL_CHUNK_MB`` (default 512 MiB)."""
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows!r} must be a positive integer")
+        return chunk_rows
+    text = os.environ.get(CHUNK_ENV, "512")
+    try:
+        budget = float(text) * 2**20
+    except ValueError:
+        raise ValueError(f"{CHUNK_ENV}={text!r} must be a number of MiB") from None
+    if not budget > 0:
+        raise ValueError(f"{CHUNK_ENV}={text!r} must be positive")
+    rows = int(budget // (width * bytes_per_entry)) // ROW_ALIGN * ROW_ALIGN
+    return max(1, min(max(rows, ROW_ALIGN), num_rows))
+
+
+# A row pass: (Z fp32 chunk, dZ output, first row, end row) -> None; fills dZ and the per-row loss buffer.
+RowPass = Callable[[torch.Tensor, torch.Tensor, int, int], None]
+
+
+class _Plan:
+    """What one chunked loss needs besides the trained linear: its row pass, row weights, normaliser and sizes."""
+
+    def __init__(self, row_pass: RowPass, rows_out: torch.Tensor, row_weight: torch.Tensor, normalizer,
+                 chunk: int, needs: tuple[bool, bool, bool]):  # fmt: skip
+        self.row_pass, self.rows_out, self.row_weight, self.normalizer = row_pass, rows_out, row_weight, normalizer
+        self.chunk, self.needs = chunk, needs
+
+
+class ChunkedLinearLossFunction(torch.autograd.Function):
+    """Scalar ``Σ_r w_r ℓ_r / normalizer`` of ``z = h Wᵀ + b``; dh, dW, db are formed in the forward (module
+    docstring) and the backward scales them by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan: _Plan):
+        need_h, need_w, need_b = plan.needs
+        num_rows, dim = hidden.shape
+        width = weight.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        dh = torch.empty(num_rows, dim, device=hidden.device, dtype=acc) if need_h else None
+        dw = torch.zeros(width, dim, device=weight.device, dtype=acc) if need_w else None
+        db = torch.zeros(width, device=weight.device, dtype=acc) if need_b and bias is not None else None
+        for r0 in range(0, num_rows, plan.chunk):
+            r1 = min(r0 + plan.chunk, num_rows)
+            h_c = hidden[r0:r1]
+            z = _mm_fp32(h_c, weight.t())
+            dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
+            plan.row_pass(z, dz, r0, r1)
+            del z
+            if dh is not None:
+                dh[r0:r1] = _mm_fp32(dz, weight)
+            if dw is not None:
+                _mm_accumulate_fp32(dw, dz.t(), h_c)
+            if db is not None:
+                db += dz.sum(dim=0, dtype=acc)
+            del dz
+        ctx.grads = (dh, dw, db)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return weighted_sum(plan.rows_out, plan.row_weight, plan.normalizer)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        out = []
+        for grad, dtype in zip(ctx.grads, ctx.dtypes):
+            out.append(None if grad is None else torch.mul(grad, grad_output, out=torch.empty_like(grad, dtype=dtype)))
+        return (*out, None)
+
+
+def _needs(*tensors: torch.Tensor | None) -> tuple[bool, ...]:
+    enabled = torch.is_grad_enabled()
+    return tuple(enabled and t is not None and t.requires_grad for t in tensors)
+
+
+def _constant_rows(name: str, value, num_rows: int, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise ValueError(f"{name}: impl='chunked' treats it as a constant of the loss; pass a tensor without grad")
+    return as_row_tensor(value.detach() if isinstance(value, torch.Tensor) else value, num_rows, device, name)
+
+
+def _scale(row_weight: torch.Tensor, normalizer, extra: float = 1.0) -> torch.Tensor:
+    """Per-row factor w_r·extra/normalizer of dZ (fp32); checks the normaliser before any work."""
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.requires_grad:
+            raise ValueError("normalizer: impl='chunked' treats it as a constant of the loss; pass it without grad")
+        return (row_weight.float() * extra / normalizer.to(device=row_weight.device, dtype=torch.float32)).contiguous()
+    if not math.isfinite(normalizer) or normalizer <= 0:
+        raise ValueError(f"normalizer={normalizer!r} must be a positive finite number")
+    return (row_weight.float() * (extra / normalizer)).contiguous()
+
+
+def _mask_col(mask_id: int | None, vocab_size: int) -> int:
+    return -1 if mask_id is None or mask_id >= vocab_size else int(mask_id)
+
+
+def _bias_arg(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return bias if bias is not None else like
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three losses
+
+
+def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked, normalizer,
+                                  chunk_rows=None) -> torch.Tensor:  # fmt: skip
+    """MDLM SUBS loss (``masked_diffusion.masked_diffusion_loss``) with impl="chunked": masked rows only."""
+    check_device(hidden)
+    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "masked_diffusion_loss")
+    num_rows = hidden.shape[0]
+    w = _constant_rows("row_weight", row_weight, num_rows, hidden.device)
+    if targets.shape != (num_rows,):
+        raise ValueError(f"targets: expected shape ({num_rows},), got {tuple(targets.shape)}")
+    if is_masked is not None:
+        if is_masked.shape != (num_rows,) or is_masked.dtype != torch.bool:
+            raise ValueError(f"is_masked: expected a bool tensor of shape ({num_rows},)")
+        idx = is_masked.nonzero().squeeze(1)
+        hidden, targets, w = (t.index_select(0, idx) for t in (hidden, targets, w))
+    scale = _scale(w, normalizer)
+    num_rows = hidden.shape[0]
+    targets = targets.to(torch.int32).contiguous()
+    rows = torch.empty(num_rows, device=hidden.device, dtype=torch.float32)
+    width = weight.shape[0]
+    mask_col = _mask_col(mask_id, vocab_size)
+
+    def row_pass(z, dz, r0, r1):
+        _ce_rows_kernel[(r1 - r0,)](
+            z, _bias_arg(bias, z), targets, scale, rows, dz, r0, vocab_size, width, mask_col, z.stride(0),
+            dz.stride(0), HAS_BIAS=bias is not None, **_row_block(),
+        )  # fmt: skip
+
+    chunk = chunk_rows_for(num_rows, width, 4 + hidden.element_size(), chunk_rows)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hidden, weight, bias))
+    return ChunkedLinearLossFunction.apply(hidden, weight, bias, plan)
+
+
+def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, beta, temperature, mask_id, row_mask,
+                         normalizer, chunk_rows=None) -> torch.Tensor:  # fmt: skip
+    """Distillation divergence (``distill.distill_loss``) with impl="chunked": the teacher's logits chunk is computed
+    next to the student's (same rows), constant."""
+    check_device(hs)
+    hs, ws, bs = prepare_linear(hs, ws, bs, vocab_size, "student")
+    ht, wt, bt = prepare_linear(ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab_size, "teacher")
+    if ht.dtype != hs.dtype:
+        ht, wt = ht.to(hs.dtype), wt.to(hs.dtype)
+    num_rows = hs.shape[0]
+    if ht.shape[0] != num_rows:
+        raise ValueError(f"teacher_hidden: expected {num_rows} rows, got {ht.shape[0]}")
+    w = _constant_rows("row_weight", row_weight, num_rows, hs.device)
+    if row_mask is not None:
+        if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
+            raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
+        idx = row_mask.nonzero().squeeze(1)
+        hs, ht, w = (t.index_select(0, idx) for t in (hs, ht, w))
+    ht = ht.contiguous()
+    inv_tau = 1.0 / temperature
+    scale = _scale(w, normalizer, inv_tau)  # ∂/∂(logits before the temperature) = ∂/∂s · 1/τ
+    num_rows = hs.shape[0]
+    rows = torch.empty(num_rows, device=hs.device, dtype=torch.float32)
+    width = ws.shape[0]
+    mask_col = _mask_col(mask_id, vocab_size)
+    log_beta = float(torch.tensor(beta, dtype=torch.float64).log()) if 0.0 < beta < 1.0 else 0.0
+    log_1m_beta = float(torch.tensor(1.0 - beta, dtype=torch.float64).log()) if 0.0 < beta < 1.0 else 0.0
+
+    def row_pass(z, dz, r0, r1):
+        zt = _mm_fp32(ht[r0:r1], wt.t())
+        _pair_rows_kernel[(r1 - r0,)](
+            z, _bias_arg(bs, z), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
+            z.stride(0), zt.stride(0), dz.stride(0), inv_tau, beta, log_beta, log_1m_beta,
+            KIND=KINDS[kind], HAS_BS=bs is not None, HAS_BT=bt is not None, **_row_block(),
+        )  # fmt: skip
+
+    chunk = chunk_rows_for(num_rows, width, 8 + hs.element_size(), chunk_rows)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs))
+    return ChunkedLinearLossFunction.apply(hs, ws, bs, plan)
+
+
+def uniform_elbo_loss_chunked(hidden, weight, bias, xt, x0, alpha_t, alpha_prime_t, vocab_size, row_weight, normalizer,
+                              chunk_rows=None) -> torch.Tensor:  # fmt: skip
+    """DUO uniform-state ELBO (``uniform_elbo.uniform_elbo_loss``) with impl="chunked": every row contributes."""
+    check_device(hidden)
+    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "uniform_elbo_loss")
+    num_rows = hidden.shape[0]
+    for name, t in (("xt", xt), ("x0", x0)):
+        if t.shape != (num_rows,):
+            raise ValueError(f"{name}: expected shape ({num_rows},), got {tuple(t.shape)}")
+    alpha = _constant_rows("alpha_t", alpha_t, num_rows, hidden.device).contiguous()
+    dalpha = _constant_rows("alpha_prime_t", alpha_prime_t, num_rows, hidden.device).contiguous()
+    w = _constant_rows("row_weight", row_weight, num_rows, hidden.device)
+    scale = _scale(w, normalizer)
+    xt32, x032 = xt.to(torch.int32).contiguous(), x0.to(torch.int32).contiguous()
+    rows = torch.empty(num_rows, device=hidden.device, dtype=torch.float32)
+    width = weight.shape[0]
+
+    def row_pass(z, dz, r0, r1):
+        _elbo_rows_kernel[(r1 - r0,)](
+            z, _bias_arg(bias, z), xt32, x032, alpha, dalpha, scale, rows, dz, r0, vocab_size, width,
+            z.stride(0), dz.stride(0), HAS_BIAS=bias is not None, **_row_block(),
+        )  # fmt: skip
+
+    chunk = chunk_rows_for(num_rows, width, 4 + hidden.element_size(), chunk_rows)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hidden, weight, bias))
+    return ChunkedLinearLossFunction.apply(hidden, weight, bias, plan)
