@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from harness import VOCAB, VOCAB_PAD, Case, maybe_compile, optional_import, parse_args, ratio_report, run_cases, shapes_from, write_markdown
+from harness import VOCAB, VOCAB_PAD, Case, chunk_sizes, maybe_compile, optional_import, parse_args, ratio_report, run_cases, shapes_from, write_markdown
 
 from ddistill.kernels import distill_loss
 from ddistill.kernels.reference import distill_loss_reference
@@ -40,9 +40,9 @@ def eager(hidden, weight, *, teacher_hidden, teacher_weight, kind):
                                   normalizer=float(hidden.shape[0]))  # fmt: skip
 
 
-def fused(hidden, weight, *, teacher_hidden, teacher_weight, kind):
+def fused(hidden, weight, *, teacher_hidden, teacher_weight, kind, impl="triton", chunk_rows=None):
     return distill_loss(hidden, weight, None, teacher_hidden, teacher_weight, None, 1.0, VOCAB, kind=kind,
-                        normalizer=float(hidden.shape[0]))  # fmt: skip
+                        normalizer=float(hidden.shape[0]), impl=impl, chunk_rows=chunk_rows)  # fmt: skip
 
 
 def liger_method(kind: str):
@@ -62,12 +62,14 @@ def liger_method(kind: str):
 TARGETS = [("speedup", "eager", 4.0), ("mem_gb", "", 1.0)]
 
 
-def cases(shapes, compile_all: bool, kind: str = "kl_rev") -> list[Case]:
+def cases(shapes, compile_all: bool, kind: str = "kl_rev", chunk_rows: list[int] = ()) -> list[Case]:
     out = []
     ref = functools.partial(eager, kind=kind)
     for n, d in shapes:
         methods = {
             "triton": functools.partial(fused, kind=kind),
+            "chunked": functools.partial(fused, kind=kind, impl="chunked"),
+            **{f"chunked-{c}": functools.partial(fused, kind=kind, impl="chunked", chunk_rows=c) for c in chunk_rows},
             "eager": ref,
             "compile": maybe_compile(ref, compile_all or (n, d) == (16384, 768)),
             "liger": liger_method(kind),
@@ -81,7 +83,7 @@ def main() -> None:
     if args.table_only:
         write_markdown()
         return
-    rows = run_cases(cases(shapes_from(args), args.compile_all, args.kind), args)
+    rows = run_cases(cases(shapes_from(args), args.compile_all, args.kind, chunk_sizes(args)), args)
     print("\n".join(ratio_report(rows, f"distill_{args.kind}", 16384, 768, TARGETS)))
 
 

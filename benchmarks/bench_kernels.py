@@ -13,7 +13,7 @@ from __future__ import annotations
 import bench_distill_loss
 import bench_mdlm_loss
 import bench_uniform_elbo
-from harness import parse_args, ratio_report, run_cases, shapes_from, write_markdown
+from harness import chunk_sizes, parse_args, ratio_report, run_cases, shapes_from, write_markdown
 
 
 def main() -> None:
@@ -22,10 +22,11 @@ def main() -> None:
         write_markdown()
         return
     shapes = shapes_from(args)
+    sizes = chunk_sizes(args)
     cases = (
-        bench_mdlm_loss.cases(shapes, args.compile_all)
-        + bench_distill_loss.cases(shapes, args.compile_all, args.kind)
-        + bench_uniform_elbo.cases(shapes, args.compile_all)
+        bench_mdlm_loss.cases(shapes, args.compile_all, sizes)
+        + bench_distill_loss.cases(shapes, args.compile_all, args.kind, sizes)
+        + bench_uniform_elbo.cases(shapes, args.compile_all, sizes)
     )
     rows = run_cases(cases, args)
     report = ratio_report(rows, "mdlm", 16384, 768, bench_mdlm_loss.TARGETS)

@@ -14,11 +14,12 @@ weight W[:50257] (mask column dropped), reduction="none", then the same weightin
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 
-from harness import VOCAB, VOCAB_PAD, Case, maybe_compile, optional_import, parse_args, ratio_report, run_cases, shapes_from, write_markdown
+from harness import VOCAB, VOCAB_PAD, Case, chunk_sizes, maybe_compile, optional_import, parse_args, ratio_report, run_cases, shapes_from, write_markdown
 
 from ddistill.kernels import masked_diffusion_loss
 from ddistill.kernels.reference import masked_diffusion_loss_oracle, masked_diffusion_loss_reference
@@ -52,8 +53,9 @@ def oracle(hidden, weight, bias, *, targets, row_weight, is_masked, normalizer):
     return masked_diffusion_loss_oracle(hidden, weight, bias, targets, row_weight, VOCAB, MASK_ID, is_masked=is_masked, normalizer=normalizer)
 
 
-def fused(hidden, weight, bias, *, targets, row_weight, is_masked, normalizer):
-    return masked_diffusion_loss(hidden, weight, bias, targets, row_weight, VOCAB, MASK_ID, is_masked=is_masked, normalizer=normalizer)
+def fused(hidden, weight, bias, *, targets, row_weight, is_masked, normalizer, impl="triton", chunk_rows=None):
+    return masked_diffusion_loss(hidden, weight, bias, targets, row_weight, VOCAB, MASK_ID, is_masked=is_masked,
+                                 normalizer=normalizer, impl=impl, chunk_rows=chunk_rows)  # fmt: skip
 
 
 def liger_method():
@@ -92,11 +94,13 @@ def cce_method():
 TARGETS = [("full_ms", "", 4.5), ("speedup", "eager", 6.0), ("speedup", "liger", 2.0), ("speedup", "cce", 1.0), ("mem_gb", "", 0.3)]
 
 
-def cases(shapes, compile_all: bool) -> list[Case]:
+def cases(shapes, compile_all: bool, chunk_rows: list[int] = ()) -> list[Case]:
     out = []
     for n, d in shapes:
         methods = {
             "triton": fused,
+            "chunked": functools.partial(fused, impl="chunked"),
+            **{f"chunked-{c}": functools.partial(fused, impl="chunked", chunk_rows=c) for c in chunk_rows},
             "eager": eager,
             "compile": maybe_compile(eager, compile_all or (n, d) == (16384, 768)),
             "liger": liger_method(),
@@ -111,7 +115,7 @@ def main() -> None:
     if args.table_only:
         write_markdown()
         return
-    rows = run_cases(cases(shapes_from(args), args.compile_all), args)
+    rows = run_cases(cases(shapes_from(args), args.compile_all, chunk_sizes(args)), args)
     print("\n".join(ratio_report(rows, "mdlm", 16384, 768, TARGETS)))
 
 

@@ -10,9 +10,11 @@ Liger / CCE have no equivalent loss.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from harness import VOCAB, VOCAB_PAD, Case, maybe_compile, parse_args, ratio_report, run_cases, shapes_from, write_markdown
+from harness import VOCAB, VOCAB_PAD, Case, chunk_sizes, maybe_compile, parse_args, ratio_report, run_cases, shapes_from, write_markdown
 
 from ddistill.kernels import uniform_elbo_loss
 from ddistill.kernels.reference import uniform_elbo_loss_oracle, uniform_elbo_loss_reference
@@ -45,18 +47,21 @@ def oracle(hidden, weight, bias, *, xt, x0, alpha, dalpha, normalizer):
     return uniform_elbo_loss_oracle(hidden, weight, bias, xt, x0, alpha, dalpha, VOCAB, normalizer=normalizer)
 
 
-def fused(hidden, weight, bias, *, xt, x0, alpha, dalpha, normalizer):
-    return uniform_elbo_loss(hidden, weight, bias, xt, x0, alpha, dalpha, VOCAB, normalizer=normalizer)
+def fused(hidden, weight, bias, *, xt, x0, alpha, dalpha, normalizer, impl="triton", chunk_rows=None):
+    return uniform_elbo_loss(hidden, weight, bias, xt, x0, alpha, dalpha, VOCAB, normalizer=normalizer, impl=impl,
+                             chunk_rows=chunk_rows)  # fmt: skip
 
 
 TARGETS = [("speedup", "eager", 4.0)]
 
 
-def cases(shapes, compile_all: bool) -> list[Case]:
+def cases(shapes, compile_all: bool, chunk_rows: list[int] = ()) -> list[Case]:
     out = []
     for n, d in shapes:
         methods = {
             "triton": fused,
+            "chunked": functools.partial(fused, impl="chunked"),
+            **{f"chunked-{c}": functools.partial(fused, impl="chunked", chunk_rows=c) for c in chunk_rows},
             "eager": eager,
             "compile": maybe_compile(eager, compile_all or (n, d) == (16384, 768)),
         }
@@ -69,7 +74,7 @@ def main() -> None:
     if args.table_only:
         write_markdown()
         return
-    rows = run_cases(cases(shapes_from(args), args.compile_all), args)
+    rows = run_cases(cases(shapes_from(args), args.compile_all, chunk_sizes(args)), args)
     print("\n".join(ratio_report(rows, "uniform_elbo", 16384, 768, TARGETS)))
 
 

@@ -85,6 +85,8 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--no-error", action="store_true", help="skip the float64 error measurement")
     parser.add_argument("--table-only", action="store_true", help="only regenerate results/kernels.md from the CSV")
     parser.add_argument("--no-save", action="store_true", help="do not append to results/kernels.csv")
+    parser.add_argument("--chunk-rows", type=str, default=None,
+                        help="comma-separated rows per chunk: adds a method chunked-<C> per value (impl='chunked')")
     parser.add_argument("--kind", default="kl_rev", choices=["kl_fwd", "kl_rev", "jsd", "tvd"], help="distillation divergence")
     return parser.parse_args()
 
@@ -220,20 +222,24 @@ def write_markdown() -> None:
     lines = ["# Fused-loss kernel benchmarks", "",
              "Generated from `kernels.csv` by `python benchmarks/bench_kernels.py --table-only`; latest run per key.",
              "bf16 inputs, V = 50258 (padded 50304); times are medians of `triton.testing.do_bench`; memory is the "
-             "peak allocation of one forward+backward above the inputs; errors are relative L2 vs float64 "
-             f"on the first {ERROR_ROWS} rows.", ""]  # fmt: skip
+             "peak allocation of one forward+backward above the inputs; × eager is the eager row's full time over this "
+             "row's (same card, loss and shape); errors are relative L2 vs float64 "
+             f"on the first {ERROR_ROWS} rows. `chunked` forms the gradient in the forward (its bwd only scales).", ""]  # fmt: skip
     for gpu in sorted({k[0] for k in latest}):
-        lines += [f"## {gpu}", "", "| loss | method | N | d | fwd ms | bwd ms | full ms | peak GB | err loss | err dh | err dW | status | rev | torch | triton |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"## {gpu}", "", "| loss | method | N | d | fwd ms | bwd ms | full ms | × eager | peak GB | err loss | err dh | err dW | status | rev | torch | triton |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for key in sorted(k for k in latest if k[0] == gpu):
             r = latest[key]
 
             def f(k, fmt):
                 return format(float(r[k]), fmt) if r.get(k) not in (None, "") else "-"
 
+            eager = latest.get((gpu, key[1], "eager", key[3], key[4]), {})
+            speedup = (f"{float(eager['full_ms']) / float(r['full_ms']):.2f}"
+                       if eager.get("full_ms") not in (None, "") and r.get("full_ms") not in (None, "") else "-")  # fmt: skip
             lines.append(
                 f"| {r['loss']} | {r['method']} | {r['N']} | {r['d']} | {f('fwd_ms', '.3f')} | {f('bwd_ms', '.3f')} | "
-                f"{f('full_ms', '.3f')} | {f('peak_mem_gb', '.3f')} | {f('rel_err_loss', '.1e')} | {f('rel_err_dh', '.1e')} | "
+                f"{f('full_ms', '.3f')} | {speedup} | {f('peak_mem_gb', '.3f')} | {f('rel_err_loss', '.1e')} | {f('rel_err_dh', '.1e')} | "
                 f"{f('rel_err_dw', '.1e')} | {r['status']} | {r['git_rev']} | {r['torch']} | {r['triton']} |"
             )
         lines.append("")
@@ -241,13 +247,37 @@ def write_markdown() -> None:
     MD_PATH.write_text("\n".join(lines))
 
 
+def chunk_sizes(args: argparse.Namespace) -> list[int]:
+    """The ``--chunk-rows`` values (each a positive integer), or none."""
+    if not args.chunk_rows:
+        return []
+    try:
+        sizes = [int(v) for v in args.chunk_rows.split(",")]
+    except ValueError:
+        raise SystemExit(f"--chunk-rows {args.chunk_rows!r}: expected comma-separated integers, e.g. 1024,2048") from None
+    if any(c < 1 for c in sizes):
+        raise SystemExit(f"--chunk-rows {args.chunk_rows!r}: every value must be >= 1")
+    return sizes
+
+
+OUR_METHODS = ("triton", "chunked")
+
+
 def ratio_report(rows: list[dict], loss: str, n: int, d: int, targets: list[tuple[str, str, float]]) -> list[str]:
-    """Check target ratios at one shape. targets: (kind, method, value) with kind in {full_ms, speedup, mem_gb}."""
+    """Check target ratios at one shape for each of our methods (the Triton kernels and the chunked path, plus any
+    ``chunked-<C>`` sweep). targets: (kind, method, value) with kind in {full_ms, speedup, mem_gb}."""
     at = {r["method"]: r for r in rows if r["loss"] == loss and int(r["N"]) == n and int(r["d"]) == d and str(r.get("status", "")).startswith("ok")}
-    ours = at.get("triton")
-    out = [f"targets for {loss} at N={n}, d={d}:"]
+    out = []
+    for name in [m for m in at if m in OUR_METHODS or m.startswith("chunked-")] or ["triton"]:
+        out += _ratio_lines(at, name, loss, n, d, targets)
+    return out
+
+
+def _ratio_lines(at: dict, name: str, loss: str, n: int, d: int, targets: list[tuple[str, str, float]]) -> list[str]:
+    ours = at.get(name)
+    out = [f"targets for {loss} / {name} at N={n}, d={d}:"]
     if ours is None:
-        return out + ["  triton result missing"]
+        return out + [f"  {name} result missing"]
     for kind, method, value in targets:
         if kind == "full_ms":
             ok = ours["full_ms"] <= value

@@ -46,9 +46,10 @@ def _rounded(tensors, dtype):
 
 
 def check(fn, grad_args, const_args, dtype, grad_output=1.0, *, oracle="oracle", cast_consts=True,
-          oracle_on_rounded_inputs=False):  # fmt: skip
-    """Assert the rule for ``fn(impl, *grad_args, *const_args)``: impl "triton" (ours), "torch" (reference in the
-    same dtype) and ``oracle`` (evaluated in float64: "oracle", or "torch" where the reference is exact in float64).
+          oracle_on_rounded_inputs=False, ours="triton"):  # fmt: skip
+    """Assert the rule for ``fn(impl, *grad_args, *const_args)``: impl ``ours`` ("triton" or "chunked"), "torch"
+    (reference in the same dtype) and ``oracle`` (evaluated in float64: "oracle", or "torch" where the reference is
+    exact in float64).
 
     oracle_on_rounded_inputs: the float64 oracle sees the inputs rounded to ``dtype`` (for TVD, whose gradient jumps
     where q = p: rounding the inputs moves those jumps, which no kernel can undo). Returns (ours, gt).
@@ -58,10 +59,10 @@ def check(fn, grad_args, const_args, dtype, grad_output=1.0, *, oracle="oracle",
         grad_args, const_args)
     gt = run(lambda *a: fn(oracle, *a), *gt_args, torch.float64, grad_output, cast_consts)
     ref = run(lambda *a: fn("torch", *a), grad_args, const_args, dtype, grad_output, cast_consts)
-    ours = run(lambda *a: fn("triton", *a), grad_args, const_args, dtype, grad_output, cast_consts)
-    for name, o, r, g in zip(GRAD_NAMES, ours, ref, gt):
+    got = run(lambda *a: fn(ours, *a), grad_args, const_args, dtype, grad_output, cast_consts)
+    for name, o, r, g in zip(GRAD_NAMES, got, ref, gt):
         g = g.double()
         excess = (o.double() - g).abs() - (r.double() - g).abs() - TOL[dtype] * g.abs().max().item()
         assert torch.isfinite(o).all(), name
         assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
-    return ours, gt
+    return got, gt
