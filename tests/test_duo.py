@@ -200,7 +200,7 @@ def test_fused_elbo_of_the_topk_curriculum_matches_the_torch_loss():
     model = _dit(vocab)
     x0 = torch.randint(0, vocab, (4, 12), generator=torch.Generator().manual_seed(8))
     results = []
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton", "chunked"):
         model.zero_grad()
         method = DUO(DUOConfig(loss_impl=impl, top_k=4, tau_log10_start=-1.0, tau_log10_end=-1.0), vocab_size=vocab,
                      mask_id=vocab - 1)
@@ -208,10 +208,12 @@ def test_fused_elbo_of_the_topk_curriculum_matches_the_torch_loss():
         loss.backward()
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     assert results[0][0] > 0
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-5)
-    with pytest.raises(ConfigError, match="latent='topk'"):
-        from_dict(DUOConfig, {"loss_impl": "triton", "latent": "full"})
+    for fused in results[1:]:
+        torch.testing.assert_close(fused[0], results[0][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused[1], results[0][1], rtol=1e-3, atol=1e-5)
+    for impl in ("triton", "chunked"):
+        with pytest.raises(ConfigError, match="latent='topk'"):
+            from_dict(DUOConfig, {"loss_impl": impl, "latent": "full"})
 
 
 @pytest.mark.parametrize("vocab, k", [(20, 4), (10, 4), (50, 1)])  # collisions redrawn; permutation branch; k = 1

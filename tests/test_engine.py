@@ -28,6 +28,7 @@ def _without(prefix):
     [
         (MINIMAL + ["train.max_stepz=3"], "train.max_stepz"),
         (MINIMAL + ["optim.schedule=linear"], "optim.schedule"),
+        (MINIMAL + ["method.loss_impl=chunky"], "method.loss_impl"),
         (MINIMAL + ["optim.lr=fast"], "optim.lr"),
         (MINIMAL + ["deepspeed.trained_zero_stage=3"], "deepspeed.trained_zero_stage"),
         (MINIMAL + ["logging.wandb=maybe"], "logging.wandb"),

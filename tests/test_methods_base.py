@@ -169,8 +169,9 @@ def test_triton_switch_without_kernel_is_a_clear_error(monkeypatch):
         cls(cls.Config(loss_impl="triton"), vocab_size=V, mask_id=V - 1)
 
 
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
 @pytest.mark.parametrize("name", ["mdlm", "usdm"])
-def test_triton_loss_equals_torch_loss_and_gradients(name):
+def test_triton_loss_equals_torch_loss_and_gradients(name, impl):
     from ddistill.models.dit import build_model
 
     torch.manual_seed(0)
@@ -181,9 +182,9 @@ def test_triton_loss_equals_torch_loss_and_gradients(name):
     cls = get_method(name)
     x0 = torch.randint(0, V - 1, (8, L), generator=torch.Generator().manual_seed(4))
     results = []
-    for impl in ("torch", "triton"):
+    for loss_impl in ("torch", impl):
         net.zero_grad()
-        method = cls(cls.Config(loss_impl=impl), vocab_size=V, mask_id=V - 1)
+        method = cls(cls.Config(loss_impl=loss_impl), vocab_size=V, mask_id=V - 1)
         loss = method.step({"student": net}, x0, ctx()).losses["student"]
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))

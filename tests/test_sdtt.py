@@ -460,7 +460,7 @@ def test_fused_loss_matches_torch_loss(kind):
     student, teacher = _random_dit(0, vocab), _random_dit(1, vocab).eval()
     batch = torch.randint(0, mask, (4, 24), generator=torch.Generator().manual_seed(2))
     results = {}
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton", "chunked"):
         cfg = SDTTConfig(divergence=kind, loss_impl=impl, initial_teacher_steps=16, num_rounds=3, t_min=0.3)
         method = SDTT(cfg, vocab_size=vocab, mask_id=mask)
         student.zero_grad()
@@ -469,8 +469,9 @@ def test_fused_loss_matches_torch_loss(kind):
         grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
         results[impl] = (out.losses["student"].detach(), grads, out.metrics["teacher_step0_reveal_frac"])
     assert results["torch"][2] > 0  # some positions were revealed by the first teacher step
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-3, atol=1e-5)
+    for impl in ("triton", "chunked"):
+        torch.testing.assert_close(results[impl][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[impl][1], results["torch"][1], rtol=1e-3, atol=1e-5)
     assert results["torch"][0] > 0
     with pytest.raises(ConfigError, match="loss_impl"):
         from_dict(SDTTConfig, {"loss_impl": "triton", "divergence": "mse"})

@@ -239,13 +239,13 @@ def global_normal(ctx: StepContext, num_rows: int, tail: tuple[int, ...]) -> tor
     return n[ctx.global_offset : ctx.global_offset + num_rows]
 
 
-def fused_kernel(name: str) -> Callable:
-    """The Triton fused loss `ddistill.kernels.<name>` for `method.loss_impl=triton`, or an error naming the fix."""
+def fused_kernel(name: str, impl: str = "triton") -> Callable:
+    """The fused loss `ddistill.kernels.<name>` for `method.loss_impl=triton|chunked`, or an error naming the fix."""
     try:
         import ddistill.kernels as kernels
     except ImportError as err:
         raise ValueError(
-            f"method.loss_impl='triton' needs ddistill.kernels.{name}, which cannot be imported ({err}); "
+            f"method.loss_impl={impl!r} needs ddistill.kernels.{name}, which cannot be imported ({err}); "
             "use method.loss_impl=torch"
         ) from err
     return getattr(kernels, name)

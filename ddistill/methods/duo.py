@@ -74,8 +74,8 @@ class DUOConfig(USDMConfig):
             )
         if self.top_k < 1:
             raise ValueError(f"method.top_k={self.top_k} must be >= 1")
-        if self.loss_impl == "triton" and self.latent == "full":
-            raise ValueError("method.loss_impl='triton' needs method.latent='topk' (the fused ELBO reads hidden states; "
+        if self.loss_impl != "torch" and self.latent == "full":
+            raise ValueError(f"method.loss_impl={self.loss_impl!r} needs method.latent='topk' (the fused ELBO reads hidden states; "
                              "latent=full feeds the DiT a (B, L, V) soft input)")
 
     def tau(self, step: int) -> float:

@@ -7,7 +7,8 @@ For clean x0, time t ~ stratified U[t_min, 1] over the global batch, α_t from t
 
 normalised by the number of tokens of the micro-batch (the token-level mean of the reference). The network is
 not time-conditioned by default (MDLM), its σ input is −log α_t. `loss_impl="triton"` routes the output linear and
-the loss through the fused kernel of `ddistill.kernels` (same math, logits never materialised).
+the loss through the fused kernel of `ddistill.kernels` (same math, logits never materialised); `"chunked"` through
+its row-chunked cuBLAS path (logits one chunk at a time, gradient formed in the forward).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class MDLMConfig:
     t_min: float = 1e-3
     antithetic: bool = True
     time_conditioning: bool = False
-    loss_impl: Literal["torch", "triton"] = "torch"
+    loss_impl: Literal["torch", "triton", "chunked"] = "torch"
 
 
 
@@ -42,7 +43,7 @@ class MDLM(Method):
     def __init__(self, cfg: MDLMConfig, *, vocab_size: int, mask_id: int):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.schedule = build_schedule(cfg.schedule, eps=cfg.schedule_eps)
-        self._fused = fused_kernel("masked_diffusion_loss") if cfg.loss_impl == "triton" else None
+        self._fused = fused_kernel("masked_diffusion_loss", cfg.loss_impl) if cfg.loss_impl != "torch" else None
 
     def networks(self) -> dict[str, NetworkSpec]:
         return {
@@ -86,7 +87,7 @@ class MDLM(Method):
                 self.mask_id,
                 is_masked=masked.reshape(-1),
                 normalizer=float(x0.numel()),
-                impl="triton",
+                impl=self.cfg.loss_impl,
             )
         return StepOutput(
             losses={"student": loss},

@@ -265,13 +265,14 @@ class SDTTConfig:
     antithetic: bool = True
     loss_precision: Literal["fp32", "fp64"] = "fp32"
     # "triton": fused output-linear + divergence (ddistill.kernels.distill_loss): no (B, L, V) tensor is built,
-    # the teacher's logits are computed only for the rows it reveals. kl_rev / kl_fwd / tvd, fp32.
-    loss_impl: Literal["torch", "triton"] = "torch"
+    # the teacher's logits are computed only for the rows it reveals. kl_rev / kl_fwd / tvd, fp32. "chunked": the
+    # same from hidden states through the row-chunked cuBLAS path (gradient formed in the forward).
+    loss_impl: Literal["torch", "triton", "chunked"] = "torch"
 
     def __post_init__(self) -> None:
-        if self.loss_impl == "triton" and (self.divergence == "mse" or self.loss_precision != "fp32"):
+        if self.loss_impl != "torch" and (self.divergence == "mse" or self.loss_precision != "fp32"):
             raise ValueError(
-                f"method.loss_impl='triton' supports divergence kl_rev/kl_fwd/tvd in fp32, not "
+                f"method.loss_impl={self.loss_impl!r} supports divergence kl_rev/kl_fwd/tvd in fp32, not "
                 f"divergence={self.divergence!r} with loss_precision={self.loss_precision!r}; use loss_impl=torch"
             )
         if self.num_teacher_steps < 2:
@@ -372,7 +373,7 @@ class SDTT(Method):
         # Σ over this micro-batch / (the global batch's masked count · B/G): the engine's mean over the G/B
         # micro-batches of the step then gives Σ_global / masked_global, however the global batch is split.
         normalizer = masked_all.sum().clamp_min(1) * (x0.shape[0] / total)
-        if self.cfg.loss_impl == "triton":
+        if self.cfg.loss_impl != "torch":
             loss, reveal_step = self._fused_loss(nets, xt, t, masked, normalizer, ctx)
         else:
             loss, reveal_step = self._torch_loss(nets, xt, t, masked, normalizer, ctx)
@@ -428,7 +429,7 @@ class SDTT(Method):
             loss = distill_loss(  # row_mask: the kernel gathers the masked rows itself
                 hidden_s.reshape(-1, dim).to(dtype_s), student.output_weight, student.output_bias,
                 hidden_t.reshape(-1, dim).to(dtype_t), weight_t, bias_t, 1.0, vocab, kind=self.cfg.divergence,
-                mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=normalizer, impl="triton",
+                mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=normalizer, impl=self.cfg.loss_impl,
             )  # fmt: skip
         return loss.to(torch.float32), reveal_step
 

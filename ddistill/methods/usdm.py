@@ -37,7 +37,7 @@ class USDMConfig:
     t_min: float = 1e-3
     antithetic: bool = True
     time_conditioning: bool = True
-    loss_impl: Literal["torch", "triton"] = "torch"
+    loss_impl: Literal["torch", "triton", "chunked"] = "torch"
 
 
 
@@ -49,7 +49,7 @@ class USDM(Method):
     def __init__(self, cfg: USDMConfig, *, vocab_size: int, mask_id: int):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.schedule = build_schedule(cfg.schedule, eps=cfg.schedule_eps)
-        self._fused = fused_kernel("uniform_elbo_loss") if cfg.loss_impl == "triton" else None
+        self._fused = fused_kernel("uniform_elbo_loss", cfg.loss_impl) if cfg.loss_impl != "torch" else None
 
     def networks(self) -> dict[str, NetworkSpec]:
         return {
@@ -86,7 +86,7 @@ class USDM(Method):
              soft_inputs: tuple | None = None) -> torch.Tensor:
         """Σ_l f_Duo(x_θ, x_t, x0) / (B·L), x_θ the student at (x_t, σ) — or at `net_input` / `soft_inputs` when
         given (the DUO curriculum's soft inputs) —, from the logits (torch) or fused from the hidden states
-        (`loss_impl: triton`: no (B, L, V) logits)."""
+        (`loss_impl: triton | chunked`: no (B, L, V) logits)."""
         length = x0.shape[1]
         x_in = xt if net_input is None else net_input
         extra = {} if soft_inputs is None else {"soft_inputs": soft_inputs}
@@ -103,7 +103,7 @@ class USDM(Method):
             alpha_prime.repeat_interleave(length).float(),
             self.vocab_size,
             normalizer=float(x0.numel()),
-            impl="triton",
+            impl=self.cfg.loss_impl,
         )
 
     def sampler_spec(self) -> dict:
