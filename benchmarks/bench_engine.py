@@ -16,7 +16,8 @@ curriculum step of the `duo_owt_small` recipe (exact top-k latent).
 Variants: `baseline` = the straightforward PyTorch path (`method.loss_impl=torch`: materialised logits, eager), the
 reference's style; `fused` = the fused Triton losses; `fused+compile` = fused + regional torch.compile of the DiT
 blocks (`train.compile=true`); `compile` = the torch loss + regional compile (the only variants of DCD, which has no
-fused loss). Every row prints its speed-up over its own baseline when both ran.
+fused loss); `chunked`, `chunked+compile` = the row-chunked cuBLAS losses (`method.loss_impl=chunked`, gradient
+formed in the forward), eager and compiled. Every row prints its speed-up over its own baseline when both ran.
 
 MFU = tokens/s × model FLOPs per token / `--peak-tflops` (default 790, the bf16 matrix rate measured on an H200 of
 this workplace). Model FLOPs per token, N = parameters without the input embedding (the output layer included),
@@ -67,6 +68,8 @@ VARIANTS: dict[str, list[str]] = {
     "fused": ["method.loss_impl=triton"],
     "fused+compile": ["method.loss_impl=triton", "train.compile=true"],
     "compile": ["method.loss_impl=torch", "train.compile=true"],
+    "chunked": ["method.loss_impl=chunked"],
+    "chunked+compile": ["method.loss_impl=chunked", "train.compile=true"],
 }
 UNFUSED_METHODS = ("dcd",)  # no loss_impl: only the torch loss, eager (`baseline`) or compiled (`compile`)
 
@@ -74,7 +77,7 @@ UNFUSED_METHODS = ("dcd",)  # no loss_impl: only the torch loss, eager (`baselin
 def variant_overrides(row: dict, variant: str) -> list[str]:
     overrides = VARIANTS[variant]
     if row["method"] in UNFUSED_METHODS:
-        if "method.loss_impl=triton" in overrides:
+        if any(o in overrides for o in ("method.loss_impl=triton", "method.loss_impl=chunked")):
             raise SystemExit(f"variant {variant!r}: method {row['method']!r} has no fused loss; use baseline or compile")
         overrides = [o for o in overrides if not o.startswith("method.loss_impl=")]
     return overrides

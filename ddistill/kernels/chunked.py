@@ -22,7 +22,7 @@ distillation's teacher linear adds one more (its logits). The backward only mult
 Cost model at C rows and V_pad columns: workspace C·V_pad·(4·#linears + 2) bytes, plus the fp32 dW accumulator
 (V_pad·d·4 bytes, 154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose
 read-modify-write per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget
-in MiB, default 512) picks C.
+in MiB, default 512) picks C; ``DDISTILL_ROW_BLOCK`` the row kernels' block.
 """
 
 from __future__ import annotations
@@ -279,46 +279,66 @@ def _elbo_rows_kernel(
         tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
 
 
+ROW_BLOCK_ENV = "DDISTILL_ROW_BLOCK"
+
+
 def _row_block() -> dict:
-    """Block width and warps of the row kernels (small in the interpreter, so tests walk several blocks)."""
-    return dict(BLOCK=256) if INTERPRET else dict(BLOCK=2048, num_warps=8)
+    """Block width and warps of the row kernels: ``DDISTILL_ROW_BLOCK="BLOCK,warps"``, else 2048 columns on 8 warps
+    (256 columns in the interpreter, so tests walk several blocks)."""
+    spec = os.environ.get(ROW_BLOCK_ENV)
+    if spec is None:
+        return dict(BLOCK=256) if INTERPRET else dict(BLOCK=2048, num_warps=8)
+    try:
+        block, warps = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{ROW_BLOCK_ENV}={spec!r}: expected 'BLOCK,warps', e.g. 2048,8") from None
+    if block < 16 or block & (block - 1) or warps < 1 or warps & (warps - 1):
+        raise ValueError(f"{ROW_BLOCK_ENV}={spec!r}: BLOCK (>= 16) and warps must be powers of two")
+    return dict(BLOCK=block, num_warps=warps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GEMMs with fp32 results
 
 
-_OUT_DTYPE_OK = True
+# Whether cuBLAS takes bf16/fp16 operands with an fp32 result (torch.mm / addmm ``out_dtype``) on this torch; the
+# first failure switches a path to its fallback for the rest of the process (``gemm_path`` reports which).
+_MM_OUT_DTYPE = True
+_ADDMM_OUT_DTYPE = True
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with fp32 accumulation and an fp32 (or fp64, for fp64 inputs) result, inputs not upcast on CUDA."""
-    global _OUT_DTYPE_OK
-    if a.dtype in (torch.float16, torch.bfloat16):
-        if a.is_cuda and _OUT_DTYPE_OK:
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): upcast (correct, slower)
-                _OUT_DTYPE_OK = False
-        return a.float() @ b.float()
-    return a @ b
+    """``a @ b`` with fp32 accumulation and an fp32 result (fp64 for fp64 inputs); half inputs are not upcast on
+    CUDA, so the GEMM runs at the bf16/fp16 rate."""
+    global _MM_OUT_DTYPE
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): upcast (correct, much slower)
+            _MM_OUT_DTYPE = False
+    return a.float() @ b.float()
 
 
 def _mm_accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` into an fp32/fp64 accumulator without a rounded low-precision product."""
-    global _OUT_DTYPE_OK
-    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _OUT_DTYPE_OK:
+    global _ADDMM_OUT_DTYPE
+    if a.dtype not in (torch.float16, torch.bfloat16):
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_OK = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        except (RuntimeError, TypeError):  # fallback: an fp32 product, then one addition
+            _ADDMM_OUT_DTYPE = False
+    acc += _mm_fp32(a, b)
 
 
-def gemm_path() -> str:
-    """Which GEMM path the chunked losses took so far ("out_dtype": fp32 results straight from cuBLAS)."""
-    return "out_dtype" if _OUT_DTYPE_OK else "upcast"
+def gemm_path() -> dict[str, bool]:
+    """Whether the chunked losses' GEMMs so far produced fp32 straight from half operands (True) or fell back."""
+    return dict(mm_out_dtype=_MM_OUT_DTYPE, addmm_out_dtype=_ADDMM_OUT_DTYPE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
