@@ -233,3 +233,17 @@ def test_gpu_bf16_production_vocab_as_accurate_as_the_triton_path(loss):
               for impl in ("triton", "chunked")}  # fmt: skip
     for ours, theirs in zip(errors["chunked"], errors["triton"]):
         assert ours <= 1.5 * theirs + 1e-3, errors
+
+
+def test_fp32_master_weight_gets_its_gradient_in_fp32():
+    """Half hidden states with an fp32 weight (the engine's master weight): the weight is cast inside the loss, so
+    its gradient leaves the fp32 accumulator as fp32, as accurate as the float64 oracle on the rounded operands."""
+    h, w, b, y, m, rw = mdlm_problem(seed=7)
+    h16 = h.to(DEVICE, torch.float16).requires_grad_(True)
+    w32 = w.to(DEVICE, copy=True).requires_grad_(True)
+    masked_diffusion_loss(h16, w32, b.to(DEVICE), y.to(DEVICE), rw.to(DEVICE), V, V - 1, is_masked=m.to(DEVICE),
+                          impl="chunked", chunk_rows=9).backward()  # fmt: skip
+    assert w32.grad.dtype == torch.float32 and h16.grad.dtype == torch.float16
+    w64 = w.to(torch.float16).double().requires_grad_(True)
+    masked_diffusion_loss_oracle(h16.detach().double(), w64, b.double(), y, rw.double(), V, V - 1, is_masked=m).backward()
+    assert (w32.grad.cpu().double() - w64.grad).abs().max() <= 1e-3 * w64.grad.abs().max()

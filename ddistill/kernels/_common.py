@@ -266,8 +266,10 @@ def grouped_tile(pid, num_rows, vc, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr
     return pid_m, pid_v
 
 
-def prepare_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int, name: str):
-    """Validate one fused linear's operands; cast the weight to the hidden dtype (a no-op for matching dtypes)."""
+def prepare_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int, name: str,
+                   *, cast_weight: bool = True):  # fmt: skip
+    """Validate one fused linear's operands; cast the weight to the hidden dtype (a no-op for matching dtypes) unless
+    ``cast_weight`` is False (the caller casts it where autograd does not see it)."""
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"{name}: hidden must be (N, d) and weight (V_pad, d); got {tuple(hidden.shape)}, {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
@@ -276,7 +278,7 @@ def prepare_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"{name}: vocab_size={vocab_size} must be in (0, {weight.shape[0]}]")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
-    if weight.dtype != hidden.dtype:
+    if cast_weight and weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
     return hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 

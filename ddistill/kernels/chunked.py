@@ -382,6 +382,8 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan):
+        """``weight`` may be of another dtype than ``hidden`` (an fp32 master weight): it is cast here, out of
+        autograd's sight, so its gradient comes out of the fp32 accumulator in its own dtype, rounded once."""
         need_h, need_w, need_b = plan.needs
         num_rows, dim = hidden.shape
         width = weight.shape[0]
@@ -389,22 +391,24 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         dh = torch.empty(num_rows, dim, device=hidden.device, dtype=acc) if need_h else None
         dw = torch.zeros(width, dim, device=weight.device, dtype=acc) if need_w else None
         db = torch.zeros(width, device=weight.device, dtype=acc) if need_b and bias is not None else None
-        for r0 in range(0, num_rows, plan.chunk):
-            r1 = min(r0 + plan.chunk, num_rows)
-            h_c = hidden[r0:r1]
-            z = _mm_fp32(h_c, weight.t())
-            dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
-            plan.row_pass(z, dz, r0, r1)
-            del z
-            if dh is not None:
-                dh[r0:r1] = _mm_fp32(dz, weight)
-            if dw is not None:
-                _mm_accumulate_fp32(dw, dz.t(), h_c)
-            if db is not None:
-                db += dz.sum(dim=0, dtype=acc)
-            del dz
-        ctx.grads = (dh, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        weight = weight.to(hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
+            for r0 in range(0, num_rows, plan.chunk):
+                r1 = min(r0 + plan.chunk, num_rows)
+                h_c = hidden[r0:r1]
+                z = _mm_fp32(h_c, weight.t())
+                dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
+                plan.row_pass(z, dz, r0, r1)
+                del z
+                if dh is not None:
+                    dh[r0:r1] = _mm_fp32(dz, weight)
+                if dw is not None:
+                    _mm_accumulate_fp32(dw, dz.t(), h_c)
+                if db is not None:
+                    db += dz.sum(dim=0, dtype=acc)
+                del dz
+        ctx.grads = (dh, dw, db)
         return weighted_sum(plan.rows_out, plan.row_weight, plan.normalizer)
 
     @staticmethod
@@ -453,7 +457,7 @@ def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, voc
                                   chunk_rows=None) -> torch.Tensor:  # fmt: skip
     """MDLM SUBS loss (``masked_diffusion.masked_diffusion_loss``) with impl="chunked": masked rows only."""
     check_device(hidden)
-    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "masked_diffusion_loss")
+    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "masked_diffusion_loss", cast_weight=False)
     num_rows = hidden.shape[0]
     w = _constant_rows("row_weight", row_weight, num_rows, hidden.device)
     if targets.shape != (num_rows,):
@@ -486,7 +490,7 @@ def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
     """Distillation divergence (``distill.distill_loss``) with impl="chunked": the teacher's logits chunk is computed
     next to the student's (same rows), constant."""
     check_device(hs)
-    hs, ws, bs = prepare_linear(hs, ws, bs, vocab_size, "student")
+    hs, ws, bs = prepare_linear(hs, ws, bs, vocab_size, "student", cast_weight=False)
     ht, wt, bt = prepare_linear(ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab_size, "teacher")
     if ht.dtype != hs.dtype:
         ht, wt = ht.to(hs.dtype), wt.to(hs.dtype)
@@ -526,7 +530,7 @@ def uniform_elbo_loss_chunked(hidden, weight, bias, xt, x0, alpha_t, alpha_prime
                               chunk_rows=None) -> torch.Tensor:  # fmt: skip
     """DUO uniform-state ELBO (``uniform_elbo.uniform_elbo_loss``) with impl="chunked": every row contributes."""
     check_device(hidden)
-    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "uniform_elbo_loss")
+    hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "uniform_elbo_loss", cast_weight=False)
     num_rows = hidden.shape[0]
     for name, t in (("xt", xt), ("x0", x0)):
         if t.shape != (num_rows,):
