@@ -6,11 +6,13 @@ row-count-dependent integers `do_not_specialize` and keep per-row buffers as sep
 counts the compiled variants in Triton's per-device kernel cache across row counts of every residue mod 16.
 """
 
+import functools
+
 import kernel_rule  # noqa: F401  (before ddistill.kernels: one block config, so no autotuning in the count)
 import pytest
 import torch
 
-from ddistill.kernels import distill, distill_loss, masked_diffusion, masked_diffusion_loss
+from ddistill.kernels import chunked, distill, distill_loss, masked_diffusion, masked_diffusion_loss
 from ddistill.kernels import uniform_elbo, uniform_elbo_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -41,32 +43,36 @@ def _inputs(rows: int, seed: int):
     return h, w, b, mask, g
 
 
-def _mdlm(rows, seed):
+def _mdlm(rows, seed, **impl):
     h, w, b, mask, g = _inputs(rows, seed)
     y = torch.randint(0, V - 1, (N,), device="cuda", generator=g)
-    masked_diffusion_loss(h, w, b, y, 1.0, V, V - 1, is_masked=mask, normalizer=float(N)).backward()
+    masked_diffusion_loss(h, w, b, y, 1.0, V, V - 1, is_masked=mask, normalizer=float(N), **impl).backward()
 
 
-def _distill(rows, seed):
+def _distill(rows, seed, **impl):
     h, w, b, mask, _ = _inputs(rows, seed)
     ht, wt, bt, _, _ = _inputs(rows, seed + 1)
     distill_loss(h, w, b, ht.detach(), wt.detach(), bt.detach(), 1.0, V, kind="jsd", mask_id=V - 1,
-                 row_mask=mask, normalizer=float(N)).backward()  # fmt: skip
+                 row_mask=mask, normalizer=float(N), **impl).backward()  # fmt: skip
 
 
-def _elbo(rows, seed):
+def _elbo(rows, seed, **impl):
     h, w, b, _, g = _inputs(rows, seed)
     h = h.detach()[:rows].requires_grad_(True)
     xt = torch.randint(0, V, (rows,), device="cuda", generator=g)
     x0 = torch.randint(0, V, (rows,), device="cuda", generator=g)
     alpha = torch.rand(rows, device="cuda", generator=g) * 0.9 + 0.05
-    uniform_elbo_loss(h, w, b, xt, x0, alpha, -torch.ones_like(alpha), V, normalizer=float(rows)).backward()
+    uniform_elbo_loss(h, w, b, xt, x0, alpha, -torch.ones_like(alpha), V, normalizer=float(rows), **impl).backward()
 
 
+CHUNKED = dict(impl="chunked", chunk_rows=100)  # chunk offsets of every residue too
 CASES = {
     "mdlm": (_mdlm, [masked_diffusion._ce_stats_kernel, masked_diffusion._ce_dz_kernel]),
     "distill": (_distill, [distill._pair_stats_kernel, distill._pair_rowsum_kernel, distill._pair_dz_kernel]),
     "elbo": (_elbo, [uniform_elbo._elbo_stats_kernel, uniform_elbo._elbo_sums_kernel, uniform_elbo._elbo_dz_kernel]),
+    "mdlm-chunked": (functools.partial(_mdlm, **CHUNKED), [chunked._ce_rows_kernel]),
+    "distill-chunked": (functools.partial(_distill, **CHUNKED), [chunked._pair_rows_kernel]),
+    "elbo-chunked": (functools.partial(_elbo, **CHUNKED), [chunked._elbo_rows_kernel]),
 }
 
 
