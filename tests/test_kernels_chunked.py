@@ -247,3 +247,16 @@ def test_fp32_master_weight_gets_its_gradient_in_fp32():
     w64 = w.to(torch.float16).double().requires_grad_(True)
     masked_diffusion_loss_oracle(h16.detach().double(), w64, b.double(), y, rw.double(), V, V - 1, is_masked=m).backward()
     assert (w32.grad.cpu().double() - w64.grad).abs().max() <= 1e-3 * w64.grad.abs().max()
+
+
+def test_frozen_weight_trained_bias():
+    """Without dW the bias gradient is a column sum of dZ instead of a column of the dW GEMM: same values."""
+    h, w, b, y, m, rw = mdlm_problem(seed=8)
+    grads = {}
+    for impl in ("chunked", "oracle"):
+        dtype = torch.float64 if impl == "oracle" else torch.float32
+        hh, bb = (t.to(DEVICE, dtype, copy=True).requires_grad_(True) for t in (h, b))
+        mdlm(6)(impl, hh, w.to(DEVICE, dtype), bb, y.to(DEVICE), m.to(DEVICE), rw.to(DEVICE, dtype)).backward()
+        grads[impl] = (hh.grad.double().cpu(), bb.grad.double().cpu())
+    for ours, gt in zip(grads["chunked"], grads["oracle"]):
+        assert (ours - gt).abs().max() <= 1e-5 * gt.abs().max()

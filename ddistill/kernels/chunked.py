@@ -11,7 +11,8 @@ scalar g, so every gradient is g times a tensor that the forward can already for
 2. a row kernel (Triton, one program per row, walking the vocabulary in blocks) forms the fp32 statistics
    (log-sum-exp and the loss's row sums), the per-row loss ℓ_r, and ``dZ = (w_r/normalizer)·∂ℓ_r/∂z_r`` in fp32,
    written once in the input dtype (0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
-3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators;
+3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators
+   (db as one more column of the dW GEMM);
 4. Z and dZ are dropped.
 
 That is 3 GEMM units (logits, dh, dW) per trained linear instead of the 4 of a recompute in backward; the
@@ -383,31 +384,44 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan):
         """``weight`` may be of another dtype than ``hidden`` (an fp32 master weight): it is cast here, out of
-        autograd's sight, so its gradient comes out of the fp32 accumulator in its own dtype, rounded once."""
+        autograd's sight, so its gradient comes out of the fp32 accumulator in its own dtype, rounded once.
+
+        With dW and db both wanted, db rides in the dW GEMM: h gets a column of ones (padded to 16 bytes, so the
+        operand stays aligned), and column ``d`` of ``dZᵀ [h, 1]`` is Σ_rows dZ, which spares a pass over dZ."""
         need_h, need_w, need_b = plan.needs
         num_rows, dim = hidden.shape
         width = weight.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
+        need_b = need_b and bias is not None
+        fold_bias = need_w and need_b
+        if fold_bias:
+            operand = torch.zeros(num_rows, dim + max(1, 16 // hidden.element_size()), device=hidden.device,
+                                  dtype=hidden.dtype)  # fmt: skip
+            operand[:, :dim] = hidden
+            operand[:, dim] = 1.0
+        else:
+            operand = hidden
         dh = torch.empty(num_rows, dim, device=hidden.device, dtype=acc) if need_h else None
-        dw = torch.zeros(width, dim, device=weight.device, dtype=acc) if need_w else None
-        db = torch.zeros(width, device=weight.device, dtype=acc) if need_b and bias is not None else None
+        dw = torch.zeros(width, operand.shape[1], device=weight.device, dtype=acc) if need_w else None
+        db = torch.zeros(width, device=weight.device, dtype=acc) if need_b and not fold_bias else None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         weight = weight.to(hidden.dtype)
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
             for r0 in range(0, num_rows, plan.chunk):
                 r1 = min(r0 + plan.chunk, num_rows)
-                h_c = hidden[r0:r1]
-                z = _mm_fp32(h_c, weight.t())
+                z = _mm_fp32(operand[r0:r1, :dim], weight.t())
                 dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
                 plan.row_pass(z, dz, r0, r1)
                 del z
                 if dh is not None:
                     dh[r0:r1] = _mm_fp32(dz, weight)
                 if dw is not None:
-                    _mm_accumulate_fp32(dw, dz.t(), h_c)
+                    _mm_accumulate_fp32(dw, dz.t(), operand[r0:r1])
                 if db is not None:
                     db += dz.sum(dim=0, dtype=acc)
                 del dz
+        if fold_bias:
+            dw, db = dw[:, :dim], dw[:, dim]
         ctx.grads = (dh, dw, db)
         return weighted_sum(plan.rows_out, plan.row_weight, plan.normalizer)
 
