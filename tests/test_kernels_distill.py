@@ -119,7 +119,7 @@ def jeffreys(z_aux: torch.Tensor, z_teacher: torch.Tensor, beta: float) -> torch
     return (1 - beta) * (log_p.exp() * (log_p - log_q)).sum(-1) + beta * (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "chunked"])
 @pytest.mark.parametrize("beta", [0.0, 0.5, -0.2])
 def test_dimo_gradient_is_the_jeffreys_gradient(impl, beta):
     """∂loss/∂z_gen = w_r·∂J_β/∂z (autograd, float64, at z = the aux logits)/normalizer at selected rows, 0 on the

@@ -1,8 +1,8 @@
 """Row-chunked linear + vocabulary losses with the gradient formed in the forward (``impl="chunked"``).
 
-The three fused losses of this package (MDLM SUBS cross-entropy, the distillation divergences, the DUO uniform
-ELBO; their math is in the module docstrings of ``masked_diffusion``, ``distill`` and ``uniform_elbo``) have the
-form ``loss = Σ_r w_r ℓ(z_r) / normalizer`` with ``z = h Wᵀ + b`` and a scalar result. Its upstream gradient is one
+The fused losses of this package (MDLM SUBS cross-entropy, the distillation divergences and DiMO's generator
+surrogate, the DUO uniform ELBO; their math is in the module docstrings of ``masked_diffusion``, ``distill`` and
+``uniform_elbo``) have the form ``loss = Σ_r w_r ℓ(z_r) / normalizer`` with ``z = h Wᵀ + b`` and a scalar result. Its upstream gradient is one
 scalar g, so every gradient is g times a tensor that the forward can already form (Liger-Kernel's FLCE plan, see
 /work/shared/reference/kernels.md §2.2). For each chunk of C rows:
 
@@ -113,6 +113,8 @@ def _pair_rows_kernel(
 
     Pass 1: both online LSEs and Σ e^{t−m_t}(t−s), Σ e^{s−m_s}(s−t), which give KL(p‖q) and KL(q‖p) (fp64 per
     row). JSD / TVD take a second pass for the loss and the row constant Σ q·a (Σ q·u); the last pass writes dZ.
+    KIND 4 / 5 are DiMO's generator gradient g (``distill`` module docstring; q = p_aux, p = p_teacher, β = 0 / ≠ 0,
+    the row constant KL(q‖p) from pass 1), written as dZ of the generator's logits, with the value ½‖g‖².
     """
     r = tl.program_id(0)
     row = ROW0 + r
@@ -152,13 +154,12 @@ def _pair_rows_kernel(
     lo_s = lo_s64.to(tl.float32)
     lo_t = lo_t64.to(tl.float32)
     gap = gap64.to(tl.float32)
-    if KIND == 0:
-        loss = kl_fwd
-        c = 0.0
-    elif KIND == 1:
+    loss = kl_fwd  # KIND 0; DiMO's value (KIND 4, 5) is summed by the last pass
+    c = 0.0
+    if KIND == 1 or KIND == 5:
         loss = kl_rev
         c = kl_rev.to(tl.float32)
-    else:
+    elif KIND == 2 or KIND == 3:
         loss64 = tl.zeros((1,), dtype=tl.float64)
         c64 = tl.zeros((1,), dtype=tl.float64)
         for v0 in range(0, V_VALID, BLOCK):
@@ -181,7 +182,7 @@ def _pair_rows_kernel(
             c64 += tl.sum(tl.where(ok, c_elem, 0.0), axis=0).to(tl.float64)
         loss = tl.sum(loss64, axis=0)
         c = tl.sum(c64, axis=0).to(tl.float32)
-    tl.store(loss_ptr + row, loss.to(tl.float32))
+    value64 = tl.zeros((1,), dtype=tl.float64)
     for v0 in range(0, V_PAD, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         ok = (cols < V_VALID) & (cols != MASK_COL)
@@ -196,10 +197,19 @@ def _pair_rows_kernel(
             g = q * (a - c)
         elif KIND == 2:
             g = (1.0 - BETA) * q * (_log_q_over_m(a, BETA, LOG_BETA, LOG_1M_BETA) - c)
-        else:
+        elif KIND == 3:
             g = 0.5 * q * (_sign(a) - c)
-        g = tl.where(ok, g, 0.0) * scale
-        tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
+        elif KIND == 4:
+            g = q - p
+        else:
+            g = (1.0 - BETA) * (q - p) + BETA * q * (a - c)
+        g = tl.where(ok, g, 0.0)
+        if KIND >= 4:
+            value64 += tl.sum(0.5 * g * g, axis=0).to(tl.float64)
+        tl.store(dz_row + cols, (g * scale).to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
+    if KIND >= 4:
+        loss = tl.sum(value64, axis=0)
+    tl.store(loss_ptr + row, loss.to(tl.float32))
 
 
 @triton.jit(do_not_specialize=["ROW0"])
@@ -364,7 +374,7 @@ def chunk_rows_for(num_rows: int, width: int, bytes_per_entry: int, chunk_rows: 
     return max(1, min(max(rows, ROW_ALIGN), num_rows))
 
 
-# A row pass: (Z fp32 chunk, dZ output, first row, end row) -> None; fills dZ and the per-row loss buffer.
+# A row pass: (Z fp32 chunk or None, dZ output, first row, end row) -> None; fills dZ and the per-row loss buffer.
 RowPass = Callable[[torch.Tensor, torch.Tensor, int, int], None]
 
 
@@ -372,9 +382,10 @@ class _Plan:
     """What one chunked loss needs besides the trained linear: its row pass, row weights, normaliser and sizes."""
 
     def __init__(self, row_pass: RowPass, rows_out: torch.Tensor, row_weight: torch.Tensor, normalizer,
-                 chunk: int, needs: tuple[bool, bool, bool]):  # fmt: skip
+                 chunk: int, needs: tuple[bool, bool, bool], own_logits: bool = True):  # fmt: skip
         self.row_pass, self.rows_out, self.row_weight, self.normalizer = row_pass, rows_out, row_weight, normalizer
         self.chunk, self.needs = chunk, needs
+        self.own_logits = own_logits  # False: the loss reads other linears only (DiMO), Z is not computed
 
 
 class ChunkedLinearLossFunction(torch.autograd.Function):
@@ -409,7 +420,7 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
             for r0 in range(0, num_rows, plan.chunk):
                 r1 = min(r0 + plan.chunk, num_rows)
-                z = _mm_fp32(operand[r0:r1, :dim], weight.t())
+                z = _mm_fp32(operand[r0:r1, :dim], weight.t()) if plan.own_logits else None
                 dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
                 plan.row_pass(z, dz, r0, r1)
                 del z
@@ -566,3 +577,46 @@ def uniform_elbo_loss_chunked(hidden, weight, bias, xt, x0, alpha_t, alpha_prime
     chunk = chunk_rows_for(num_rows, width, 4 + hidden.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hidden, weight, bias))
     return ChunkedLinearLossFunction.apply(hidden, weight, bias, plan)
+
+
+def dimo_generator_loss_chunked(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, beta, mask_id, row_mask,
+                                normalizer, chunk_rows=None) -> torch.Tensor:  # fmt: skip
+    """DiMO's generator surrogate (``distill.dimo_generator_loss``) with impl="chunked": per chunk the aux and teacher
+    logits (constants) give g and ½‖g‖²; g, weighted, is dZ of the generator's linear, whose own logits are never
+    computed."""
+    check_device(hg)
+    hg, wg, bg = prepare_linear(hg, wg, bg, vocab_size, "generator", cast_weight=False)
+    ha, wa, ba = prepare_linear(ha.detach(), wa.detach(), None if ba is None else ba.detach(), vocab_size, "aux")
+    ht, wt, bt = prepare_linear(ht.detach(), wt.detach(), None if bt is None else bt.detach(), vocab_size, "teacher")
+    ha, wa = ha.to(hg.dtype), wa.to(hg.dtype)
+    ht, wt = ht.to(hg.dtype), wt.to(hg.dtype)
+    num_rows = hg.shape[0]
+    for name, t in (("aux_hidden", ha), ("teacher_hidden", ht)):
+        if t.shape[0] != num_rows:
+            raise ValueError(f"{name}: expected {num_rows} rows, got {t.shape[0]}")
+    w = _constant_rows("row_weight", row_weight, num_rows, hg.device)
+    if row_mask is not None:
+        if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
+            raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
+        idx = row_mask.nonzero().squeeze(1)
+        hg, ha, ht, w = (t.index_select(0, idx) for t in (hg, ha, ht, w))
+    ha, ht = ha.contiguous(), ht.contiguous()
+    scale = _scale(w, normalizer)
+    num_rows = hg.shape[0]
+    rows = torch.empty(num_rows, device=hg.device, dtype=torch.float32)
+    width = wg.shape[0]
+    mask_col = _mask_col(mask_id, vocab_size)
+    kind = 4 if beta == 0.0 else 5
+
+    def row_pass(_, dz, r0, r1):
+        za = _mm_fp32(ha[r0:r1], wa.t())
+        zt = _mm_fp32(ht[r0:r1], wt.t())
+        _pair_rows_kernel[(r1 - r0,)](
+            za, _bias_arg(ba, za), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
+            za.stride(0), zt.stride(0), dz.stride(0), 1.0, float(beta), 0.0, 0.0,
+            KIND=kind, HAS_BS=ba is not None, HAS_BT=bt is not None, **_row_block(),
+        )  # fmt: skip
+
+    chunk = chunk_rows_for(num_rows, width, 8 + hg.element_size(), chunk_rows)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hg, wg, bg), own_logits=False)
+    return ChunkedLinearLossFunction.apply(hg, wg, bg, plan)

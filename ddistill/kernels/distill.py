@@ -503,20 +503,24 @@ def dimo_generator_loss(
     row_mask: torch.Tensor | None = None,
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """DiMO generator surrogate: value Σ w_r ½‖g_r‖²/normalizer, ∂/∂z_gen = w_r g_r/normalizer, with
     g = (1 − β)(q − p) + β q ⊙ (log q − log p − KL(q‖p)), q = p_aux, p = p_teacher (module docstring).
 
     ``row_mask`` selects the rows masked in x̃_t (others get zero gradient); ``mask_id`` is excluded from the aux
-    and teacher softmaxes (SUBS), so the generator's mask column receives zero gradient.
+    and teacher softmaxes (SUBS), so the generator's mask column receives zero gradient. ``impl``: "triton", "chunked"
+    (``chunk_rows`` rows a chunk) or "torch", as in :func:`distill_loss`.
     """
     check_impl(impl)
-    if impl == "chunked":
-        raise ValueError("dimo_generator_loss has no impl='chunked'; use impl='triton' or impl='torch'")
     if not math.isfinite(beta):
         raise ValueError(f"beta={beta!r} must be a finite number")
     args = (gen_hidden, gen_weight, gen_bias, aux_hidden, aux_weight, aux_bias, teacher_hidden, teacher_weight,
             teacher_bias, row_weight, vocab_size)  # fmt: skip
+    if impl == "chunked":
+        from ddistill.kernels.chunked import dimo_generator_loss_chunked
+
+        return dimo_generator_loss_chunked(*args, beta, mask_id, row_mask, normalizer, chunk_rows)
     if impl == "torch":
         return reference.dimo_generator_loss_reference(*args, beta=beta, mask_id=mask_id, row_mask=row_mask,
                                                        normalizer=normalizer)

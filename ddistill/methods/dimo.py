@@ -40,7 +40,8 @@ result does not depend on the split over ranks and micro-batches).
 
 `loss_impl="triton"`: the generator loss by the fused kernel `ddistill.kernels.dimo_generator_loss` from hidden
 states (teacher, aux and generator logits at the masked rows never reach memory; the generator's full logits are
-computed once without graph for its sample).
+computed once without graph for its sample); `"chunked"`: the same kernel's row-chunked cuBLAS path (aux and teacher
+logits one chunk at a time, the generator's gradient formed in the forward).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class DiMOConfig:
     gen_temperature: float = 1.0  # sampling temperature of x_θ in training
     freeze_embeddings: bool = True
     dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
-    loss_impl: Literal["torch", "triton"] = "torch"
+    loss_impl: Literal["torch", "triton", "chunked"] = "torch"
     # evaluation: how `sampler_spec` / `eval_students` sample the distilled generator
     eval_steps: int = 1
     eval_temperature: float = 1.0
@@ -173,7 +174,7 @@ class DiMO(Method):
             raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.keep = torch.tensor([v for v in range(vocab_size) if v != mask_id])  # the real-token columns
-        self._fused = fused_kernel("dimo_generator_loss") if cfg.loss_impl == "triton" else None
+        self._fused = fused_kernel("dimo_generator_loss", cfg.loss_impl) if cfg.loss_impl != "torch" else None
 
     # -- networks and phases -------------------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ class DiMO(Method):
                 hidden_a.reshape(-1, dim).to(dtype), aux.output_weight.detach(), aux.output_bias.detach(),
                 hidden_t.reshape(-1, dim).to(dtype), weight_t, bias_t, 1.0, self.vocab_size,
                 beta=self.cfg.beta, mask_id=self.mask_id, row_mask=masked.reshape(-1), normalizer=float(rows),
-                impl="triton",
+                impl=self.cfg.loss_impl,
             )  # fmt: skip
         return loss.float()
 
