@@ -34,12 +34,14 @@ z = torch.mm(a, b, out_dtype=torch.float32); print("mm out_dtype:", z.dtype, flo
 acc = torch.zeros(256, 512, device="cuda")
 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc); print("addmm out_dtype:", float((acc.double() - ref).abs().max()))
 '
-step kernels 70 "$PY" benchmarks/bench_kernels.py --quick --chunk-rows 1024,2048,4096 \
-  --methods eager,triton,chunked,chunked-1024,chunked-2048,chunked-4096
+# the new path and its baseline first (no autotuning in them), the Triton kernels (autotuned: slower to start) next
+step kernels_chunked 55 "$PY" benchmarks/bench_kernels.py --quick --chunk-rows 1024,2048,4096 \
+  --methods eager,chunked,chunked-1024,chunked-2048,chunked-4096
 step profile 20 "$PY" benchmarks/profile_kernels.py --loss all --method chunked --steps 3 --rows 12
+step kernels_triton 45 "$PY" benchmarks/bench_kernels.py --quick --methods triton
 left=$((150 - (SECONDS - START)))
 if [ "$left" -gt 25 ]; then
-  step compile "$((left < 45 ? left : 45))" "$PY" benchmarks/bench_kernels.py --quick --methods compile
+  step compile "$((left < 40 ? left : 40))" "$PY" benchmarks/bench_kernels.py --quick --methods compile
 fi
 left=$((150 - (SECONDS - START)))
 if [ "$left" -gt 30 ]; then
