@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import time
 
 import torch
@@ -61,7 +62,7 @@ def loss_torch(model, teacher, b, kind):
     return torch.where(masked, kl, torch.zeros_like(kl)).sum() / kl.numel()
 
 
-def loss_kernel(model, teacher, b, kind):
+def loss_kernel(model, teacher, b, kind, impl="triton"):
     sigma = -torch.log(b["alpha"])
     h = model.hidden_states(b["xt"], sigma)
     d = h.shape[-1]
@@ -73,11 +74,11 @@ def loss_kernel(model, teacher, b, kind):
     if kind == "mdlm":
         w = (-b["dalpha"] / (1 - b["alpha"])).repeat_interleave(b["xt"].shape[1])
         return masked_diffusion_loss(h, weight, bias, b["x0"].reshape(-1), w, b["vocab"], b["mask_id"],
-                                     is_masked=masked, normalizer=float(n))  # fmt: skip
+                                     is_masked=masked, normalizer=float(n), impl=impl)  # fmt: skip
     with torch.no_grad():
         ht = teacher.hidden_states(b["xs"], sigma).reshape(-1, d).to(dtype)
     return distill_loss(h, weight, bias, ht, teacher.output_weight, teacher.output_bias, 1.0, b["vocab"], kind="kl_rev",
-                        mask_id=b["mask_id"], row_mask=masked, normalizer=float(n))  # fmt: skip
+                        mask_id=b["mask_id"], row_mask=masked, normalizer=float(n), impl=impl)  # fmt: skip
 
 
 def bench(impl: str, kind: str, args) -> dict:
@@ -88,7 +89,7 @@ def bench(impl: str, kind: str, args) -> dict:
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if kind == "sdtt" else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda")
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    fn = loss_torch if impl == "torch" else loss_kernel
+    fn = loss_torch if impl == "torch" else functools.partial(loss_kernel, impl=impl)
     length = args.length or model.config.length
 
     def step():
@@ -156,7 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (Triton interpreter; use --size test)")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per path; no results saved")
-    parser.add_argument("--impl", choices=["torch", "triton", "both"], default="both")
+    parser.add_argument("--impl", choices=["torch", "triton", "chunked", "both"], default="both",
+                        help="both = torch and triton; chunked = the row-chunked cuBLAS losses")
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device

@@ -75,7 +75,7 @@ def test_shape_arguments(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--method", "nope"], "--method 'nope': the mdlm benchmark has ['cce', 'compile', 'eager', 'liger', 'triton']"),
+    (["--method", "nope"], "--method 'nope': the mdlm benchmark has ['cce', 'chunked', 'compile', 'eager', 'liger', 'triton']"),
     (["--shape", "12x"], "shape '12x': expected NxD"),
 ])
 def test_profile_kernels_rejects_bad_arguments_before_touching_a_gpu(args, message):
