@@ -48,6 +48,11 @@ if [ "$left" -gt 30 ]; then
   step engine "$left" "$PY" benchmarks/bench_engine.py --rows mdlm_small --variants chunked --steps 20
 fi
 left=$((150 - (SECONDS - START)))
+if [ "$left" -gt 20 ]; then  # the row kernels' block width / warps (console only: not saved over the default's rows)
+  step rowblock "$left" bash -c 'for spec in 1024,4 4096,16; do echo "DDISTILL_ROW_BLOCK=$spec"
+    DDISTILL_ROW_BLOCK=$spec '"$PY"' benchmarks/bench_kernels.py --quick --methods chunked --no-error --no-save; done'
+fi
+left=$((150 - (SECONDS - START)))
 if [ "$left" -gt 10 ]; then  # the bf16 accuracy is also in the kernels table's error columns
   step gpu_test "$left" "$PY" -m pytest -q -p no:cacheprovider -k chunked tests/test_kernels_gpu.py \
     tests/test_kernels_chunked.py::test_gpu_bf16_production_vocab_as_accurate_as_the_triton_path

@@ -1,4 +1,5 @@
-"""Fused linear + vocabulary-loss kernels (Triton) with pure-torch references (``impl="torch"``).
+"""Fused linear + vocabulary-loss kernels (Triton) with pure-torch references (``impl="torch"``) and a row-chunked
+cuBLAS path that forms the gradient in the forward (``impl="chunked"``, ``chunked.py``).
 
 Every public loss takes plain tensors (hidden states, a possibly padded output weight of shape (V_pad, d), an
 optional bias, the real ``vocab_size``) and returns a scalar; none of them owns parameters, so they work under
