@@ -17,7 +17,7 @@ from test_kernels_mdlm import make_problem as mdlm_problem
 from test_kernels_uniform import make_problem as elbo_problem
 
 from ddistill.kernels import dimo_generator_loss, distill_loss, masked_diffusion_loss, uniform_elbo_loss
-from ddistill.kernels.chunked import CHUNK_ENV, chunk_rows_for
+from ddistill.kernels.chunked import CHUNK_ENV, ROW_BLOCK_ENV, chunk_rows_for
 from ddistill.kernels.reference import masked_diffusion_loss_oracle, uniform_elbo_loss_oracle
 
 N, V = 37, 1001
@@ -192,6 +192,11 @@ def test_bad_arguments_are_refused(monkeypatch):
     monkeypatch.setenv(CHUNK_ENV, "lots")
     with pytest.raises(ValueError, match=CHUNK_ENV):
         masked_diffusion_loss(*args, is_masked=m, impl="chunked")
+    monkeypatch.delenv(CHUNK_ENV)
+    for spec in ("2048", "1000,8", "2048,3"):
+        monkeypatch.setenv(ROW_BLOCK_ENV, spec)
+        with pytest.raises(ValueError, match=ROW_BLOCK_ENV):
+            masked_diffusion_loss(*args, is_masked=m, impl="chunked")
 
 
 def test_default_chunk_rows_follow_the_workspace_budget(monkeypatch):
