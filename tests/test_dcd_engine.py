@@ -86,18 +86,18 @@ def test_dcd_rounds_and_bitwise_resume_through_engine(tmp_path):
 
 @pytest.mark.parametrize("divergence", ["kl_rev", "kl_fwd"])
 def test_fused_dcd_loss_equals_the_torch_loss_through_the_engine(tmp_path, divergence):
-    """loss_impl=triton (hidden states + the fused distillation kernel, Triton interpreter on CPU) gives the torch
-    path's losses and gradient norms over steps that cross a round boundary (the teacher swap included)."""
+    """loss_impl=triton and =chunked (hidden states + the fused distillation kernel, Triton interpreter on CPU) give
+    the torch path's losses and gradient norms over steps that cross a round boundary (the teacher swap included)."""
     init = _teacher_dir(tmp_path)
     runs = {}
-    for impl in ("torch", "triton"):
+    for impl in ("torch", "triton", "chunked"):
         method = {"name": "dcd", "base_num_steps": 8, "num_rounds": 2, "steps_per_round": 2, "divergence": divergence,
                   "loss_impl": impl}
         trainer = Trainer(_config(tmp_path / impl, method, init, max_steps=3), train_blocks=_blocks())
         runs[impl] = [_step(trainer) for _ in range(3)]
-    for key in ("loss/student", "grad_norm/student"):
-        torch_values, fused_values = ([m[key] for m in runs[impl]] for impl in ("torch", "triton"))
-        assert fused_values == pytest.approx(torch_values, rel=2e-4, abs=1e-6), key
+    for key, fused in ((k, f) for k in ("loss/student", "grad_norm/student") for f in ("triton", "chunked")):
+        torch_values, fused_values = ([m[key] for m in runs[impl]] for impl in ("torch", fused))
+        assert fused_values == pytest.approx(torch_values, rel=2e-4, abs=1e-6), (key, fused)
     assert runs["triton"][0]["loss/student"] > 0
 
 

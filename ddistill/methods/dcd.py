@@ -12,7 +12,8 @@ step, for clean x and t ~ stratified U[t_min, 1] over the global batch, round r 
 with D the reverse KL Σ_v p_S (log p_S − log p_T) ("kl_rev", the paper's) or the forward KL ("kl_fwd"), on the
 clean-token distributions (log-softmax of the logits, fp32 or fp64). No ODE step of the teacher is needed: z_s is
 the exact point of the same trajectory. `loss_impl: triton` computes the same loss from the two networks' hidden
-states with the fused output-linear + divergence kernel (`kernels.distill_loss`): no (B, L, V) logits are built.
+states with the fused output-linear + divergence kernel (`kernels.distill_loss`): no (B, L, V) logits are built;
+`loss_impl: chunked` with that kernel's row-chunked cuBLAS path (gradient formed in the forward).
 
 Exact trajectory sampling without the (B, L, K) tensor. With μ_u = α̃_u/σ̃_u, argmax w_u = x iff μ_u + ε_x > M where
 M = max_{v≠x} ε_v, and otherwise the id j* of that maximum; (ε_x, M, j*) have the law of the k = 1 case of
@@ -67,7 +68,7 @@ class DCDConfig:
     t_min: float = 1e-3
     antithetic: bool = True
     loss_precision: Literal["fp32", "fp64"] = "fp32"
-    loss_impl: Literal["torch", "triton"] = "torch"  # triton: the fused distillation kernel (module docstring)
+    loss_impl: Literal["torch", "triton", "chunked"] = "torch"  # triton / chunked: the fused distillation kernel
     table_points: int = 20_001
 
     def __post_init__(self) -> None:
@@ -82,8 +83,8 @@ class DCDConfig:
             raise ValueError(f"method.gamma_min={self.gamma_min} must be < method.gamma_max={self.gamma_max}")
         if not 0.0 <= self.t_min < 1.0:
             raise ValueError(f"method.t_min={self.t_min} must lie in [0, 1)")
-        if self.loss_impl == "triton" and self.loss_precision != "fp32":
-            raise ValueError("method.loss_impl='triton' computes the divergence in fp32, not "
+        if self.loss_impl != "torch" and self.loss_precision != "fp32":
+            raise ValueError(f"method.loss_impl={self.loss_impl!r} computes the divergence in fp32, not "
                              f"loss_precision={self.loss_precision!r}; use loss_impl=torch for fp64")
 
     def round_schedule(self) -> RoundSchedule:
@@ -172,7 +173,7 @@ class DCD(Method):
         mu_t, mu_s = (a / b for a, b in (gaussian_scales(gamma_t), gaussian_scales(gamma_s)))
         z_t = trajectory_tokens(x, mu_t, clean, top, top_id)
         z_s = trajectory_tokens(x, mu_s, clean, top, top_id)
-        if cfg.loss_impl == "triton":
+        if cfg.loss_impl != "torch":
             loss = self._fused_loss(nets, z_t, z_s, self._sigma(gamma_t), self._sigma(gamma_s))
         else:
             teacher_logits = nets["teacher"](z_s, self._sigma(gamma_s))
@@ -204,7 +205,7 @@ class DCD(Method):
                 hidden_s.reshape(-1, dim).to(student.head_dtype(z_t.device)), student.output_weight,
                 student.output_bias, hidden_t.reshape(-1, dim).to(teacher.head_dtype(z_s.device)), weight_t, bias_t,
                 1.0, self.vocab_size, kind=self.cfg.divergence, mask_id=None, normalizer=float(z_t.numel()),
-                impl="triton",
+                impl=self.cfg.loss_impl,
             )  # fmt: skip
         return loss.to(torch.float32)
 
