@@ -15,8 +15,7 @@ curriculum step of the `duo_owt_small` recipe (exact top-k latent).
 
 Variants: `baseline` = the straightforward PyTorch path (`method.loss_impl=torch`: materialised logits, eager), the
 reference's style; `fused` = the fused Triton losses; `fused+compile` = fused + regional torch.compile of the DiT
-blocks (`train.compile=true`); `compile` = the torch loss + regional compile (the only variants of DCD, which has no
-fused loss); `chunked`, `chunked+compile` = the row-chunked cuBLAS losses (`method.loss_impl=chunked`, gradient
+blocks (`train.compile=true`); `compile` = the torch loss + regional compile; `chunked`, `chunked+compile` = the row-chunked cuBLAS losses (`method.loss_impl=chunked`, gradient
 formed in the forward), eager and compiled. Every row prints its speed-up over its own baseline when both ran.
 
 MFU = tokens/s × model FLOPs per token / `--peak-tflops` (default 790, the bf16 matrix rate measured on an H200 of
@@ -71,16 +70,6 @@ VARIANTS: dict[str, list[str]] = {
     "chunked": ["method.loss_impl=chunked"],
     "chunked+compile": ["method.loss_impl=chunked", "train.compile=true"],
 }
-UNFUSED_METHODS = ("dcd",)  # no loss_impl: only the torch loss, eager (`baseline`) or compiled (`compile`)
-
-
-def variant_overrides(row: dict, variant: str) -> list[str]:
-    overrides = VARIANTS[variant]
-    if row["method"] in UNFUSED_METHODS:
-        if any(o in overrides for o in ("method.loss_impl=triton", "method.loss_impl=chunked")):
-            raise SystemExit(f"variant {variant!r}: method {row['method']!r} has no fused loss; use baseline or compile")
-        overrides = [o for o in overrides if not o.startswith("method.loss_impl=")]
-    return overrides
 
 
 def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tuple[float, int]:
@@ -115,7 +104,7 @@ def random_checkpoint(model_cfg, out: Path, flavor: str) -> Path:
 
 
 def engine_args(row: dict, variant: str, extra: list[str], steps: int, out_dir: Path, device: str) -> list[str]:
-    return [row["config"], *row["overrides"], *variant_overrides(row, variant), f"train.max_steps={steps}",
+    return [row["config"], *row["overrides"], *VARIANTS[variant], f"train.max_steps={steps}",
             f"train.log_every={max(1, steps // 2)}", f"train.ckpt_every={10**9}", "train.eval_every=0",
             "train.export_final=false", f"train.out_dir={out_dir}", f"train.device={device}",
             "logging.wandb=disabled", "logging.progress_bar=false", "logging.jsonl=false", *extra]  # fmt: skip
@@ -127,7 +116,7 @@ def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
     row = ROWS[name]
     out_dir = work / f"{name}-{variant}".replace("+", "_")
     extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *variant_overrides(row, variant), *extra])
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
     if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
         init = work / f"init-{row['method']}-{cfg.model.size}-{cfg.model.length}"
         if not init.exists():
@@ -168,7 +157,7 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
 
     row = ROWS[name]
     extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *variant_overrides(row, variant), *extra])
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
     if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
         init = work / "init-profile"
         random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
