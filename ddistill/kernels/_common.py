@@ -289,6 +289,17 @@ def separate_buffers(count: int, *shape: int, device: torch.device, dtype: torch
     return [torch.empty(*shape, device=device, dtype=dtype) for _ in range(count)]
 
 
+def select_rows(mask: torch.Tensor | None, num_rows: int, *tensors: torch.Tensor, name: str = "row_mask"):
+    """The rows of each tensor where the bool ``mask`` of shape (num_rows,) is set (all of them when it is None)."""
+    if mask is None:
+        return tensors
+    if mask.shape != (num_rows,) or mask.dtype != torch.bool:
+        raise ValueError(f"{name}: expected a bool tensor of shape ({num_rows},)")
+    idx = mask.nonzero().squeeze(1)
+    # index_select: its backward is a scatter (index_add), not the sort-based index_put of advanced indexing
+    return tuple(t.index_select(0, idx) for t in tensors)
+
+
 def as_row_tensor(value: torch.Tensor | float, num_rows: int, device: torch.device, name: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if t.dim() == 0:

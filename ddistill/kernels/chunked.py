@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ddistill.kernels._common import INTERPRET, LOG2E, as_row_tensor, check_device, prepare_linear, weighted_sum
+from ddistill.kernels._common import (INTERPRET, LOG2E, as_row_tensor, check_device, prepare_linear, select_rows,
+                                     weighted_sum)
 from ddistill.kernels.distill import KINDS, _log_q_over_m
 from ddistill.kernels.uniform_elbo import _log1p
 
@@ -484,11 +485,7 @@ def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, voc
     w = _constant_rows("row_weight", row_weight, num_rows, hidden.device)
     if targets.shape != (num_rows,):
         raise ValueError(f"targets: expected shape ({num_rows},), got {tuple(targets.shape)}")
-    if is_masked is not None:
-        if is_masked.shape != (num_rows,) or is_masked.dtype != torch.bool:
-            raise ValueError(f"is_masked: expected a bool tensor of shape ({num_rows},)")
-        idx = is_masked.nonzero().squeeze(1)
-        hidden, targets, w = (t.index_select(0, idx) for t in (hidden, targets, w))
+    hidden, targets, w = select_rows(is_masked, num_rows, hidden, targets, w, name="is_masked")
     scale = _scale(w, normalizer)
     num_rows = hidden.shape[0]
     targets = targets.to(torch.int32).contiguous()
@@ -522,11 +519,7 @@ def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
     if ht.shape[0] != num_rows:
         raise ValueError(f"teacher_hidden: expected {num_rows} rows, got {ht.shape[0]}")
     w = _constant_rows("row_weight", row_weight, num_rows, hs.device)
-    if row_mask is not None:
-        if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
-            raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
-        idx = row_mask.nonzero().squeeze(1)
-        hs, ht, w = (t.index_select(0, idx) for t in (hs, ht, w))
+    hs, ht, w = select_rows(row_mask, num_rows, hs, ht, w)
     ht = ht.contiguous()
     inv_tau = 1.0 / temperature
     scale = _scale(w, normalizer, inv_tau)  # ∂/∂(logits before the temperature) = ∂/∂s · 1/τ
@@ -598,11 +591,7 @@ def dimo_generator_loss_chunked(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, 
         if t.shape[0] != num_rows:
             raise ValueError(f"{name}: expected {num_rows} rows, got {t.shape[0]}")
     w = _constant_rows("row_weight", row_weight, num_rows, hg.device)
-    if row_mask is not None:
-        if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
-            raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
-        idx = row_mask.nonzero().squeeze(1)
-        hg, ha, ht, w = (t.index_select(0, idx) for t in (hg, ha, ht, w))
+    hg, ha, ht, w = select_rows(row_mask, num_rows, hg, ha, ht, w)
     ha, ht = ha.contiguous(), ht.contiguous()
     scale = _scale(w, normalizer)
     num_rows = hg.shape[0]

@@ -51,6 +51,7 @@ from ddistill.kernels._common import (
     logits_tile,
     prepare_linear,
     row_blocks_grid,
+    select_rows,
     separate_buffers,
     valid_columns,
     vocab_splits,
@@ -388,16 +389,6 @@ class DimoSurrogateFunction(torch.autograd.Function):
         return (grads[0], grads[1], grad_bias) + (None,) * 9
 
 
-def _select_rows(row_mask, num_rows, *tensors):
-    if row_mask is None:
-        return tensors
-    if row_mask.shape != (num_rows,) or row_mask.dtype != torch.bool:
-        raise ValueError(f"row_mask: expected a bool tensor of shape ({num_rows},)")
-    idx = row_mask.nonzero().squeeze(1)
-    # index_select: its backward is a scatter (index_add), not the sort-based index_put of advanced indexing
-    return tuple(t.index_select(0, idx) for t in tensors)
-
-
 def _check_rows(name: str, hidden: torch.Tensor, num_rows: int) -> None:
     if hidden.shape[0] != num_rows:
         raise ValueError(f"{name}: expected {num_rows} rows, got {hidden.shape[0]}")
@@ -413,7 +404,7 @@ def _distill_loss_triton(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
     num_rows = hs.shape[0]
     _check_rows("teacher_hidden", ht, num_rows)
     w = as_row_tensor(row_weight, num_rows, hs.device, "row_weight")
-    hs, ht, w = _select_rows(row_mask, num_rows, hs, ht, w)
+    hs, ht, w = select_rows(row_mask, num_rows, hs, ht, w)
     rows = LinearDivergenceFunction.apply(
         hs, ws, bs, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size), kind, beta, 1.0 / temperature
     )
@@ -477,7 +468,7 @@ def _dimo_triton(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, vocab_size, bet
     _check_rows("aux_hidden", ha, num_rows)
     _check_rows("teacher_hidden", ht, num_rows)
     w = as_row_tensor(row_weight, num_rows, hg.device, "row_weight")
-    hg, ha, ht, w = _select_rows(row_mask, num_rows, hg, ha, ht, w)
+    hg, ha, ht, w = select_rows(row_mask, num_rows, hg, ha, ht, w)
     rows = DimoSurrogateFunction.apply(
         hg, wg, bg, ha.contiguous(), wa, ba, ht.contiguous(), wt, bt, vocab_size, _mask_col(mask_id, vocab_size),
         float(beta),

@@ -38,6 +38,7 @@ from ddistill.kernels._common import (
     logits_tile,
     prepare_linear,
     row_blocks_grid,
+    select_rows,
     valid_columns,
     vocab_splits,
     weighted_sum,
@@ -175,12 +176,7 @@ def _masked_diffusion_loss_triton(hidden, weight, bias, targets, row_weight, voc
     row_weight = as_row_tensor(row_weight, num_rows, hidden.device, "row_weight")
     if targets.shape != (num_rows,):
         raise ValueError(f"targets: expected shape ({num_rows},), got {tuple(targets.shape)}")
-    if is_masked is not None:
-        if is_masked.shape != (num_rows,) or is_masked.dtype != torch.bool:
-            raise ValueError(f"is_masked: expected a bool tensor of shape ({num_rows},)")
-        idx = is_masked.nonzero().squeeze(1)
-        # index_select: its backward is a scatter (index_add), not the sort-based index_put of advanced indexing
-        hidden, targets, row_weight = (t.index_select(0, idx) for t in (hidden, targets, row_weight))
+    hidden, targets, row_weight = select_rows(is_masked, num_rows, hidden, targets, row_weight, name="is_masked")
     rows = LinearCrossEntropyFunction.apply(
         hidden, weight, bias, targets.to(torch.int32).contiguous(), vocab_size, _mask_col(mask_id, vocab_size)
     )
