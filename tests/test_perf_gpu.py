@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+from test_samplers import _mdlm_reference as mdlm_reference
+
 from ddistill.diffusion import LogLinearSchedule, sample_mdlm
 from ddistill.models import ModelConfig, build_model
 
@@ -53,27 +55,6 @@ def _context_denoiser(x, sigma):
     return logits
 
 
-def _plain_mdlm(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-5):
-    """Plain transcription on CUDA: float64 SUBS x_θ at every position of every step (tests/test_samplers.py)."""
-    sched, mask = LogLinearSchedule(), V - 1
-    x = torch.full((batch_size, length), mask, dtype=torch.long, device="cuda")
-    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device="cuda")
-    for k in range(num_steps + 1):
-        last = k == num_steps  # the last draw fills every remaining mask and takes no unmasking uniforms
-        u_unmask = None if last else torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
-        u_token = torch.rand(x.shape, generator=generator, device="cuda", dtype=torch.float64)
-        logits = denoiser(x, sched.sigma(ts[k]).float().reshape(1).expand(batch_size)).to(torch.float64)
-        logits[..., mask] = float("-inf")
-        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
-        token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(V - 2)
-        chosen = x == mask
-        if not last:
-            a_t, a_s = sched.alpha(ts[k]), sched.alpha(ts[k + 1])
-            chosen &= u_unmask < (a_s - a_t) / (1 - a_t)
-        x = torch.where(chosen, token, x)
-    return x
-
-
 @pytest.mark.parametrize("num_steps", [1, 8, 64])
 def test_mdlm_sampler_on_gpu_equals_plain_transcription(num_steps):
     """float64 softmax on the drawn rows only (samplers.sample_mdlm) = the per-position float64 posterior, token for
@@ -81,6 +62,7 @@ def test_mdlm_sampler_on_gpu_equals_plain_transcription(num_steps):
     kw = dict(batch_size=4, length=33, num_steps=num_steps)
     fast = sample_mdlm(_context_denoiser, mask_id=V - 1, vocab_size=V, schedule=LogLinearSchedule(), cached=False,
                        device="cuda", generator=torch.Generator(device="cuda").manual_seed(3), **kw)
-    plain = _plain_mdlm(_context_denoiser, generator=torch.Generator(device="cuda").manual_seed(3), **kw)
+    plain = mdlm_reference(_context_denoiser, mask_id=V - 1, device="cuda",
+                           generator=torch.Generator(device="cuda").manual_seed(3), **kw)
     assert (fast.tokens != V - 1).all()
     assert torch.equal(fast.tokens, plain)

@@ -124,21 +124,23 @@ def test_mdlm_cache_identical_samples_fewer_nfe(nucleus_p):
     assert all(not torch.equal(a, b) for a, b in zip(calls_c, calls_c[1:]))
 
 
-def _mdlm_reference(denoiser, *, batch_size, length, num_steps, generator, t_end=1e-5):
+def _mdlm_reference(denoiser, *, batch_size, length, num_steps, generator, mask_id=MASK_ID, device="cpu",
+                    t_end=1e-5):
     """Plain transcription of the MDLM ancestral step (module docstring of samplers): the float64 SUBS x_θ at
     every position of every step, unmask w.p. (α_s − α_t)/(1 − α_t), token by inverse CDF; the same random
-    numbers."""
+    numbers. [MASK] is the last id (mask_id = number of data ids); also used on CUDA by tests/test_perf_gpu.py."""
     sched = LogLinearSchedule()
-    x = torch.full((batch_size, length), MASK_ID, dtype=torch.long)
-    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64)
+    x = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
+    ts = torch.linspace(1.0, t_end, num_steps + 1, dtype=torch.float64, device=device)
     for k in range(num_steps + 1):
-        u_unmask = torch.rand(x.shape, generator=generator, dtype=torch.float64) if k < num_steps else None
-        u_token = torch.rand(x.shape, generator=generator, dtype=torch.float64)
+        draw = dict(generator=generator, device=device, dtype=torch.float64)
+        u_unmask = torch.rand(x.shape, **draw) if k < num_steps else None  # the last draw fills every remaining mask
+        u_token = torch.rand(x.shape, **draw)
         logits = denoiser(x, sched.sigma(ts[k]).float().reshape(1).expand(batch_size)).to(torch.float64)
-        logits[..., MASK_ID] = -math.inf
+        logits[..., mask_id] = -math.inf
         cdf = torch.softmax(logits, dim=-1).cumsum(-1)
-        token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(K - 1)
-        masked = x == MASK_ID
+        token = (cdf <= (u_token * cdf[..., -1]).unsqueeze(-1)).sum(-1).clamp_max(mask_id - 1)
+        masked = x == mask_id
         if k < num_steps:
             a_t, a_s = sched.alpha(ts[k]), sched.alpha(ts[k + 1])
             masked &= u_unmask < (a_s - a_t) / (1 - a_t)
