@@ -111,6 +111,10 @@ def cmd_run(args) -> None:
                                                          "model.time_conditioning=false", *args.teacher_overrides],
                                blocks, args.teacher_seconds, args.log_every)
         teacher_dir = log["teacher"]["export"]
+    if args.teacher_only:  # e.g. one teacher for several DiMO settings run beside each other with --teacher
+        (out / "train_log.json").write_text(json.dumps(log, indent=1))
+        print(f"teacher exported to {teacher_dir}", flush=True)
+        return
     log["dimo"] = train(DIMO_CONFIG, common + [f"train.out_dir={out / 'dimo'}", f"train.max_steps={args.dimo_steps}",
                                                f"init_from={teacher_dir}", f"method.r_init={args.r_init}",
                                                f"method.embed_noise={args.embed_noise}", *args.dimo_overrides],
@@ -174,7 +178,9 @@ def main() -> None:
     run.add_argument("--num-samples", type=int, default=64)
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--teacher-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 128])
+    run.add_argument("--teacher-only", action="store_true", help="train and export the teacher, then stop")
+    run.add_argument("--teacher-sample-steps", type=int, nargs="*", default=[1, 2, 4, 8, 16, 128],
+                     help="step counts of the teacher's samples (none: sample only the generator)")
     run.add_argument("--dimo-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
     run.add_argument("--log-every", type=int, default=50)
@@ -190,6 +196,8 @@ def main() -> None:
     if args.command == "run":
         if not Path(args.tokens).is_file():
             raise SystemExit(f"dimo_classics.py: --tokens {args.tokens} is not a file")
+        if args.teacher_only and args.teacher is not None:
+            raise SystemExit("dimo_classics.py: --teacher-only trains a teacher; it cannot be given with --teacher")
         cmd_run(args)
     else:
         if not (Path(args.out) / "samples.pt").is_file():

@@ -158,6 +158,8 @@ def test_config_errors():
         DiMOConfig(r_init=1.0, embed_noise=0.0)
     with pytest.raises(ValueError, match="aux_steps"):
         DiMOConfig(aux_steps=0)
+    with pytest.raises(ValueError, match="aux_warmup_steps"):
+        DiMOConfig(aux_warmup_steps=-1)
 
 
 def test_dimo_sampler_one_and_several_steps():

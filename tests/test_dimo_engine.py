@@ -216,3 +216,21 @@ if __name__ == "__main__":
     import sys
 
     _equiv_worker(json.loads(Path(sys.argv[1]).read_text()))
+
+
+@pytest.mark.slow
+def test_aux_warmup_steps_hold_the_generator_while_the_aux_model_learns(tmp_path):
+    init = teacher_dir(tmp_path)
+    pretrained = {n: p.detach().clone() for n, p in load_pretrained(init)[0].named_parameters()}
+    trainer = Trainer(config(tmp_path, init, out="warmup_run", aux_steps=1, aux_warmup_steps=2), train_blocks=blocks())
+    for _ in range(2):
+        metrics = step(trainer)
+        assert "loss/generator" not in metrics and metrics["loss/aux"] > 0
+    assert trainer.updates == {"generator": 0, "aux": 2}
+    held = states(trainer)
+    assert same(held["generator"], pretrained) and same(held["ema"], pretrained)  # neither stepped nor averaged
+    assert not torch.equal(held["aux"]["blocks.0.attn_qkv.weight"], pretrained["blocks.0.attn_qkv.weight"])
+    metrics = step(trainer)
+    assert metrics["loss/generator"] > 0 and trainer.updates == {"generator": 1, "aux": 3}
+    assert not torch.equal(full_state(trainer.nets["generator"])["blocks.0.attn_qkv.weight"],
+                           pretrained["blocks.0.attn_qkv.weight"])

@@ -38,6 +38,10 @@ cross-entropy with label smoothing ε over the K = V − 1 real tokens,
 averaged over the masked tokens of the global batch (each micro-batch normalises by B·mean_global(k), so the
 result does not depend on the split over ranks and micro-batches).
 
+Aux warm-up (`aux_warmup_steps` = n, default 0, not in the released recipe): in the first n optimizer steps the
+generator phase returns no loss, so only ψ learns the generator's (initial) distribution before G follows the
+gradient g = ψ − teacher; with ψ = φ at initialisation, g is zero until ψ has moved (the aux lag of dimo.md §4.3).
+
 `loss_impl="triton"`: the generator loss by the fused kernel `ddistill.kernels.dimo_generator_loss` from hidden
 states (teacher, aux and generator logits at the masked rows never reach memory; the generator's full logits are
 computed once without graph for its sample); `"chunked"`: the same kernel's row-chunked cuBLAS path (aux and teacher
@@ -88,6 +92,7 @@ class DiMOConfig:
     aux_remask: Remask = "arccos"  # and for the aux loss
     label_smoothing: float = 0.1
     aux_steps: int = 1  # k auxiliary updates per generator update (DiMO's fake_rounds)
+    aux_warmup_steps: int = 0  # first optimizer steps in which only the aux model learns (the generator waits)
     gen_temperature: float = 1.0  # sampling temperature of x_θ in training
     freeze_embeddings: bool = True
     dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
@@ -108,6 +113,8 @@ class DiMOConfig:
             raise ValueError(f"method.label_smoothing={self.label_smoothing} must lie in [0, 1)")
         if self.aux_steps < 1:
             raise ValueError(f"method.aux_steps={self.aux_steps} must be >= 1")
+        if self.aux_warmup_steps < 0:
+            raise ValueError(f"method.aux_warmup_steps={self.aux_warmup_steps} must be >= 0")
         for key in ("gen_temperature", "eval_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"method.{key}={getattr(self, key)} must be > 0")
@@ -257,6 +264,8 @@ class DiMO(Method):
     def step(self, nets: Mapping[str, Callable], batch: torch.Tensor, ctx: StepContext) -> StepOutput:
         rows, length = batch.shape
         if ctx.phase == "generator":
+            if ctx.step < self.cfg.aux_warmup_steps:  # no loss: the engine neither backpropagates nor steps it
+                return StepOutput(losses={}, metrics={}, num_tokens=0)
             return self._generator_step(nets, rows, length, ctx)
         if ctx.phase == "aux":
             return self._aux_step(nets, rows, length, ctx)
