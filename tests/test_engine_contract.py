@@ -99,6 +99,10 @@ def test_per_network_optim_precedence_and_errors(tmp_path):
         run_config_from_dict({**base, "networks": {"student": {"optim": {"algorithm": "sgd"}}}})
     with pytest.raises(ConfigError, match="networks.student: expected a section"):
         run_config_from_dict({**base, "networks": {"student": 3}})
+    # a network lr below the inherited optim.min_lr: the error names the network and where the value came from
+    with pytest.raises(ConfigError, match=r"networks.student.optim: optim.min_lr=0.0001 .* come from the method's"):
+        run_config_from_dict({**base, "optim": {"lr": 1e-3, "min_lr": 1e-4},
+                              "networks": {"student": {"optim": {"lr": 2e-5}}}})
 
 
 def test_frozen_parameter_prefixes_and_phase_validation():

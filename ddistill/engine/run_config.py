@@ -170,7 +170,11 @@ class RunConfig:
         `networks.<name>.optim`."""
         section = self.networks.get(name, NetworkSection())
         merged = {**to_dict(self.optim), **dict(spec_optim), **section.optim}
-        return from_dict(OptimConfig, merged, f"networks.{name}.optim")
+        try:
+            return from_dict(OptimConfig, merged, f"networks.{name}.optim")
+        except ConfigError as err:  # name the network: its values may come from three places
+            raise ConfigError(f"networks.{name}.optim: {err} (keys not set under networks.{name}.optim come from the "
+                              f"method's defaults, then from optim.*)") from None
 
 
 _SECTIONS = {
