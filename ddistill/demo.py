@@ -271,7 +271,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
     """Samples of every model and tail at every step count, saved as token ids (samples/<curve>/steps_<T>.pt)."""
     from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_duo, sample_mdlm
     from ddistill.eval.sample_eval import sampling_progress
-    from ddistill.models.checkpoints import load_pretrained
+    from ddistill.models.checkpoints import checkpoint_tokenizer, load_pretrained
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for curve, label, tail in _curves(cfg, models):
@@ -306,14 +306,20 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
             target = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
-                        "seconds": seconds, "device": _device_name(device)}, target)
+                        "seconds": seconds, "device": _device_name(device), "vocab_size": mcfg.vocab_size,
+                        "tokenizer": checkpoint_tokenizer(models[label]["path"])}, target)
         bar.close()
         print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
 
 
 def score_samples(cfg: DemoConfig, out: Path) -> list:
     """Gen-PPL and entropy (95% bootstrap intervals over samples) of every saved sample set; writes the decoded texts
-    (samples/<curve>_T<steps>.jsonl, samples.md) and demo.csv / demo.md / demo.png, and returns the rows."""
+    (samples/<curve>_T<steps>.jsonl, samples.md) and demo.csv / demo.md / demo.png, and returns the rows.
+
+    The sample files name their tokenizer and vocabulary, so scoring needs no model weights (samples drawn on a GPU
+    node can be scored elsewhere from the samples and models.json alone); older sample files fall back to the
+    checkpoint."""
+    from ddistill.data.tokenizer import check_vocab_size, get_tokenizer
     from ddistill.eval.decode import decode_samples, load_model_tokenizer
     from ddistill.eval.judge import load_judge
     from ddistill.eval.metrics import gen_ppl_interval, mean_interval, unigram_entropy_per_sample
@@ -325,10 +331,14 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     models = json.loads((out / "models.json").read_text())
     rows, texts_of = [], {}
     for curve, label, _ in _curves(cfg, models):
-        vocab_size = load_pretrained(models[label]["path"])[1].vocab_size
-        tokenizer = load_model_tokenizer(models[label]["path"], vocab_size)
         for steps in cfg.steps:
             saved = torch.load(out / "samples" / _safe(curve) / f"steps_{steps}.pt", weights_only=False)
+            if "tokenizer" in saved:
+                check_vocab_size(saved["tokenizer"], saved["vocab_size"], what=f"the samples of {curve}")
+                tokenizer = get_tokenizer(saved["tokenizer"])
+            else:
+                vocab_size = load_pretrained(models[label]["path"])[1].vocab_size
+                tokenizer = load_model_tokenizer(models[label]["path"], vocab_size)
             texts = decode_samples(saved["tokens"], tokenizer, mask_id=tokenizer.mask_token_id)
             texts_of[curve, steps] = texts
             write_samples_jsonl(out / "samples" / f"{_safe(curve)}_T{steps}.jsonl", texts)

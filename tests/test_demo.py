@@ -87,6 +87,13 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     again_weights = {k: load_file(f"{v['path']}/model.safetensors") for k, v in models.items()}
     assert all(torch.equal(again_weights[k][key], weights[k][key]) for k in labels)
 
+    # Scoring needs only the samples and models.json (samples drawn on a GPU node, scored elsewhere): the same table
+    # with every model's weights moved away.
+    for i, v in enumerate(models.values()):
+        (tmp_path / v["path"] / "model.safetensors").rename(tmp_path / f"weights_{i}.safetensors")
+    scored = run_demo(dataclasses.replace(cfg, stage="score"))
+    assert [dataclasses.replace(r, sample_seconds=None) for r in scored] == untimed
+
 
 def test_profiles_show_the_claim_setup():
     """CPU: a classics BPE matching the model's vocabulary, teacher and students of one architecture (SDTT's
