@@ -121,7 +121,8 @@ def bench_baseline(args, device):
     opt_a = torch.optim.Adam([p for p in aux.parameters() if p.requires_grad], lr=1e-5, eps=1e-6)
     ema = [p.detach().float().clone() for p in gen.parameters()]
     length = args.length or teacher.config.length
-    return timed(lambda: baseline_step(gen, aux, teacher, ema, opt_g, opt_a, args.batch, length), args, device)
+    return (profiled if args.profile else timed)(
+        lambda: baseline_step(gen, aux, teacher, ema, opt_g, opt_a, args.batch, length), args, device)
 
 
 # --------------------------------------------------------------------------------------------------------- engine
@@ -183,20 +184,31 @@ def timed(step, args, device) -> dict:
 
 
 def profiled(step, args, device) -> dict:
-    """torch.profiler table (top ops by device time, then by CPU time) of `args.steps` steps after warm-up."""
+    """torch.profiler tables (top ops by device time, then by CPU time) of `args.steps` steps after warm-up, and the
+    step's wall time against the summed kernel time (device-bound when they are close, host-bound otherwise)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(args.warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(args.steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start) / args.steps
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    events = prof.key_averages()
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the kernels themselves, not their ops
+        kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
+        print(f"[profile] {wall_ms:.1f} ms a step (under the profiler), kernels {kernel_ms:.1f} ms "
+              f"({100 * kernel_ms / wall_ms:.0f}% of it)", flush=True)
+    print(events.table(sort_by=sort, row_limit=30, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), flush=True)
     return dict(status="profiled")
 
 
@@ -217,7 +229,7 @@ def main() -> None:
                         help="engine paths: regional torch.compile of the DiT blocks (train.compile=true)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="engine paths: a dotted run-config override (repeatable), e.g. deepspeed.overlap_comm=false")
-    parser.add_argument("--profile", action="store_true", help="engine paths: print torch.profiler tables")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables (no timing rows)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
