@@ -79,20 +79,25 @@ def test_bench_engine_cpu_smoke():
     assert "ok (" in line and float(line.split("tokens/s ")[1].split()[0]) > 0, out.stdout[-3000:]
 
 
-def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path):
-    """One rank keeps the non-finite flag on the device (no sync before the backward): a NaN loss still skips the
-    step (weights and EMA unchanged, skipped=1), the next finite step applies, and a method error is raised."""
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+@pytest.mark.parametrize("poison_at", ["loss", "gradient"])
+def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path, grad_clip, poison_at):
+    """One rank keeps the non-finite flag on the device (no sync before the backward): a NaN loss, or a NaN in one
+    parameter's gradient under a finite loss, still skips the step (weights and EMA unchanged, skipped=1) with or
+    without clipping, the next finite step applies, and a method error is raised."""
     from ddistill.engine.networks import full_state
 
     blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
-    trainer = Trainer(_cfg(tmp_path, optim={"warmup_steps": 0}), train_blocks=blocks)
+    trainer = Trainer(_cfg(tmp_path, optim={"warmup_steps": 0, "grad_clip": grad_clip}), train_blocks=blocks)
     student = trainer.nets["student"]
     step = trainer.method.step
     poison = {"on": True}
+    weight = student.module.blocks[0].attn_qkv.weight
+    weight.register_hook(lambda g: g * float("nan") if poison["on"] and poison_at == "gradient" else g)
 
     def maybe_nan(nets, batch, ctx):
         out = step(nets, batch, ctx)
-        if poison["on"]:
+        if poison["on"] and poison_at == "loss":
             # a NaN value with finite gradients: only the trainer's non-finite flag can make DeepSpeed skip
             out.losses["student"] = out.losses["student"] + torch.tensor(float("nan"))
         return out

@@ -30,7 +30,7 @@ frequent ones and lowers the sample entropy as N grows). NFE = N.
 Categorical draws use inverse-CDF sampling in float64 (one uniform per position; exact up to float64 rounding):
 token = #{j : cdf_j ≤ u·cdf_K}, which never selects a zero-probability id.
 
-Fused draws (`draw`, see `_use_fused`): on CUDA with nucleus_p = 1 and float64 draws, MDLM's x_θ draw, DUO's
+Fused draws (`draw`, see `use_fused_draw`): on CUDA with nucleus_p = 1 and float64 draws, MDLM's x_θ draw, DUO's
 posterior draw and both greedy tails run in `ddistill.kernels.sampling` (softmax, posterior and inverse CDF in
 float64 registers, row by row; no B×L×V float64 tensor). They consume the same uniforms as the torch path and agree
 with it token for token except where u·total falls within float64 rounding of a CDF boundary. The torch path stays
@@ -50,7 +50,7 @@ from ddistill.diffusion.schedules import NoiseSchedule
 from ddistill.diffusion.uniform import uniform_posterior
 from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
 
-__all__ = ["DRAWS", "SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
+__all__ = ["DRAWS", "use_fused_draw", "SampleResult", "Denoiser", "sample_categorical", "nucleus_filter", "sample_mdlm", "sample_duo",
            "sample_dimo", "dimo_initial_tokens"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -110,7 +110,7 @@ def _sigma(schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
 DRAWS = ("auto", "fused", "torch")
 
 
-def _use_fused(draw: str, device: torch.device, nucleus_p: float, dtype: torch.dtype) -> bool:
+def use_fused_draw(draw: str, device: torch.device, nucleus_p: float, dtype: torch.dtype) -> bool:
     """Whether a sampler draws with the fused Triton kernels (`ddistill.kernels.sampling`) instead of the torch path.
 
     "auto": fused on CUDA when the draw is the plain float64 categorical (nucleus_p = 1, dtype float64); "torch"
@@ -164,7 +164,7 @@ def sample_mdlm(
 
     The unmasking schedule is computed first (`_mdlm_reveal_steps`, one host sync), so the loop knows which steps
     call the denoiser and which positions each call's logits serve; no step syncs with the host (`draw`: see
-    `_use_fused`). With `row_logits` the denoiser is called as denoiser(x, σ, rows=positions) and returns the logits
+    `use_fused_draw`). With `row_logits` the denoiser is called as denoiser(x, σ, rows=positions) and returns the logits
     of those flat positions b·L + l only, (len(positions), V), as `DiT.forward` does: at a step only the positions
     that take a token need x_θ, and the output layer is a large part of a small model's cost."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
@@ -173,7 +173,7 @@ def sample_mdlm(
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} must lie in [0, vocab_size={vocab_size})")
     device = torch.device(device)
-    fused = _use_fused(draw, device, nucleus_p, dtype)
+    fused = use_fused_draw(draw, device, nucleus_p, dtype)
     x = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
     if prefix is not None:
         x[:, : prefix.shape[1]] = prefix.to(device)
@@ -259,11 +259,11 @@ def sample_duo(
     t_end: float = 1e-5,
     draw: str = "auto",
 ) -> SampleResult:
-    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1. `draw`: `_use_fused`
+    """DUO (uniform-state) ancestral sampling over K = vocab_size ids; NFE = num_steps + 1. `draw`: `use_fused_draw`
     (the fused path never forms a B×L×K float64 tensor; its greedy tail is the argmax of the logits)."""
     _check_common(num_steps, nucleus_p, t_end, batch_size, length, prefix)
     device = torch.device(device)
-    fused = _use_fused(draw, device, nucleus_p, dtype)
+    fused = use_fused_draw(draw, device, nucleus_p, dtype)
     x = torch.randint(0, vocab_size, (batch_size, length), generator=generator, device=device)
     num_fixed = 0 if prefix is None else prefix.shape[1]
     if prefix is not None:

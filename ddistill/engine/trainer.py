@@ -18,7 +18,7 @@ Every trained network has its own optimizer config (`RunConfig.network_optim`: a
 
 Agreement: after each micro-batch's forward, the ranks all-reduce (error, non-finite loss). An error anywhere
 raises on every rank (with the failing rank's message where it happened); a non-finite loss anywhere makes every
-rank back-propagate NaN, so DeepSpeed's ZeRO overflow check (forced on) skips the step on all ranks consistently —
+rank back-propagate NaN, so DeepSpeed's ZeRO step (its NaN/inf global gradient norm) skips it on all ranks consistently —
 no parameter, moment or EMA update. `train.max_consecutive_nonfinite` skipped steps in a row stop the run with a
 checkpoint of the last good state. A preemption signal (SIGUSR2 from SLURM/submitit, SIGTERM) sets a flag that is
 all-reduced at the next step boundary; all ranks then checkpoint and return with `summary["preempted"] = True`.
@@ -331,8 +331,13 @@ class Trainer:
                 net = build_trained(name, spec, model, ds_config=conf, algorithm=oc.algorithm, lr=oc.lr,
                                     betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
                                     ema_decay=tc.ema_decay, fused_optimizer=self.device.type == "cuda")
-                # Skipping a step on non-finite gradients must not depend on the precision or on clipping.
-                net.engine.optimizer.check_grad_overflow = True
+                # Skipping a step on non-finite gradients must not depend on clipping: ZeRO-1/2 with fp32 weights
+                # computes the global gradient norm on every step (compute_grad_norm, clipping or not) and skips the
+                # step when it is NaN/inf. Its per-tensor overflow check (check_grad_overflow) would find the same
+                # thing with ~7 kernel launches per parameter tensor (a third of a small model's step), so stays off.
+                if not getattr(net.engine.optimizer, "compute_grad_norm", True):
+                    raise RuntimeError(f"network {name!r}: DeepSpeed's ZeRO optimizer does not compute the gradient "
+                                       "norm, so steps with non-finite gradients would not be skipped")
                 nets[name] = net
         return nets
 

@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from ddistill.diffusion.absorbing import exact_count_mask
-from ddistill.diffusion.samplers import dimo_initial_tokens, sample_categorical
+from ddistill.diffusion.samplers import DRAWS, use_fused_draw, dimo_initial_tokens, sample_categorical
+from ddistill.kernels.sampling import draw_categorical
 from ddistill.methods import register
 from ddistill.methods.base import (
     EvalStudent,
@@ -97,6 +98,7 @@ class DiMOConfig:
     freeze_embeddings: bool = True
     dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
     loss_impl: Literal["torch", "triton", "chunked"] = "torch"
+    draw: Literal["auto", "fused", "torch"] = "auto"  # x_θ draws: fused Triton kernel on CUDA ("auto"), or torch
     # evaluation: how `sampler_spec` / `eval_students` sample the distilled generator
     eval_steps: int = 1
     eval_temperature: float = 1.0
@@ -120,6 +122,8 @@ class DiMOConfig:
                 raise ValueError(f"method.{key}={getattr(self, key)} must be > 0")
         if self.eval_steps < 1:
             raise ValueError(f"method.eval_steps={self.eval_steps} must be >= 1")
+        if self.draw not in DRAWS:
+            raise ValueError(f"method.draw={self.draw!r}: expected one of {list(DRAWS)}")
 
 
 def remask_ratio(u: torch.Tensor, schedule: str) -> torch.Tensor:
@@ -244,10 +248,18 @@ class DiMO(Method):
         return xt, masked, _sigma_of_ratio(counts.double() / length), counts_full.sum()
 
     def sample_generator(self, logits: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """x_θ ~ softmax(z/T_gen) per position over the real tokens, float64 inverse CDF on global uniforms."""
+        """x_θ ~ softmax(z/T_gen) per position over the real tokens, float64 inverse CDF on global uniforms.
+
+        `draw` "fused" (the default "auto" on CUDA): `ddistill.kernels.draw_categorical` on the logits, the mask column
+        excluded (the same tokens as the torch path up to float64 rounding at a CDF boundary; with T_gen ≠ 1 the
+        logits are divided in their own dtype first); "torch": float64 softmax and inverse CDF in row chunks."""
         rows, length = logits.shape[:2]
         _, u = self._global_rows(ctx, rows, (length,))
         flat, u = logits.detach().reshape(-1, logits.shape[-1]), u.reshape(-1)
+        if use_fused_draw(self.cfg.draw, logits.device, 1.0, torch.float64):
+            if self.cfg.gen_temperature != 1.0:
+                flat = flat / self.cfg.gen_temperature
+            return draw_categorical(flat, u, exclude=self.mask_id).reshape(rows, length)
         keep = self.keep.to(logits.device)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
         for start in range(0, flat.shape[0], SAMPLE_CHUNK_ROWS):
