@@ -18,6 +18,7 @@ Every run stops at its step count or its time budget, whichever comes first; the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -33,29 +34,81 @@ TEACHER_CONFIG = ROOT / "configs/experiments/classics_mdlm_tiny.yaml"
 DIMO_CONFIG = ROOT / "configs/experiments/dimo_classics_tiny.yaml"
 
 
-def train(config: Path, overrides: list[str], blocks: np.ndarray, max_seconds: float, log_every: int) -> dict:
-    """Train `config` for train.max_steps steps or `max_seconds`, then export; returns the log."""
+def train(config: Path, overrides: list[str], blocks: np.ndarray, max_seconds: float, log_every: int,
+          after_step=None) -> dict:
+    """Train `config` for train.max_steps steps or `max_seconds` of training, then export; returns the log.
+    `after_step(trainer)` runs after every step, off the clock (the DiMO snapshots)."""
     from ddistill.engine.run_config import load_run_config
     from ddistill.engine.trainer import Trainer
 
     cfg = load_run_config(config, overrides)
     trainer = Trainer(cfg, train_blocks=blocks)
-    start, history = time.perf_counter(), []
-    while trainer.step < cfg.train.max_steps and time.perf_counter() - start < max_seconds:
+    seconds, history = 0.0, []
+    while trainer.step < cfg.train.max_steps and seconds < max_seconds:
+        start = time.perf_counter()
         metrics = trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
         if trainer.step % log_every == 0 or trainer.step == 1:
             history.append({"step": trainer.step, **{k: float(v) for k, v in metrics.items()
                                                      if isinstance(v, (int, float)) or torch.is_tensor(v)}})
             print(json.dumps(history[-1]), flush=True)
+        if after_step is not None:
+            if trainer.device.type == "cuda":  # so that the callback's time is not counted as training
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            after_step(trainer)
+        else:
+            seconds += time.perf_counter() - start
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
     export = trainer.export()
     log = {"config": str(config.relative_to(ROOT)), "overrides": overrides, "steps": trainer.step,
            "planned_steps": cfg.train.max_steps, "seconds": seconds, "export": str(export), "history": history,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None}
     del trainer
     return log
+
+
+def draw_samples(fn, steps: int, args, device: torch.device, length: int, vocab: int, **kw) -> torch.Tensor:
+    """args.num_samples sequences from sampler `fn` at `steps` steps, in batches, seeded by (seed, steps, batch)."""
+    tokens = []
+    for start in range(0, args.num_samples, args.batch_size):
+        size = min(args.batch_size, args.num_samples - start)
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + steps * 10_007 + start)
+        tokens.append(fn(batch_size=size, length=length, num_steps=steps, mask_id=vocab - 1, vocab_size=vocab,
+                         generator=gen, device=device, **kw).tokens.cpu())
+    return torch.cat(tokens)
+
+
+def dimo_sampler_args(generator, args) -> dict:
+    return dict(embed_dim=generator.config.hidden_size, noise_rms=generator.input_embedding_rms(),
+                r_init=args.r_init, embed_noise=args.embed_noise)
+
+
+class Snapshots:
+    """Every `every` DiMO steps: one-step samples of the generator's current EMA (labels "dimo@<step>"), so that one
+    run shows the Gen-PPL / diversity trade-off along training."""
+
+    def __init__(self, every: int, args, device: torch.device):
+        self.every, self.args, self.device = every, args, device
+        self.samples: dict[str, dict[int, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, trainer) -> None:
+        if not self.every or trainer.step % self.every:
+            return
+        from ddistill.diffusion import sample_dimo
+        from ddistill.engine.networks import full_state
+
+        net = trainer.nets["generator"]
+        model = copy.deepcopy(net.module).eval()
+        missing, unexpected = model.load_state_dict(full_state(net, use_ema=True), strict=False)
+        if unexpected or any(name in dict(model.named_parameters()) for name in missing):
+            raise RuntimeError(f"EMA state does not fit the generator: missing {missing}, unexpected {unexpected}")
+        config = model.config
+        self.samples[f"dimo@{trainer.step}"] = {1: draw_samples(
+            lambda **kw: sample_dimo(model, **dimo_sampler_args(model, self.args), **kw), 1, self.args, self.device,
+            config.length, config.vocab_size)}
+        del model
 
 
 @torch.no_grad()
@@ -66,23 +119,15 @@ def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device)
     teacher, tcfg = load_pretrained(teacher_dir, overrides={"dropout": 0.0})
     generator, _ = load_pretrained(generator_dir, overrides={"dropout": 0.0})
     teacher, generator = teacher.to(device).eval(), generator.to(device).eval()
-    length, vocab = tcfg.length, tcfg.vocab_size
     out: dict[str, dict[int, torch.Tensor]] = {}
 
     def draw(fn, steps, **kw):
-        tokens = []
-        for start in range(0, args.num_samples, args.batch_size):
-            size = min(args.batch_size, args.num_samples - start)
-            gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + steps * 10_007 + start)
-            tokens.append(fn(batch_size=size, length=length, num_steps=steps, mask_id=vocab - 1, vocab_size=vocab,
-                             generator=gen, device=device, **kw).tokens.cpu())
-        return torch.cat(tokens)
+        return draw_samples(fn, steps, args, device, tcfg.length, tcfg.vocab_size, **kw)
 
     for steps in args.teacher_sample_steps:
         out.setdefault("teacher", {})[steps] = draw(
             lambda **kw: sample_mdlm(teacher, schedule=LogLinearSchedule(), **kw), steps)
-    dimo_kw = dict(embed_dim=generator.config.hidden_size, noise_rms=generator.input_embedding_rms(),
-                   r_init=args.r_init, embed_noise=args.embed_noise)
+    dimo_kw = dimo_sampler_args(generator, args)
     for steps in args.dimo_sample_steps:
         out.setdefault("dimo", {})[steps] = draw(lambda **kw: sample_dimo(generator, **dimo_kw, **kw), steps)
         if steps > 1:  # the same generator with uniformly random re-masking between steps
@@ -115,12 +160,13 @@ def cmd_run(args) -> None:
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
         print(f"teacher exported to {teacher_dir}", flush=True)
         return
+    snapshots = Snapshots(args.snapshot_every, args, device)
     log["dimo"] = train(DIMO_CONFIG, common + [f"train.out_dir={out / 'dimo'}", f"train.max_steps={args.dimo_steps}",
                                                f"init_from={teacher_dir}", f"method.r_init={args.r_init}",
                                                f"method.embed_noise={args.embed_noise}", *args.dimo_overrides],
-                        blocks, args.dimo_seconds, args.log_every)
+                        blocks, args.dimo_seconds, args.log_every, after_step=snapshots if args.snapshot_every else None)
     start = time.perf_counter()
-    samples = sample_all(teacher_dir, log["dimo"]["export"], args, device)
+    samples = {**sample_all(teacher_dir, log["dimo"]["export"], args, device), **snapshots.samples}
     log["sample_seconds"] = time.perf_counter() - start
     torch.save({"samples": samples, "length": int(blocks.shape[1])}, out / "samples.pt")
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
@@ -184,6 +230,8 @@ def main() -> None:
     run.add_argument("--dimo-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
     run.add_argument("--log-every", type=int, default=50)
+    run.add_argument("--snapshot-every", type=int, default=0,
+                     help="also sample the generator's EMA at one step every N DiMO steps (0: only at the end)")
     run.add_argument("--device", default="auto")
     run.add_argument("--git-rev", default=None)
     score = sub.add_parser("score")
@@ -196,6 +244,8 @@ def main() -> None:
     if args.command == "run":
         if not Path(args.tokens).is_file():
             raise SystemExit(f"dimo_classics.py: --tokens {args.tokens} is not a file")
+        if args.snapshot_every < 0:
+            raise SystemExit(f"dimo_classics.py: --snapshot-every {args.snapshot_every} must be >= 0")
         if args.teacher_only and args.teacher is not None:
             raise SystemExit("dimo_classics.py: --teacher-only trains a teacher; it cannot be given with --teacher")
         cmd_run(args)
