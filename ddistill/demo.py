@@ -329,7 +329,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
 
     judge = load_judge(cfg.judge)
     models = json.loads((out / "models.json").read_text())
-    rows, texts_of = [], {}
+    rows, texts_of, scores = [], {}, {}
     for curve, label, _ in _curves(cfg, models):
         for steps in cfg.steps:
             saved = torch.load(out / "samples" / _safe(curve) / f"steps_{steps}.pt", weights_only=False)
@@ -346,6 +346,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
             if int(token_counts.sum()) == 0:
                 raise ValueError(f"demo: {curve} at T={steps}: the judge found no valid tokens in the samples")
             entropies = unigram_entropy_per_sample(saved["tokens"])
+            scores[curve, steps] = nll_sums, token_counts
             ppl_lo, ppl_hi = gen_ppl_interval(nll_sums, token_counts, seed=cfg.seed)
             entropy_lo, entropy_hi = mean_interval(entropies, seed=cfg.seed)
             rows.append(EvalRow(label=curve, steps=steps, nfe=saved["nfe"],
@@ -353,12 +354,32 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
                                 gen_ppl_lo=ppl_lo, gen_ppl_hi=ppl_hi, entropy=float(entropies.mean()),
                                 entropy_lo=entropy_lo, entropy_hi=entropy_hi, num_samples=len(texts),
                                 judge=cfg.judge, device=saved["device"], sample_seconds=saved["seconds"]))
+    rows = _with_teacher_ratios(cfg, models, rows, scores)
     paths = write_report(rows, out, stem="demo", merge=False)
     write_samples_markdown(out)
     print(markdown_table(rows))
     print(f"[demo] table {paths['md']}, plot {paths['png']}, samples {out / 'samples.md'}", flush=True)
     _print_side_by_side(cfg, models, texts_of)
     return rows
+
+
+def _with_teacher_ratios(cfg: DemoConfig, models: dict[str, dict], rows: list, scores: dict) -> list:
+    """Each student row with its Gen PPL over the teacher's at the same steps and tail (`ppl_ratio`, a bootstrap
+    interval over both sample sets): below 1 by more than the interval when `ppl_ratio_hi` < 1."""
+    from ddistill.eval.metrics import gen_ppl_ratio_interval
+
+    curves = _curves(cfg, models)
+    teacher_label = curves[0][1]
+    reference = {tail: curve for curve, label, tail in curves if label == teacher_label}
+    tail_of = {curve: tail for curve, _, tail in curves}
+    out = []
+    for row in rows:
+        ref = reference[tail_of[row.label]]
+        if row.label != ref:
+            ratio, lo, hi = gen_ppl_ratio_interval(*scores[row.label, row.steps], *scores[ref, row.steps], seed=cfg.seed)
+            row = dataclasses.replace(row, ppl_ratio=ratio, ppl_ratio_lo=lo, ppl_ratio_hi=hi)
+        out.append(row)
+    return out
 
 
 def _print_side_by_side(cfg: DemoConfig, models: dict[str, dict], texts_of: dict, count: int = 2,

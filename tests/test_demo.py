@@ -68,8 +68,14 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         ema = torch.load(out / "sdtt" / "checkpoints" / f"step_{step:08d}" / "ema" / "student.pt")["shadow"]
         assert torch.equal(weights[label][key], ema["blocks.0.attn_qkv.weight"])
     # Intervals on every cell; decoded samples beside the tensors; teacher vs last student printed side by side.
+    teacher_ppl = {r.steps: r.gen_ppl for r in rows if r.label == "teacher"}
     for row in rows:
         assert row.gen_ppl_lo <= row.gen_ppl <= row.gen_ppl_hi and row.entropy_lo <= row.entropy <= row.entropy_hi
+        if row.label == "teacher":
+            assert row.ppl_ratio is None
+        else:  # the student's Gen PPL over the teacher's at the same steps, with its own bootstrap interval
+            assert row.ppl_ratio == pytest.approx(row.gen_ppl / teacher_ppl[row.steps], rel=1e-9)
+            assert row.ppl_ratio_lo <= row.ppl_ratio <= row.ppl_ratio_hi
         texts = (out / "samples" / f"{row.label.replace(' ', '_')}_T{row.steps}.jsonl").read_text().splitlines()
         assert len(texts) == 4 and all(isinstance(json.loads(t)["text"], str) for t in texts)
     assert "## 2 steps" in (out / "samples.md").read_text() and "### sdtt_round_2" in (out / "samples.md").read_text()

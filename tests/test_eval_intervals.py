@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddistill.eval.metrics import gen_ppl_interval, mean_interval, unigram_entropy, unigram_entropy_per_sample
+from ddistill.eval.metrics import (gen_ppl_interval, gen_ppl_ratio_interval, mean_interval, unigram_entropy,
+                                   unigram_entropy_per_sample)
 from ddistill.eval.report import EvalRow, markdown_table, plot_curves, read_csv, write_csv
 
 
@@ -44,6 +45,51 @@ def test_gen_ppl_interval_matches_the_exhaustive_bootstrap_of_three_samples():
     assert bracketed(lo, want_lo) and bracketed(hi, want_hi), (lo, hi, want_lo, want_hi)
     point = math.exp(nll.sum() / tokens.sum())
     assert lo <= point <= hi
+
+
+def test_gen_ppl_ratio_interval_matches_the_exhaustive_bootstrap_of_two_small_sets():
+    """Sets of 3 and 2 samples: 27 × 4 equally likely resample pairs. The point is the ratio of the two corpus Gen
+    PPLs, and the seeded Monte-Carlo quantiles lie at the exact quantiles' atoms of that finite distribution."""
+    nll, tok = np.array([3.0, 12.0, 40.0]), np.array([2, 5, 9])
+    ref_nll, ref_tok = np.array([10.0, 30.0]), np.array([4, 6])
+    point, lo, hi = gen_ppl_ratio_interval(nll, tok, ref_nll, ref_tok, level=0.5, num_resamples=200_000, seed=2)
+    assert point == pytest.approx(math.exp(nll.sum() / tok.sum()) / math.exp(ref_nll.sum() / ref_tok.sum()), rel=1e-12)
+    exact = sorted(math.exp(nll[[a, b, c]].sum() / tok[[a, b, c]].sum() - ref_nll[[d, e]].sum() / ref_tok[[d, e]].sum())
+                   for a in range(3) for b in range(3) for c in range(3) for d in range(2) for e in range(2))
+    atoms = sorted(set(exact))
+    for got, want in zip((lo, hi), np.quantile(exact, [0.25, 0.75])):
+        below = max(a for a in atoms if a <= want + 1e-12)
+        above = min(a for a in atoms if a >= want - 1e-12)
+        assert below - 1e-9 <= got <= above + 1e-9, (got, want)
+
+
+def test_gen_ppl_ratio_interval_separates_what_overlapping_intervals_do_not():
+    """Two sets whose mean per-token NLLs differ by 3 standard errors (SE = σ/√n of each set's mean): their own 95%
+    intervals overlap (that needs > 3.92 SE), the ratio's excludes 1 (that needs > 2.77 SE). Two sets from the same
+    distribution: the ratio's interval covers 1 in about 95% of 200 trials."""
+    rng = np.random.default_rng(5)
+    n, sigma = 256, 0.5
+    z = rng.normal(size=n)
+    z = (z - z.mean()) / z.std()  # exactly mean 0, sd 1: the two sets' means differ by exactly 3 SE
+    tok = np.full(n, 16)
+    better = tok * (4.0 + sigma * rng.permutation(z))
+    worse = tok * (4.0 + 3 * sigma / math.sqrt(n) + sigma * rng.permutation(z))
+    lo_b, hi_b = gen_ppl_interval(better, tok, seed=0)
+    lo_w, hi_w = gen_ppl_interval(worse, tok, seed=1)
+    assert lo_w < hi_b  # the per-set intervals overlap
+    ratio, lo, hi = gen_ppl_ratio_interval(better, tok, worse, tok, seed=0)
+    assert ratio == pytest.approx(math.exp(-3 * sigma / math.sqrt(n)), rel=1e-9)
+    assert lo < ratio < hi < 1.0
+    covered = 0
+    for trial in range(200):
+        a, b = tok[:64] * (4.0 + sigma * rng.normal(size=(2, 64)))
+        _, lo, hi = gen_ppl_ratio_interval(a, tok[:64], b, tok[:64], num_resamples=300, seed=trial)
+        covered += lo <= 1.0 <= hi
+    assert abs(covered - 190) <= 4 * math.sqrt(200 * 0.95 * 0.05) + 6
+    with pytest.raises(ValueError, match="ref_token_counts sum to zero"):
+        gen_ppl_ratio_interval(a, tok[:64], b, np.zeros(64))
+    with pytest.raises(ValueError, match="equal non-empty"):
+        gen_ppl_ratio_interval(a, tok[:63], b, tok[:64])
 
 
 def test_intervals_are_seeded_and_shrink_with_more_samples():

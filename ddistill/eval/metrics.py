@@ -106,6 +106,32 @@ def gen_ppl_interval(nll_sums: np.ndarray, token_counts: np.ndarray, *, level: f
     return _quantiles(ppl[tokens > 0], level)
 
 
+def gen_ppl_ratio_interval(nll_sums: np.ndarray, token_counts: np.ndarray, ref_nll_sums: np.ndarray,
+                           ref_token_counts: np.ndarray, *, level: float = 0.95, num_resamples: int = 1000,
+                           seed: int = 0) -> tuple[float, float, float]:
+    """Gen PPL of one sample set over a reference set's, exp(Σnll/Σtok − Σnll_ref/Σtok_ref), with a percentile-bootstrap
+    interval that resamples whole samples of the two (independent) sets separately. The ratio lies below 1 "by more
+    than the interval" when its upper bound does: the comparison that two overlapping per-set intervals understate."""
+    sets = []
+    for name, (nll, tok) in {"": (nll_sums, token_counts), "ref_": (ref_nll_sums, ref_token_counts)}.items():
+        nll, tok = np.asarray(nll, np.float64), np.asarray(tok, np.float64)
+        if nll.shape != tok.shape or nll.ndim != 1 or len(nll) == 0:
+            raise ValueError(f"{name}nll_sums {nll.shape} and {name}token_counts {tok.shape} must be equal non-empty "
+                             "1-d shapes")
+        if tok.sum() <= 0:
+            raise ValueError(f"{name}token_counts sum to zero: no scored token")
+        sets.append((nll, tok))
+    (nll, tok), (ref_nll, ref_tok) = sets
+    point = float(np.exp(nll.sum() / tok.sum() - ref_nll.sum() / ref_tok.sum()))
+    idx, ref_idx = _bootstrap_indices(len(nll), num_resamples, seed), _bootstrap_indices(len(ref_nll), num_resamples,
+                                                                                           seed + 1)
+    tokens, ref_tokens = tok[idx].sum(axis=1), ref_tok[ref_idx].sum(axis=1)
+    ok = (tokens > 0) & (ref_tokens > 0)
+    log_ratio = nll[idx].sum(axis=1)[ok] / tokens[ok] - ref_nll[ref_idx].sum(axis=1)[ok] / ref_tokens[ok]
+    lo, hi = _quantiles(np.exp(log_ratio), level)
+    return point, lo, hi
+
+
 def mean_interval(values: np.ndarray, *, level: float = 0.95, num_resamples: int = 1000,
                   seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of per-sample ``values``."""

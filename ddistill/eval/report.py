@@ -36,13 +36,20 @@ class EvalRow:
     gen_ppl_hi: float | None = None
     entropy_lo: float | None = None
     entropy_hi: float | None = None
+    # Gen PPL over a reference row's (the demo: the teacher at the same steps and tail), with its 95% bootstrap
+    # interval (eval.metrics.gen_ppl_ratio_interval)
+    ppl_ratio: float | None = None
+    ppl_ratio_lo: float | None = None
+    ppl_ratio_hi: float | None = None
 
 
 COLUMNS = tuple(f.name for f in fields(EvalRow))
 _INT_COLUMNS = {"steps", "num_samples"}
 _FLOAT_COLUMNS = {"nfe", "gen_ppl", "entropy", "mauve", "sample_seconds", "gen_ppl_lo", "gen_ppl_hi", "entropy_lo",
-                  "entropy_hi", "distinct_2", "distinct_3", "distinct_4", "duplicate_frac"}
-_INTERVALS = {"gen_ppl": ("gen_ppl_lo", "gen_ppl_hi", ".2f"), "entropy": ("entropy_lo", "entropy_hi", ".3f")}
+                  "entropy_hi", "distinct_2", "distinct_3", "distinct_4", "duplicate_frac", "ppl_ratio", "ppl_ratio_lo",
+                  "ppl_ratio_hi"}
+_INTERVALS = {"gen_ppl": ("gen_ppl_lo", "gen_ppl_hi", ".2f"), "entropy": ("entropy_lo", "entropy_hi", ".3f"),
+              "ppl_ratio": ("ppl_ratio_lo", "ppl_ratio_hi", ".3f")}
 _MARKDOWN_COLUMNS = tuple(c for c in COLUMNS if c not in {lo for lo, _, _ in _INTERVALS.values()}
                           and c not in {hi for _, hi, _ in _INTERVALS.values()})
 
