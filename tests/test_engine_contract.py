@@ -77,9 +77,14 @@ def _run(tmp_path, name, **method_fields):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_fixed_seed_losses_unchanged_by_the_contract(tmp_path, name):
     got = _run(tmp_path, name)
+    # The values were recorded on an Intel Xeon. Other CPUs round the float32 kernels differently (an AMD EPYC:
+    # MDLM/USDM within 1e-6, SDTT's step-1 loss 1.3e-6). SDTT's step-0 and step-2 losses are KLs of ~1e-5 between nearly equal distributions,
+    # i.e. sums of O(1) terms that cancel, so the same rounding reaches 1e-4 of their value there (1e-8 nats
+    # absolute) and 3e-5 of the gradient norm. A contract change that altered the update would move them by orders
+    # of magnitude more.
     for (loss, norm), (want_loss, want_norm) in zip(got, EXPECTED[name]):
-        assert loss == pytest.approx(float.fromhex(want_loss), rel=1e-6)
-        assert norm == pytest.approx(float.fromhex(want_norm), rel=1e-6)
+        assert loss == pytest.approx(float.fromhex(want_loss), rel=1e-5, abs=1e-7)
+        assert norm == pytest.approx(float.fromhex(want_norm), rel=1e-4)
 
 
 def test_per_network_optim_precedence_and_errors(tmp_path):

@@ -45,12 +45,17 @@ def test_sdtt_with_partitioned_zero3_teacher_two_ranks_equal_one_rank(tmp_path, 
     _launch(tmp_path, "equiv", common + ["train.micro_batch_size=8"], one, nproc=1, timeout=600)
     a, b = torch.load(two), torch.load(one)
     assert b["grad_norm"] > 0
-    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5 * b["grad_norm"]
-    # Two Adam steps at lr 1e-3 move a weight by up to ~2e-3; Adam's g/√v turns the float32 rounding of the
-    # sharded reductions into ~4e-5 on weights whose gradient is near zero (measured), hence the bound of a tenth
-    # of the displacement. A teacher that was gathered wrongly changes every target and the gradient norm.
-    for key in b["raw"]:
-        torch.testing.assert_close(a["raw"][key], b["raw"][key], rtol=0, atol=2e-4)
-        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=0, atol=2e-4)
+    # The SDTT loss is a KL between nearly equal distributions, so its gradient is a difference of near-equal
+    # float32 terms. The different micro-batch shapes of the two layouts round differently: 1e-7 on an Intel Xeon,
+    # 3e-4 on an AMD EPYC (measured). A wrongly gathered teacher or a wrong normalisation moves it by far more.
+    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * b["grad_norm"]
+    # Two Adam steps at lr 1e-3 move a weight by up to ~2e-3. Adam's g/√v turns float32 rounding into a full-size
+    # step on weights whose gradient is rounding noise: on an Intel Xeon ~4e-5, on an AMD EPYC up to 9e-4 on 1.4% of
+    # the elements (measured). So the bound is on the share of weights that differ by more than a tenth of the
+    # displacement. A teacher that was gathered wrongly changes every target, the gradient norm, and most weights.
+    for which in ("raw", "ema"):
+        diffs = torch.cat([(a[which][k] - b[which][k]).abs().flatten() for k in b[which]])
+        assert float((diffs > 2e-4).double().mean()) < 0.03, which
+        assert float(diffs.max()) < 2e-3, which
     moved = max(float((b["raw"][k] - b["ema"][k]).abs().max()) for k in b["raw"])
     assert moved > 1e-4  # the steps changed the weights (the EMA lags the raw weights)
