@@ -51,13 +51,11 @@ def train(config: Path, overrides: list[str], blocks: np.ndarray, max_seconds: f
             history.append({"step": trainer.step, **{k: float(v) for k, v in metrics.items()
                                                      if isinstance(v, (int, float)) or torch.is_tensor(v)}})
             print(json.dumps(history[-1]), flush=True)
+        if after_step is not None and trainer.device.type == "cuda":  # the callback's time is not training time
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
         if after_step is not None:
-            if trainer.device.type == "cuda":  # so that the callback's time is not counted as training
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - start
             after_step(trainer)
-        else:
-            seconds += time.perf_counter() - start
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     export = trainer.export()
@@ -85,7 +83,7 @@ def dimo_sampler_args(generator, args) -> dict:
 
 
 class Snapshots:
-    """Every `every` DiMO steps: one-step samples of the generator's current EMA (labels "dimo@<step>"), so that one
+    """Every `every` (> 0) DiMO steps: one-step samples of the generator's current EMA (labels "dimo@<step>"), so that one
     run shows the Gen-PPL / diversity trade-off along training."""
 
     def __init__(self, every: int, args, device: torch.device):
@@ -94,16 +92,13 @@ class Snapshots:
 
     @torch.no_grad()
     def __call__(self, trainer) -> None:
-        if not self.every or trainer.step % self.every:
+        if trainer.step % self.every:
             return
         from ddistill.diffusion import sample_dimo
-        from ddistill.engine.networks import full_state
 
         net = trainer.nets["generator"]
         model = copy.deepcopy(net.module).eval()
-        missing, unexpected = model.load_state_dict(full_state(net, use_ema=True), strict=False)
-        if unexpected or any(name in dict(model.named_parameters()) for name in missing):
-            raise RuntimeError(f"EMA state does not fit the generator: missing {missing}, unexpected {unexpected}")
+        net.ema.copy_to(model)
         config = model.config
         self.samples[f"dimo@{trainer.step}"] = {1: draw_samples(
             lambda **kw: sample_dimo(model, **dimo_sampler_args(model, self.args), **kw), 1, self.args, self.device,
@@ -160,13 +155,15 @@ def cmd_run(args) -> None:
         (out / "train_log.json").write_text(json.dumps(log, indent=1))
         print(f"teacher exported to {teacher_dir}", flush=True)
         return
-    snapshots = Snapshots(args.snapshot_every, args, device)
+    snapshots = Snapshots(args.snapshot_every, args, device) if args.snapshot_every else None
     log["dimo"] = train(DIMO_CONFIG, common + [f"train.out_dir={out / 'dimo'}", f"train.max_steps={args.dimo_steps}",
                                                f"init_from={teacher_dir}", f"method.r_init={args.r_init}",
                                                f"method.embed_noise={args.embed_noise}", *args.dimo_overrides],
-                        blocks, args.dimo_seconds, args.log_every, after_step=snapshots if args.snapshot_every else None)
+                        blocks, args.dimo_seconds, args.log_every, after_step=snapshots)
     start = time.perf_counter()
-    samples = {**sample_all(teacher_dir, log["dimo"]["export"], args, device), **snapshots.samples}
+    samples = sample_all(teacher_dir, log["dimo"]["export"], args, device)
+    if snapshots is not None:
+        samples.update(snapshots.samples)
     log["sample_seconds"] = time.perf_counter() - start
     torch.save({"samples": samples, "length": int(blocks.shape[1])}, out / "samples.pt")
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
