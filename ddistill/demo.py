@@ -277,6 +277,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
     for curve, label, tail in _curves(cfg, models):
         model, mcfg = load_pretrained(models[label]["path"], overrides={"dropout": 0.0})
         model = model.to(device)
+        tokenizer = checkpoint_tokenizer(models[label]["path"])  # named in each sample file: scoring needs no weights
         sampler = models[label]["sampler"]
         bar = sampling_progress(len(cfg.steps) * -(-cfg.num_samples // cfg.batch_size), desc=f"sampling {curve}")
         for steps in cfg.steps:
@@ -307,7 +308,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device), "vocab_size": mcfg.vocab_size,
-                        "tokenizer": checkpoint_tokenizer(models[label]["path"])}, target)
+                        "tokenizer": tokenizer}, target)
         bar.close()
         print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
 
@@ -331,14 +332,17 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     models = json.loads((out / "models.json").read_text())
     rows, texts_of, scores = [], {}, {}
     for curve, label, _ in _curves(cfg, models):
+        fallback_tokenizer = None  # older sample files name no tokenizer: read it from the checkpoint, once
         for steps in cfg.steps:
             saved = torch.load(out / "samples" / _safe(curve) / f"steps_{steps}.pt", weights_only=False)
             if "tokenizer" in saved:
                 check_vocab_size(saved["tokenizer"], saved["vocab_size"], what=f"the samples of {curve}")
                 tokenizer = get_tokenizer(saved["tokenizer"])
             else:
-                vocab_size = load_pretrained(models[label]["path"])[1].vocab_size
-                tokenizer = load_model_tokenizer(models[label]["path"], vocab_size)
+                if fallback_tokenizer is None:
+                    vocab_size = load_pretrained(models[label]["path"])[1].vocab_size
+                    fallback_tokenizer = load_model_tokenizer(models[label]["path"], vocab_size)
+                tokenizer = fallback_tokenizer
             texts = decode_samples(saved["tokens"], tokenizer, mask_id=tokenizer.mask_token_id)
             texts_of[curve, steps] = texts
             write_samples_jsonl(out / "samples" / f"{_safe(curve)}_T{steps}.jsonl", texts)
