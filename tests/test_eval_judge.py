@@ -126,6 +126,18 @@ def test_per_sample_scores_are_each_texts_own_brute_force_score(tiny_judge):
         assert nll[i] == pytest.approx(ref_nll, rel=1e-5)
 
 
+def test_output_layer_at_the_targets_only_equals_the_whole_models_logits(tiny_judge):
+    import dataclasses
+
+    assert tiny_judge.head_at_targets  # GPT-2: the fast path is what the other tests exercise
+    whole = dataclasses.replace(tiny_judge, head_at_targets=False)
+    texts = _texts(9, seed=3) + ["", "the"]  # an empty text and a one-token text have no target
+    fast_nll, fast_count = tiny_judge.score_texts_per_sample(texts, batch_size=4)
+    ref_nll, ref_count = whole.score_texts_per_sample(texts, batch_size=4)
+    assert np.array_equal(fast_count, ref_count) and fast_count[-2:].tolist() == [0, 0]
+    np.testing.assert_allclose(fast_nll, ref_nll, rtol=1e-6, atol=1e-9)
+
+
 def test_gen_ppl_is_exp_of_brute_force(tiny_judge):
     texts = _texts(7, seed=1)
     ref_nll, ref_count = _brute_force(tiny_judge, texts, max_length=32)

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 HUB_JUDGES = {"gpt2-large": "openai-community/gpt2-large"}
 SMOLLM2 = "smollm2"
 DOCUMENT_EOS = "<|endoftext|>"
+# Architectures whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)`` (no logit
+# scaling or soft-capping), so the output layer can run on the scored positions alone.
+HEAD_AT_TARGETS = frozenset({"gpt2", "llama"})
 OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -57,28 +60,41 @@ class CausalJudge:
     device: torch.device
     eos_token_id: int
     context_length: int
+    head_at_targets: bool = False
 
     def _encode(self, texts: Sequence[str], max_length: int | None) -> dict[str, torch.Tensor]:
-        limit = self.context_length if max_length is None else min(max_length, self.context_length)
         enc = self.tokenizer(
             list(texts),
             return_tensors="pt",
             padding=True,
             truncation=True,
-            max_length=limit,
+            max_length=self._limit(max_length),
             return_attention_mask=True,
             return_token_type_ids=False,
         )
         return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
+    def _limit(self, max_length: int | None) -> int:
+        return self.context_length if max_length is None else min(max_length, self.context_length)
+
     @torch.no_grad()
-    def token_nll(self, texts: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-target NLL (B, n-1) fp32 and the valid mask (B, n-1) for one batch of texts."""
-        enc = self._encode(texts, max_length)
-        ids = enc["input_ids"]
-        logits = self.model(input_ids=ids, attention_mask=enc["attention_mask"]).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-        return nll, valid_target_mask(ids, enc["attention_mask"], self.eos_token_id)
+    def _row_nll(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ NLL over each row's valid targets as float64 (B,), # valid targets (B,)) for one right-padded batch.
+
+        With ``head_at_targets`` the output layer runs only on the hidden states of the valid targets (the rows of
+        ``hidden[:, :-1][valid]``), never on padding or on the last position, whose logits predict nothing; the
+        (B, n, V) logits tensor is never formed. Otherwise the whole model runs and its logits are gathered."""
+        valid = valid_target_mask(ids, attention_mask, self.eos_token_id)
+        targets = ids[:, 1:][valid]
+        if self.head_at_targets:
+            hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][valid])
+        else:
+            logits = self.model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1][valid]
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").double()
+        row = valid.nonzero()[:, 0]
+        sums = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device).index_add_(0, row, nll)
+        return sums, valid.sum(dim=1)
 
     def score_texts(
         self, texts: Sequence[str], batch_size: int = 8, max_length: int | None = None
@@ -91,17 +107,37 @@ class CausalJudge:
         self, texts: Sequence[str], batch_size: int = 8, max_length: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per text: (Σ NLL over its valid tokens as float64 (N,), # valid tokens as int64 (N,)); the corpus-level
-        Gen PPL is exp(Σ nll / Σ tokens), and resampling the texts gives its bootstrap interval."""
+        Gen PPL is exp(Σ nll / Σ tokens), and resampling the texts gives its bootstrap interval.
+
+        The texts are retokenised once and batched in order of length (longest first), each batch right-padded to
+        its own longest row, so that little compute goes to padding; padding is never a valid target and a causal
+        judge's real tokens never attend to it, so each text's score does not depend on its batch (up to float32
+        rounding of differently shaped GEMMs)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        nll_sums, token_counts = [], []
-        for start in range(0, len(texts), batch_size):
-            nll, valid = self.token_nll(texts[start : start + batch_size], max_length)
-            nll_sums.append(torch.where(valid, nll.double(), 0.0).sum(dim=1).cpu().numpy())
-            token_counts.append(valid.sum(dim=1).cpu().numpy().astype(np.int64))
-        if not nll_sums:
+        if not texts:
             return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
-        return np.concatenate(nll_sums), np.concatenate(token_counts)
+        rows = self.tokenizer(
+            list(texts), truncation=True, max_length=self._limit(max_length), return_token_type_ids=False
+        )["input_ids"]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        nll_sums = np.zeros(len(rows), dtype=np.float64)
+        token_counts = np.zeros(len(rows), dtype=np.int64)
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = len(rows[chunk[0]])
+            if width < 2:  # no row of this batch or later has a target
+                break
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for b, i in enumerate(chunk):
+                ids[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+                attention_mask[b, : len(rows[i])] = 1
+            nll, count = self._row_nll(ids.to(self.device), attention_mask.to(self.device))
+            nll_sums[chunk] = nll.cpu().numpy()
+            token_counts[chunk] = count.cpu().numpy()
+        return nll_sums, token_counts
 
     @torch.no_grad()
     def featurize(
@@ -235,6 +271,7 @@ def load_judge(
         device=device,
         eos_token_id=int(eos_id),
         context_length=_context_length(model),
+        head_at_targets=model.config.model_type in HEAD_AT_TARGETS,
     )
     _JUDGES[key] = judge
     return judge
