@@ -123,18 +123,12 @@ class CausalJudge:
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         nll_sums = np.zeros(len(rows), dtype=np.float64)
         token_counts = np.zeros(len(rows), dtype=np.int64)
-        pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            width = len(rows[chunk[0]])
-            if width < 2:  # no row of this batch or later has a target
+            if len(rows[chunk[0]]) < 2:  # no row of this batch or later has a target
                 break
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, i in enumerate(chunk):
-                ids[b, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-                attention_mask[b, : len(rows[i])] = 1
-            nll, count = self._row_nll(ids.to(self.device), attention_mask.to(self.device))
+            enc = self.tokenizer.pad({"input_ids": [rows[i] for i in chunk]}, return_tensors="pt")
+            nll, count = self._row_nll(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
             nll_sums[chunk] = nll.cpu().numpy()
             token_counts[chunk] = count.cpu().numpy()
         return nll_sums, token_counts
