@@ -196,6 +196,9 @@ def test_submit_requeue_and_time_limit_resume_exactly(cluster, tmp_path):
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     try:  # slurmd sends SIGCONT with the warning signal; continue them ourselves should it not
+        # SIGSTOP takes effect asynchronously: until /proc shows both stopped, "not stopped" means nothing yet.
+        _wait("both tasks stopped", lambda: all(_stopped(pid) or _usr2_pending(pid) for pid in pids),
+              cluster, job, timeout=30, poll=0.01)
         _wait("USR2 from the controller", lambda: all(_usr2_pending(pid) or not _stopped(pid) for pid in pids),
               cluster, job, timeout=90)
     finally:
