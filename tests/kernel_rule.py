@@ -66,3 +66,17 @@ def check(fn, grad_args, const_args, dtype, grad_output=1.0, *, oracle="oracle",
         assert torch.isfinite(o).all(), name
         assert excess.max().item() <= 0, f"{name}: exceeds the rule by {excess.max().item():.3e}"
     return got, gt
+
+
+def check_bias_gradient(fn, grad_args, const_args, *, oracle="oracle", cast_consts=True, ours="triton",
+                        dtype=torch.float16, rel=1e-6):  # fmt: skip
+    """The bias gradient (the last of ``grad_args``) of ``ours`` in a half dtype is fp32-accurate: against the
+    float64 oracle on the same rounded inputs, its error past the rounding of the result itself (½ ulp,
+    2⁻¹¹·|gt| in fp16) stays below ``rel``·max|gt|. A bias gradient summed from the half-precision dZ workspace
+    misses this by orders of magnitude: each of the summed entries carries its own rounding."""
+    consts = _rounded(const_args, dtype) if cast_consts else const_args
+    gt = run(lambda *a: fn(oracle, *a), _rounded(grad_args, dtype), consts, torch.float64, 1.0, cast_consts)[-1]
+    got = run(lambda *a: fn(ours, *a), grad_args, const_args, dtype, 1.0, cast_consts)[-1].double()
+    half_ulp = torch.finfo(dtype).eps / 2
+    excess = ((got - gt).abs() - half_ulp * gt.abs()).max().item() / gt.abs().max().item()
+    assert excess <= rel, f"d_bias: {excess:.3e} of max|gt| past the result's rounding"

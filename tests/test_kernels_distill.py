@@ -113,6 +113,19 @@ def test_dimo_surrogate(dtype, beta):
     check(dimo(beta=beta), list(gen), [*aux, *teacher, m, rw], dtype)
 
 
+@pytest.mark.parametrize("beta", [0.0, -0.2])
+def test_dimo_bias_gradient_is_summed_in_fp32(beta):
+    gen, teacher, m, rw = make_problem(seed=20)
+    aux, _, _, _ = make_problem(seed=21)
+    kernel_rule.check_bias_gradient(dimo(beta=beta), list(gen), [aux[0][:, :D], *aux[1:], *teacher, m, rw],
+                                    oracle="torch")  # fmt: skip
+
+
+def test_divergence_bias_gradient_is_summed_in_fp32():
+    student, teacher, m, rw = make_problem(seed=1)
+    kernel_rule.check_bias_gradient(divergence("kl_rev"), list(student), [*teacher, m, rw], oracle="torch")
+
+
 def jeffreys(z_aux: torch.Tensor, z_teacher: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-row generalized Jeffreys divergence (1 − β)·KL(p‖q) + β·KL(q‖p), q = softmax(z_aux), p = softmax(z_t)."""
     log_q, log_p = torch.log_softmax(z_aux, -1), torch.log_softmax(z_teacher, -1)

@@ -5,7 +5,7 @@ The tolerance rule and the CPU/GPU set-up are in tests/kernel_rule.py.
 
 import pytest
 import torch
-from kernel_rule import DTYPES, HAS_CUDA, TOL, check, run, skip_bf16_on_cpu
+from kernel_rule import DTYPES, HAS_CUDA, TOL, check, check_bias_gradient, run, skip_bf16_on_cpu
 
 from ddistill.kernels import masked_diffusion_loss
 from ddistill.kernels.reference import masked_diffusion_loss_oracle, mdlm_nll_rows
@@ -51,6 +51,11 @@ def test_grad_output_no_bias(dtype):
     for o, r, g in zip(ours, ref, gt):
         g = g.double()
         assert ((o.double() - g).abs() <= (r.double() - g).abs() + TOL[dtype] * g.abs().max().item()).all()
+
+
+def test_bias_gradient_is_summed_in_fp32():
+    h, w, b, y, m, rw = make_problem(seed=3)
+    check_bias_gradient(mdlm(), [h, w, b], [y, m, rw])
 
 
 def test_confident_targets():

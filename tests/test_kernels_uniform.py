@@ -56,6 +56,11 @@ def test_grad_output_no_bias(dtype):
     check(fn, [h, w], [xt, x0, a, da, rw], dtype, grad_output=-2.5)
 
 
+def test_bias_gradient_is_summed_in_fp32():
+    h, w, b, xt, x0, a, da, rw = make_problem(seed=3)
+    kernel_rule.check_bias_gradient(elbo(), [h, w, b], [xt, x0, a, da, rw], cast_consts=False)
+
+
 def test_confident_model():
     """p_{x0} ≈ 1 − 1e-4 (logit gap ≈ 16): the loss is a difference of large, nearly cancelling terms.
 

@@ -10,10 +10,12 @@ Every loss in this package follows the same plan (see the module docstrings of t
 * **backward** (gradients by recomputation, never in the forward): the vocabulary is walked in chunks of ``Vc``
   columns. For each chunk a "dZ" Triton kernel recomputes the tiles and writes the loss-specific
   ``dL/dz`` (already multiplied by the per-row upstream gradient) into a reusable ``M × Vc`` workspace in the input
-  dtype; then cuBLAS computes ``dW[chunk] = dZᵀ H`` (written once, K = M, fp32 accumulation inside the GEMM),
-  ``db[chunk] = Σ_rows dZ`` (fp32) and ``dH += dZ W[chunk]`` into an fp32 ``dH`` accumulator. dW is therefore never
-  accumulated across chunks in a low-precision buffer, and the only cross-chunk accumulator (``dH``, M × d fp32)
-  is small.
+  dtype; then cuBLAS computes ``dW[chunk] = dZᵀ H`` (written once, K = M, fp32 accumulation inside the GEMM)
+  and ``dH += dZ W[chunk]`` into an fp32 ``dH`` accumulator. dW is therefore never accumulated across chunks in a
+  low-precision buffer, and the only cross-chunk accumulator (``dH``, M × d fp32) is small. ``db[chunk]`` is not
+  summed from the rounded workspace: the dZ kernel also writes fp32 column sums of its tile's unrounded dZ
+  (:func:`store_column_sums`), which torch adds up in a fixed order. A bf16 workspace rounds each entry by up to
+  2⁻⁹ relative, and a sum of M rounded entries carries those errors into db; the fp32 partials do not.
 
 Interpreter notes (``TRITON_INTERPRET=1``): bf16 is unsupported there and ``tl.dot`` on bf16 multiplies raw bit
 patterns (triton#11584), so CPU tests use fp32/fp16 (bf16 CPU tensors are refused). Without CUDA,
@@ -45,7 +47,9 @@ IMPLS = ("triton", "torch", "chunked")  # chunked: cuBLAS row chunks, gradient i
 # width). Triton specialises integer arguments on divisibility by 16, so without this a training step whose masked-row
 # count hits a new pattern would stall on a JIT compile of every kernel (seconds each, in the middle of training).
 STATS_ARGS = ["M", "NUM_SPLITS"]
-DZ_ARGS = ["M", "V_START", "VC"]
+DZ_ARGS = ["M", "V_START", "VC", "NUM_PARTS"]
+# Row granularity of the dZ kernels' fp32 column-sum partials (the smallest BLOCK_M that tl.dot allows).
+COLSUM_ROWS = 16
 
 
 def check_impl(impl: str) -> None:
@@ -205,8 +209,31 @@ def _mm_accumulate(acc32: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
         acc32.addmm_(a.float(), b.float())
 
 
+@triton.jit
+def store_column_sums(colsum_ptr, g, pid_m, local, col_ok, NUM_PARTS, stride_cs, BLOCK_M: tl.constexpr):
+    """Write Σ_rows g (fp32, the tile's unrounded dZ) to partial row pid_m·BLOCK_M/16 and 0 to the tile's other
+    BLOCK_M/16 − 1 partial rows (rows ≥ M must hold g = 0). Every partial row below NUM_PARTS = ⌈M/16⌉ is then
+    written exactly once per launch whatever BLOCK_M the autotuner runs, so no zeroing and no atomics are needed and
+    the sum over partial rows is deterministic."""
+    tl.static_assert(BLOCK_M % 16 == 0)
+    SUB: tl.constexpr = BLOCK_M // 16
+    sub = tl.arange(0, SUB)
+    sums = tl.sum(g, axis=0)
+    values = tl.where(sub[:, None] == 0, sums[None, :], 0.0)
+    part = pid_m * SUB + sub
+    ptrs = colsum_ptr + part.to(tl.int64)[:, None] * stride_cs + local[None, :]
+    tl.store(ptrs, values, mask=(part < NUM_PARTS)[:, None] & col_ok[None, :])
+
+
+def column_sum_args(colsum: torch.Tensor | None, dz: torch.Tensor) -> dict:
+    """Keyword arguments of a dZ kernel for its column-sum partials (``colsum`` None: the kernel writes none)."""
+    if colsum is None:
+        return dict(colsum_ptr=dz, NUM_PARTS=0, stride_cs=0, COLSUM=False)
+    return dict(colsum_ptr=colsum, NUM_PARTS=colsum.shape[0], stride_cs=colsum.stride(0), COLSUM=True)
+
+
 def chunked_linear_backward(
-    write_dz: Callable[[torch.Tensor, int, int], None],
+    write_dz: Callable[[torch.Tensor, int, int, torch.Tensor | None], None],
     hidden: torch.Tensor,
     weight: torch.Tensor,
     has_bias: bool,
@@ -217,8 +244,9 @@ def chunked_linear_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``z = hidden @ weight.T + bias`` given a dZ producer, walking the vocabulary in chunks.
 
-    ``write_dz(dz, v0, vc)`` must fill ``dz`` (M × vc view of the workspace, row stride = workspace width) with
-    ``dL/dz[:, v0:v0+vc]``. Columns ≥ ``vocab_size`` have zero gradient and are never visited.
+    ``write_dz(dz, v0, vc, colsum)`` must fill ``dz`` (M × vc view of the workspace, row stride = workspace width)
+    with ``dL/dz[:, v0:v0+vc]`` and, when ``colsum`` (⌈M/16⌉ × vc fp32 view) is not None, call
+    :func:`store_column_sums` with the fp32 tile. Columns ≥ ``vocab_size`` have zero gradient and are never visited.
     """
     num_rows, dim = hidden.shape
     grad_hidden32 = torch.zeros(num_rows, dim, device=hidden.device, dtype=torch.float32) if need_hidden else None
@@ -227,17 +255,21 @@ def chunked_linear_backward(
     if num_rows > 0 and (need_hidden or need_weight or grad_bias is not None):
         cols = workspace_columns(num_rows, vocab_size)
         workspace = torch.empty(num_rows, cols, device=hidden.device, dtype=hidden.dtype)
+        partials = None
+        if grad_bias is not None:
+            partials = torch.empty(triton.cdiv(num_rows, COLSUM_ROWS), cols, device=hidden.device, dtype=torch.float32)
         for v0 in range(0, vocab_size, cols):
             vc = min(cols, vocab_size - v0)
             dz = workspace[:, :vc]
-            write_dz(dz, v0, vc)
+            colsum = partials[:, :vc] if partials is not None else None
+            write_dz(dz, v0, vc, colsum)
             if grad_weight is not None:
                 if hidden.is_cuda:  # cuBLAS accumulates bf16/fp16 products in fp32; K = M rows, written once
                     torch.mm(dz.t(), hidden, out=grad_weight[v0 : v0 + vc])
                 else:
                     grad_weight[v0 : v0 + vc] = dz.t().float() @ hidden.float()
-            if grad_bias is not None:
-                grad_bias[v0 : v0 + vc] = dz.sum(dim=0, dtype=torch.float32)
+            if colsum is not None:
+                torch.sum(colsum, dim=0, out=grad_bias[v0 : v0 + vc])
             if grad_hidden32 is not None:
                 _mm_accumulate(grad_hidden32, dz, weight[v0 : v0 + vc])
     grad_hidden = grad_hidden32.to(hidden.dtype) if grad_hidden32 is not None else None

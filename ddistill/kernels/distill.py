@@ -43,6 +43,7 @@ from ddistill.kernels._common import (
     check_device,
     check_impl,
     chunked_linear_backward,
+    column_sum_args,
     combine_lse,
     dot_precision,
     dz_grid,
@@ -53,6 +54,7 @@ from ddistill.kernels._common import (
     row_blocks_grid,
     select_rows,
     separate_buffers,
+    store_column_sums,
     valid_columns,
     vocab_splits,
     weighted_sum,
@@ -216,7 +218,8 @@ def _pair_dz_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, lse_ptr, c_ptr, scale_ptr, dz_ptr,
     M, DS, DT, V_VALID, MASK_COL, V_START, VC,
     stride_hs, stride_ws, stride_ht, stride_wt, stride_dz, INV_TAU, BETA, LOG_BETA, LOG_1M_BETA,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    colsum_ptr, NUM_PARTS, stride_cs,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, COLSUM: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_v = grouped_tile(tl.program_id(0), M, VC, BLOCK_M, BLOCK_V, GROUP_M)
@@ -247,6 +250,8 @@ def _pair_dz_kernel(
     g = tl.where(ok, g, 0.0) * scale[:, None]
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, g.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if COLSUM:
+        store_column_sums(colsum_ptr, g, pid_m, local, col_ok, NUM_PARTS, stride_cs, BLOCK_M)
 
 
 def _mask_col(mask_id: int | None, vocab_size: int) -> int:
@@ -319,11 +324,11 @@ class _Pair:
         return loss.double().sum(1), c.double().sum(1)
 
     def write_dz(self, kind: int, lse, c, scale):
-        def write(dz: torch.Tensor, v0: int, vc: int) -> None:
+        def write(dz: torch.Tensor, v0: int, vc: int, colsum: torch.Tensor | None) -> None:
             _pair_dz_kernel[dz_grid(self.num_rows, vc)](
                 *self.operands(), lse, c, scale, dz, self.num_rows, *self.dims(), self.vocab_size,
                 self.mask_col, v0, vc, *self.strides(), dz.stride(0), self.inv_tau, *self._beta_args(),
-                KIND=kind, GROUP_M=8, **self.common(),
+                **column_sum_args(colsum, dz), KIND=kind, GROUP_M=8, **self.common(),
             )  # fmt: skip
 
         return write

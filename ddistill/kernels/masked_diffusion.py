@@ -30,6 +30,7 @@ from ddistill.kernels._common import (
     check_device,
     check_impl,
     chunked_linear_backward,
+    column_sum_args,
     combine_lse,
     dot_precision,
     dz_grid,
@@ -39,6 +40,7 @@ from ddistill.kernels._common import (
     prepare_linear,
     row_blocks_grid,
     select_rows,
+    store_column_sums,
     valid_columns,
     vocab_splits,
     weighted_sum,
@@ -84,8 +86,8 @@ def _ce_stats_kernel(
 @triton.jit(do_not_specialize=DZ_ARGS)
 def _ce_dz_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, hi_ptr, lo_ptr, scale_ptr, dz_ptr,
-    M, D, V_VALID, MASK_COL, V_START, VC, stride_h, stride_w, stride_dz,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    M, D, V_VALID, MASK_COL, V_START, VC, stride_h, stride_w, stride_dz, colsum_ptr, NUM_PARTS, stride_cs,
+    HAS_BIAS: tl.constexpr, COLSUM: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_v = grouped_tile(tl.program_id(0), M, VC, BLOCK_M, BLOCK_V, GROUP_M)
@@ -105,6 +107,8 @@ def _ce_dz_kernel(
     g = (p - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * scale[:, None]
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, g.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if COLSUM:
+        store_column_sums(colsum_ptr, g, pid_m, local, col_ok, NUM_PARTS, stride_cs, BLOCK_M)
 
 
 def _mask_col(mask_id: int | None, vocab_size: int) -> int:
@@ -153,11 +157,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         scale = grad_rows.float().contiguous()
         num_rows, dim = hidden.shape
 
-        def write_dz(dz: torch.Tensor, v0: int, vc: int) -> None:
+        def write_dz(dz: torch.Tensor, v0: int, vc: int, colsum: torch.Tensor | None) -> None:
             _ce_dz_kernel[dz_grid(num_rows, vc)](
                 hidden, weight, bias if bias is not None else hidden, targets, hi, lo, scale, dz,
                 num_rows, dim, ctx.vocab_size, ctx.mask_col, v0, vc, hidden.stride(0), weight.stride(0), dz.stride(0),
-                HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype), GROUP_M=8,
+                **column_sum_args(colsum, dz), HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype),
+                GROUP_M=8,
             )  # fmt: skip
 
         grad_hidden, grad_weight, grad_bias = chunked_linear_backward(

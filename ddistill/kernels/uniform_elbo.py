@@ -36,6 +36,7 @@ from ddistill.kernels._common import (
     check_device,
     check_impl,
     chunked_linear_backward,
+    column_sum_args,
     combine_lse,
     dot_precision,
     dz_grid,
@@ -45,6 +46,7 @@ from ddistill.kernels._common import (
     prepare_linear,
     row_blocks_grid,
     separate_buffers,
+    store_column_sums,
     vocab_splits,
     weighted_sum,
 )
@@ -133,8 +135,8 @@ def _elbo_sums_kernel(
 @triton.jit(do_not_specialize=DZ_ARGS)
 def _elbo_dz_kernel(
     h_ptr, w_ptr, b_ptr, xt_ptr, x0_ptr, hi_ptr, lo_ptr, u_ptr, cr_ptr, cp_ptr, a_ptr, b2_ptr, dz_ptr,
-    M, D, V_VALID, V_START, VC, stride_h, stride_w, stride_dz,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    M, D, V_VALID, V_START, VC, stride_h, stride_w, stride_dz, colsum_ptr, NUM_PARTS, stride_cs,
+    HAS_BIAS: tl.constexpr, COLSUM: tl.constexpr, PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_v = grouped_tile(tl.program_id(0), M, VC, BLOCK_M, BLOCK_V, GROUP_M)
@@ -163,6 +165,8 @@ def _elbo_dz_kernel(
     g = tl.where(ok, g, 0.0)
     ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, g.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if COLSUM:
+        store_column_sums(colsum_ptr, g, pid_m, local, col_ok, NUM_PARTS, stride_cs, BLOCK_M)
 
 
 def _row_terms(hi, lo, z_xt, z_x0, sum_log, sum_r, xt, x0, alpha, dalpha, num_classes):
@@ -240,11 +244,12 @@ class LinearUniformElboFunction(torch.autograd.Function):
         u32, cr32, cp32, a32, b32 = (t.float().contiguous() for t in (u, cr, cp, a, b))
         num_rows, dim = hidden.shape
 
-        def write_dz(dz: torch.Tensor, v0: int, vc: int) -> None:
+        def write_dz(dz: torch.Tensor, v0: int, vc: int, colsum: torch.Tensor | None) -> None:
             _elbo_dz_kernel[dz_grid(num_rows, vc)](
                 hidden, weight, bias if bias is not None else hidden, xt, x0, hi32, lo32, u32, cr32, cp32, a32, b32, dz,
                 num_rows, dim, ctx.vocab_size, v0, vc, hidden.stride(0), weight.stride(0), dz.stride(0),
-                HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype), GROUP_M=8,
+                **column_sum_args(colsum, dz), HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden.dtype),
+                GROUP_M=8,
             )  # fmt: skip
 
         grad_hidden, grad_weight, grad_bias = chunked_linear_backward(
