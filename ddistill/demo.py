@@ -308,9 +308,17 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device), "vocab_size": mcfg.vocab_size,
-                        "tokenizer": tokenizer}, target)
+                        "tokenizer": tokenizer, "draws": _draws(cfg, device)}, target)
         bar.close()
         print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
+
+
+def _draws(cfg: DemoConfig, device: torch.device) -> dict:
+    """What fixes the random numbers of a sample set: batch b's generator is seeded from (seed, steps, first index),
+    so two sets with equal draws at the same steps and length consumed the same random numbers sample by sample
+    (the samplers draw the same uniforms whatever the model predicts)."""
+    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_samples": cfg.num_samples,
+            "generator": f"torch.Generator({device.type})"}
 
 
 def score_samples(cfg: DemoConfig, out: Path) -> list:
@@ -330,7 +338,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
 
     judge = load_judge(cfg.judge)
     models = json.loads((out / "models.json").read_text())
-    rows, texts_of, scores = [], {}, {}
+    rows, texts_of, scores, draws = [], {}, {}, {}
     for curve, label, _ in _curves(cfg, models):
         fallback_tokenizer = None  # older sample files name no tokenizer: read it from the checkpoint, once
         for steps in cfg.steps:
@@ -351,6 +359,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
                 raise ValueError(f"demo: {curve} at T={steps}: the judge found no valid tokens in the samples")
             entropies = unigram_entropy_per_sample(saved["tokens"])
             scores[curve, steps] = nll_sums, token_counts
+            draws[curve, steps] = saved.get("draws"), tuple(saved["tokens"].shape)
             ppl_lo, ppl_hi = gen_ppl_interval(nll_sums, token_counts, seed=cfg.seed)
             entropy_lo, entropy_hi = mean_interval(entropies, seed=cfg.seed)
             rows.append(EvalRow(label=curve, steps=steps, nfe=saved["nfe"],
@@ -358,7 +367,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
                                 gen_ppl_lo=ppl_lo, gen_ppl_hi=ppl_hi, entropy=float(entropies.mean()),
                                 entropy_lo=entropy_lo, entropy_hi=entropy_hi, num_samples=len(texts),
                                 judge=cfg.judge, device=saved["device"], sample_seconds=saved["seconds"]))
-    rows = _with_teacher_ratios(cfg, models, rows, scores)
+    rows = _with_teacher_ratios(cfg, models, rows, scores, draws)
     paths = write_report(rows, out, stem="demo", merge=False)
     write_samples_markdown(out)
     print(markdown_table(rows))
@@ -367,9 +376,15 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     return rows
 
 
-def _with_teacher_ratios(cfg: DemoConfig, models: dict[str, dict], rows: list, scores: dict) -> list:
+def _with_teacher_ratios(cfg: DemoConfig, models: dict[str, dict], rows: list, scores: dict, draws: dict) -> list:
     """Each student row with its Gen PPL over the teacher's at the same steps and tail (`ppl_ratio`, a bootstrap
-    interval over both sample sets): below 1 by more than the interval when `ppl_ratio_hi` < 1."""
+    interval over both sample sets): below 1 by more than the interval when `ppl_ratio_hi` < 1.
+
+    The demo draws every model's samples at a step count from the same seeds, so student sample i and teacher sample
+    i share their random numbers (which positions unmask when, and the uniform of every token draw): common random
+    numbers. Where both sample files record the same draws and shape, the interval resamples the pairs
+    (`gen_ppl_ratio_interval(paired=True)`); otherwise (sample files from before the record, or from runs with other
+    seeds) the two sets are resampled independently. `ppl_ratio_bootstrap` says which."""
     from ddistill.eval.metrics import gen_ppl_ratio_interval
 
     curves = _curves(cfg, models)
@@ -380,8 +395,12 @@ def _with_teacher_ratios(cfg: DemoConfig, models: dict[str, dict], rows: list, s
     for row in rows:
         ref = reference[tail_of[row.label]]
         if row.label != ref:
-            ratio, lo, hi = gen_ppl_ratio_interval(*scores[row.label, row.steps], *scores[ref, row.steps], seed=cfg.seed)
-            row = dataclasses.replace(row, ppl_ratio=ratio, ppl_ratio_lo=lo, ppl_ratio_hi=hi)
+            mine, theirs = draws[row.label, row.steps], draws[ref, row.steps]
+            paired = mine[0] is not None and mine == theirs
+            ratio, lo, hi = gen_ppl_ratio_interval(*scores[row.label, row.steps], *scores[ref, row.steps], seed=cfg.seed,
+                                                   paired=paired)
+            row = dataclasses.replace(row, ppl_ratio=ratio, ppl_ratio_lo=lo, ppl_ratio_hi=hi,
+                                      ppl_ratio_bootstrap="paired" if paired else "independent")
         out.append(row)
     return out
 

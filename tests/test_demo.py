@@ -72,10 +72,11 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     for row in rows:
         assert row.gen_ppl_lo <= row.gen_ppl <= row.gen_ppl_hi and row.entropy_lo <= row.entropy <= row.entropy_hi
         if row.label == "teacher":
-            assert row.ppl_ratio is None
+            assert row.ppl_ratio is None and row.ppl_ratio_bootstrap == ""
         else:  # the student's Gen PPL over the teacher's at the same steps, with its own bootstrap interval
             assert row.ppl_ratio == pytest.approx(row.gen_ppl / teacher_ppl[row.steps], rel=1e-9)
             assert row.ppl_ratio_lo <= row.ppl_ratio <= row.ppl_ratio_hi
+            assert row.ppl_ratio_bootstrap == "paired"  # same seeds for every model: common random numbers
         texts = (out / "samples" / f"{row.label.replace(' ', '_')}_T{row.steps}.jsonl").read_text().splitlines()
         assert len(texts) == 4 and all(isinstance(json.loads(t)["text"], str) for t in texts)
     assert "## 2 steps" in (out / "samples.md").read_text() and "### sdtt_round_2" in (out / "samples.md").read_text()
@@ -99,6 +100,15 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         (tmp_path / v["path"] / "model.safetensors").rename(tmp_path / f"weights_{i}.safetensors")
     scored = run_demo(dataclasses.replace(cfg, stage="score"))
     assert [dataclasses.replace(r, sample_seconds=None) for r in scored] == untimed
+    # Sample files that do not record their draws (written before the record): the ratio's interval resamples the
+    # two sets independently, and says so; the ratio itself is the same.
+    for path in (out / "samples").rglob("steps_*.pt"):
+        saved = torch.load(path, weights_only=False)
+        saved.pop("draws")
+        torch.save(saved, path)
+    legacy = run_demo(dataclasses.replace(cfg, stage="score"))
+    assert {r.ppl_ratio_bootstrap for r in legacy if r.label != "teacher"} == {"independent"}
+    assert [r.ppl_ratio for r in legacy] == [r.ppl_ratio for r in scored]
 
 
 def test_profiles_show_the_claim_setup():

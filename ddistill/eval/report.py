@@ -41,6 +41,9 @@ class EvalRow:
     ppl_ratio: float | None = None
     ppl_ratio_lo: float | None = None
     ppl_ratio_hi: float | None = None
+    # how that interval resampled: "paired" (both sets drawn with the same random numbers, one resample of the
+    # sample indices for both) or "independent" (each set resampled on its own); "" without a ratio
+    ppl_ratio_bootstrap: str = ""
 
 
 COLUMNS = tuple(f.name for f in fields(EvalRow))
