@@ -132,7 +132,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_tp, value_tp = args if args else (Any, Any)
-        return {_convert(k, key_tp, where): _convert(v, value_tp, _join(where, str(k))) for k, v in value.items()}
+
+        def key(k):  # a dotted override (`section.3=5`) spells an integer key as text
+            return int(k) if key_tp is int and isinstance(k, str) and k.lstrip("-").isdigit() else k
+
+        return {_convert(key(k), key_tp, where): _convert(v, value_tp, _join(where, str(k))) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

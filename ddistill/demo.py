@@ -98,7 +98,9 @@ class DemoConfig:
     teacher: RunSpec
     distill: dict[str, DistillSpec] = field(default_factory=dict)
     steps: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
-    num_samples: int = 16
+    num_samples: int = 16  # samples a cell (model × step count)
+    # step count -> samples of its cells, instead of num_samples (a profile puts more where its claim is read)
+    num_samples_at: dict[int, int] = field(default_factory=dict)
     batch_size: int = 16
     seed: int = 0
     judge: str = "smollm2"  # "none": only sample (e.g. on a GPU box without the judge); score later
@@ -109,6 +111,21 @@ class DemoConfig:
         bad = sorted(set(self.tails) - set(TAILS))
         if bad or not self.tails:
             raise ConfigError(f"tails: {list(self.tails)} is not allowed; choose one or more of {list(TAILS)}")
+        if not self.steps or min(self.steps) < 1 or len(set(self.steps)) != len(self.steps):
+            raise ConfigError(f"steps: {list(self.steps)} must be distinct step counts >= 1, at least one")
+        for key in ("num_samples", "batch_size", "judge_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        stray = sorted(set(self.num_samples_at) - set(self.steps))
+        if stray:
+            raise ConfigError(f"num_samples_at: step counts {stray} are not in steps={list(self.steps)}")
+        small = {k: v for k, v in self.num_samples_at.items() if v < 1}
+        if small:
+            raise ConfigError(f"num_samples_at: {small} must be >= 1")
+
+    def samples_at(self, steps: int) -> int:
+        """The number of samples of every cell at `steps` sampling steps."""
+        return self.num_samples_at.get(steps, self.num_samples)
 
 
 def _profile_file(method: str, profile: str) -> str:
@@ -279,11 +296,12 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
         model = model.to(device)
         tokenizer = checkpoint_tokenizer(models[label]["path"])  # named in each sample file: scoring needs no weights
         sampler = models[label]["sampler"]
-        bar = sampling_progress(len(cfg.steps) * -(-cfg.num_samples // cfg.batch_size), desc=f"sampling {curve}")
+        batches = sum(-(-cfg.samples_at(steps) // cfg.batch_size) for steps in cfg.steps)
+        bar = sampling_progress(batches, desc=f"sampling {curve}")
         for steps in cfg.steps:
             tokens, nfe, start = [], 0, time.perf_counter()
-            for first in range(0, cfg.num_samples, cfg.batch_size):
-                batch = min(cfg.batch_size, cfg.num_samples - first)
+            for first in range(0, cfg.samples_at(steps), cfg.batch_size):
+                batch = min(cfg.batch_size, cfg.samples_at(steps) - first)
                 gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + steps * 10_007 + first)
                 common = dict(batch_size=batch, length=mcfg.length, num_steps=steps, vocab_size=mcfg.vocab_size,
                               schedule=LogLinearSchedule(), generator=gen, device=device,
@@ -308,16 +326,16 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device), "vocab_size": mcfg.vocab_size,
-                        "tokenizer": tokenizer, "draws": _draws(cfg, device)}, target)
+                        "tokenizer": tokenizer, "draws": _draws(cfg, device, steps)}, target)
         bar.close()
         print(f"[demo] sampled {curve} at steps {cfg.steps}", flush=True)
 
 
-def _draws(cfg: DemoConfig, device: torch.device) -> dict:
+def _draws(cfg: DemoConfig, device: torch.device, steps: int) -> dict:
     """What fixes the random numbers of a sample set: batch b's generator is seeded from (seed, steps, first index),
     so two sets with equal draws at the same steps and length consumed the same random numbers sample by sample
     (the samplers draw the same uniforms whatever the model predicts)."""
-    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_samples": cfg.num_samples,
+    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "num_samples": cfg.samples_at(steps),
             "generator": f"torch.Generator({device.type})"}
 
 
@@ -336,8 +354,14 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     from ddistill.eval.sample_eval import write_samples_jsonl, write_samples_markdown
     from ddistill.models.checkpoints import load_pretrained
 
-    judge = load_judge(cfg.judge)
     models = json.loads((out / "models.json").read_text())
+    for curve, _, _ in _curves(cfg, models):  # before the judge loads
+        for steps in cfg.steps:
+            path = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"no samples of {curve} at {steps} steps ({path}): run stage=sample (or all) "
+                                        f"with steps={list(cfg.steps)} first")
+    judge = load_judge(cfg.judge)
     rows, texts_of, scores, draws = [], {}, {}, {}
     for curve, label, _ in _curves(cfg, models):
         fallback_tokenizer = None  # older sample files name no tokenizer: read it from the checkpoint, once
@@ -427,6 +451,9 @@ def _device_name(device: torch.device) -> str:
 
 def run_demo(cfg: DemoConfig) -> list:
     out = Path(cfg.out_dir).resolve()
+    if cfg.stage not in ("all", "train") and not (out / "models.json").is_file():
+        raise FileNotFoundError(f"{out} holds no trained models (models.json): stage={cfg.stage} needs a run of the "
+                                "train stage there first (stage=all or stage=train)")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rows = []
@@ -458,8 +485,4 @@ def demo_main(argv: Sequence[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    try:
-        cfg = resolve_profile(argv)
-    except ConfigError as err:
-        sys.exit(f"ddistill demo: configuration error: {err}")
-    run_demo(cfg)
+    run_demo(resolve_profile(argv))  # a ConfigError becomes one line and exit code 2 in ddistill.cli

@@ -197,3 +197,50 @@ def test_profile_and_keys_are_validated():
         resolve_profile(["profile=cpu", "tails=[nucleus]"])
     with pytest.raises(ConfigError, match="unknown config key 'num_sample'"):
         resolve_profile(["profile=cpu", "num_sample=3"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["num_samples=0"], "num_samples=0 must be >= 1"),
+    (["batch_size=-1"], "batch_size=-1 must be >= 1"),
+    (["judge_batch_size=0"], "judge_batch_size=0 must be >= 1"),
+    (["steps=[]"], "steps: [] must be distinct step counts >= 1"),
+    (["steps=[0, 2]"], "steps: [0, 2] must be distinct step counts >= 1"),
+    (["steps=[2, 2]"], "steps: [2, 2] must be distinct step counts >= 1"),
+    (["num_samples_at.3=64"], "num_samples_at: step counts [3] are not in steps=[2, 4, 8, 16]"),
+    (["num_samples_at={2: 0}"], "num_samples_at: {2: 0} must be >= 1"),
+])
+def test_bad_demo_arguments_get_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    """Checked before any training: one line on stderr, BAD_INPUT, and nothing written."""
+    from ddistill.cli import main
+    from ddistill.exit_codes import ExitCode
+
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "profile=cpu", f"out_dir={out}", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == ExitCode.BAD_INPUT and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_later_stages_without_the_earlier_ones_name_what_to_run(tmp_path, capsys):
+    from ddistill.cli import main
+    from ddistill.exit_codes import ExitCode
+
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "profile=cpu", f"out_dir={out}", "stage=sample"])
+    err = capsys.readouterr().err
+    assert stop.value.code == ExitCode.BAD_INPUT and "holds no trained models (models.json)" in err, err
+    assert "stage=all or stage=train" in err and not out.exists()
+    out.mkdir()
+    (out / "models.json").write_text(json.dumps({"teacher": {"path": str(tmp_path / "none"), "sampler": "mdlm"}}))
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "profile=cpu", f"out_dir={out}", "stage=score", "steps=[3]"])
+    err = capsys.readouterr().err
+    assert stop.value.code == ExitCode.BAD_INPUT and "no samples of teacher at 3 steps" in err, err
+
+
+def test_num_samples_at_sets_the_cells_of_one_step_count():
+    cfg = resolve_profile(["profile=cpu", "num_samples=32", "num_samples_at.2=96", "steps=[2, 4]"])
+    assert (cfg.samples_at(2), cfg.samples_at(4)) == (96, 32)
