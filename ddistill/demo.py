@@ -7,7 +7,9 @@
    the students of its run (`Method.eval_students`: one per round boundary) and each is exported;
 4. sample the teacher and every student at several step counts with the sampler its method names (MDLM or DUO
    ancestral; `tails` adds DUO's greedy tail) and score Gen-PPL (offline judge SmolLM2-135M, retokenised) and
-   unigram entropy, each with a 95% bootstrap interval over the samples; print the table and save the CSV,
+   unigram entropy, each with a 95% bootstrap interval over the samples, and each student's Gen-PPL over the
+   teacher's at the same steps with its interval (paired: every model draws from the same seeds; ``num_samples``
+   a cell, ``num_samples_at`` per step count where it differs); print the table and save the CSV,
    Markdown and a plot of Gen-PPL / entropy against steps with error bars (one curve per model and tail), the
    decoded samples (`samples/<curve>_T<steps>.jsonl`, `samples.md`), and print a few of them side by side.
 
