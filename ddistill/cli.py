@@ -67,6 +67,26 @@ def _probability(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _closed_unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
 # owner/name[@revision], as ddistill.models.checkpoints fetches it with snapshot_download.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -173,10 +193,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (regional) before sampling")
     dimo = p.add_argument_group("--process dimo (defaults: the DiMO training defaults, methods/dimo.py)")
     dimo.add_argument("--r-init", type=_probability, default=0.6, help="mask fraction of the generator's input")
-    dimo.add_argument("--embed-noise", type=float, default=0.1, help="σ of the input-embedding noise")
+    dimo.add_argument("--embed-noise", type=_closed_unit, default=0.1, help="σ of the input-embedding noise")
     dimo.add_argument("--embed-noise-rms", action=argparse.BooleanOptionalAction, default=True,
                       help="scale the noise to the RMS of the embedding table (as in training)")
-    dimo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    dimo.add_argument("--temperature", type=_positive, default=1.0, help="sampling temperature")
     dimo.add_argument("--remask", choices=("confidence", "random"), default="confidence",  # sample_dimo's
                       help="positions re-masked at steps >= 2: the least confident, or uniformly random ones")
 
@@ -184,6 +204,22 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _check_draw(args) -> None:
     if args.draw == "fused" and args.nucleus_p < 1.0:
         raise BadInput(f"--draw fused needs --nucleus-p 1 (got {args.nucleus_p}); nucleus sampling runs on the torch path")
+
+
+_DIMO_FLAGS = {"r_init": "--r-init", "embed_noise": "--embed-noise", "embed_noise_rms": "--embed-noise-rms",
+               "temperature": "--temperature", "remask": "--remask"}
+_MDLM_DUO_FLAGS = {"greedy_tail": "--greedy-tail", "draw": "--draw"}
+
+
+def _check_process_flags(parser: argparse.ArgumentParser, args, process: str) -> None:
+    """Flags of the other sampler family are refused, not ignored: DiMO's with an MDLM/DUO checkpoint, and the
+    MDLM/DUO draw flags with a DiMO generator (a flag set to its default is indistinguishable from an unset one)."""
+    other = _DIMO_FLAGS if process != "dimo" else _MDLM_DUO_FLAGS
+    given = [flag for key, flag in other.items() if getattr(args, key) != parser.get_default(key)]
+    if given:
+        applies = "--process dimo" if process != "dimo" else "the MDLM and DUO samplers"
+        verb = "applies" if len(given) == 1 else "apply"
+        raise BadInput(f"{', '.join(given)} {verb} to {applies} only; {args.checkpoint} samples as {process}")
 
 
 def _sampler_kwargs(args, process: str, model=None) -> dict:
@@ -208,10 +244,12 @@ def sample_parser() -> argparse.ArgumentParser:
 
 
 def cmd_sample(argv: Sequence[str]) -> None:
-    args = sample_parser().parse_args(argv)
+    parser = sample_parser()
+    args = parser.parse_args(argv)
     _check_draw(args)
     _check_checkpoint(args.checkpoint)
     process = _process_of(args.checkpoint, args.process)
+    _check_process_flags(parser, args, process)
     import torch
 
     from ddistill.diffusion import LogLinearSchedule, sample_dimo, sample_duo, sample_mdlm
@@ -279,13 +317,15 @@ def _check_judge(name: str) -> None:
 
 
 def cmd_eval(argv: Sequence[str]) -> None:
-    args = eval_parser().parse_args(argv)
+    parser = eval_parser()
+    args = parser.parse_args(argv)
     _check_draw(args)
     _check_checkpoint(args.checkpoint)  # every argument is checked before the model or the judge is loaded
     _check_judge(args.judge)
     if args.mauve_reference and not Path(args.mauve_reference).is_file():
         raise BadInput(f"--mauve-reference {args.mauve_reference} is not a file")
     process = _process_of(args.checkpoint, args.process)
+    _check_process_flags(parser, args, process)
     from ddistill.diffusion import LogLinearSchedule
     from ddistill.eval.judge import load_judge
     from ddistill.eval.sample_eval import evaluate_sampler

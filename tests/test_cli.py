@@ -87,6 +87,9 @@ def _main_fails(capsys, *argv):
     ("--length", "0", "argument --length: must be >= 1, got 0"),
     ("--steps", "0", "argument --steps: must be >= 1, got 0"),
     ("--nucleus-p", "0", "argument --nucleus-p: must lie in (0, 1], got 0.0"),
+    ("--temperature", "0", "argument --temperature: must be a finite number > 0, got 0.0"),
+    ("--temperature", "-0.5", "argument --temperature: must be a finite number > 0, got -0.5"),
+    ("--embed-noise", "1.5", "argument --embed-noise: must lie in [0, 1], got 1.5"),
 ])
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_bad_numbers_are_one_line(mdlm_checkpoint, capsys, command, flag, value, message):
@@ -123,6 +126,26 @@ def test_eval_checks_its_arguments_before_loading_anything(mdlm_checkpoint, tmp_
     assert "--mauve-reference" in err and "is not a file" in err
     err = _main_fails(capsys, "eval", str(mdlm_checkpoint), "--draw", "fused", "--nucleus-p", "0.9")
     assert "--draw fused needs --nucleus-p 1" in err
+
+
+def test_flags_of_the_other_sampler_are_refused_not_ignored(mdlm_checkpoint, capsys, monkeypatch):
+    """DiMO's flags with an MDLM checkpoint, the MDLM/DUO draw flags with --process dimo: one line, exit 2, before
+    the model loads."""
+    import ddistill.models.checkpoints
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ddistill.models.checkpoints, "load_pretrained", no_load)
+    for command in ("sample", "eval"):
+        err = _main_fails(capsys, command, str(mdlm_checkpoint), "--temperature", "0.7")
+        assert err.endswith(f"--temperature applies to --process dimo only; {mdlm_checkpoint} samples as absorbing")
+        err = _main_fails(capsys, command, str(mdlm_checkpoint), "--r-init", "0.5", "--no-embed-noise-rms")
+        assert "--r-init, --embed-noise-rms apply to --process dimo only" in err
+        err = _main_fails(capsys, command, str(mdlm_checkpoint), "--process", "dimo", "--no-greedy-tail")
+        assert "--greedy-tail applies to the MDLM and DUO samplers only" in err and "samples as dimo" in err
+        err = _main_fails(capsys, command, str(mdlm_checkpoint), "--process", "dimo", "--draw", "torch")
+        assert "--draw applies to the MDLM and DUO samplers only" in err
 
 
 def test_length_beyond_the_model_warns_and_samples(mdlm_checkpoint, capsys):
