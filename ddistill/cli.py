@@ -456,12 +456,15 @@ def prepare_usage() -> str:
 
     keys = "\n".join(f"  {f.name}={f.default!r}" for f in dataclasses.fields(DataConfig))
     return f"""usage: ddistill prepare [key=value ...]
+       ddistill prepare CONFIG.yaml [data.key=value ...]
 
 Fetch (where the corpus needs it), tokenise and pack a corpus into token blocks, and cache them, so that a run
 starts at once (and offline). The keys are those of a run config's data section, without the `data.` prefix, each
-value read as YAML: ddistill prepare dataset=openwebtext block_size=1024 num_proc=16. A run with the same data.*
-keys reads this cache; running prepare again reuses what is cached (cache_dir, default
-$DDISTILL_CACHE/tokens or ~/.cache/ddistill/tokens). Unknown keys and bad values are errors naming the key.
+value read as YAML: ddistill prepare dataset=openwebtext block_size=1024 num_proc=16. Or name the run config
+itself (with `base:` merging) and only data.* overrides, the ones you would give `ddistill train`: ddistill
+prepare configs/experiments/owt_mdlm_small.yaml data.num_proc=16. A run with the same data.* keys reads this
+cache; running prepare again reuses what is cached (cache_dir, default $DDISTILL_CACHE/tokens or
+~/.cache/ddistill/tokens). Unknown keys and bad values are errors naming the key.
 
 Keys and defaults:
 {keys}"""
@@ -475,8 +478,19 @@ def cmd_prepare(argv: Sequence[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(prepare_usage())
         return
-    cfg = from_dict(DataConfig, apply_overrides({}, list(argv)), "data")
-    prepare(cfg)
+    if argv and "=" not in argv[0]:  # a run config: prepare its data section
+        from ddistill.config import ConfigError, load_yaml
+
+        config, overrides = argv[0], list(argv[1:])
+        foreign = [o for o in overrides if not o.startswith("data.")]
+        if foreign:
+            raise BadInput(f"{config}: only data.* overrides change what is prepared, got {foreign[0]!r}")
+        data = apply_overrides(load_yaml(config), overrides).get("data", {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{config}: data: expected a section, got {data!r}")
+    else:
+        data = apply_overrides({}, list(argv))
+    prepare(from_dict(DataConfig, data, "data"))
 
 
 def cmd_demo(argv: Sequence[str]) -> None:

@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from ddistill.models import ModelConfig, build_model, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MASK_ID = 50257
 
@@ -66,6 +69,31 @@ def test_bad_inputs_get_clear_errors(mdlm_checkpoint, tmp_path):
     assert proc.returncode != 0 and "unknown command 'frobnicate'" in proc.stderr
     proc = run_cli("prepare", "dataset=imagenet")
     assert proc.returncode != 0 and "imagenet" in proc.stderr
+
+
+def test_prepare_a_run_configs_data_section(tmp_path, capsys):
+    """`ddistill prepare CONFIG data.key=value` caches the blocks of the config's data section with those overrides:
+    the same file as `ddistill prepare key=value` with the section's keys, which a run of that config then reads."""
+    from ddistill.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"base: {ROOT / 'configs/experiments/classics_mdlm_test.yaml'}\n"
+                      f"data: {{dataset: text, path: {corpus}, sample_by: paragraph, cache_dir: {tmp_path / 'a'}}}\n")
+    main(["prepare", str(config), "data.block_size=16", "data.max_documents=null"])
+    from_config = capsys.readouterr().out
+    main(["prepare", "dataset=text", f"path={corpus}", "sample_by=paragraph", f"cache_dir={tmp_path / 'b'}",
+          "block_size=16", "max_documents=null"])
+    from_keys = capsys.readouterr().out
+    names = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in "ab"]
+    assert names[0] == names[1] and len(names[0]) >= 2, names  # same cache keys: the same data config
+    assert "x 16 tokens" in from_config and from_config.replace("/a/", "/b/") == from_keys
+    for argv, message in (([str(config), "train.max_steps=5"], "only data.* overrides change what is prepared"),
+                          ([str(tmp_path / "none.yaml")], "config file not found")):
+        with pytest.raises(SystemExit) as stop:
+            main(["prepare", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
 
 
 def _main_fails(capsys, *argv):
