@@ -57,34 +57,23 @@ def _at_least(minimum: int):
     return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
-    return value
+def _number_where(ok, requirement: str):
+    """An argparse type: a float for which ``ok(value)`` holds, else the one-line error "<requirement>, got <value>"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
-
-
-def _closed_unit(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value
+_probability = _number_where(lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]")
+_positive = _number_where(lambda v: 0.0 < v < float("inf"), "must be a finite number > 0")
+_closed_unit = _number_where(lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]")
 
 
 # owner/name[@revision], as ddistill.models.checkpoints fetches it with snapshot_download.
