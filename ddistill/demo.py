@@ -329,7 +329,7 @@ def sample_models(cfg: DemoConfig, out: Path, models: dict[str, dict]) -> None:
                 nfe += result.nfe
                 bar.update(1)
             seconds = time.perf_counter() - start
-            target = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
+            target = _sample_file(out, curve, steps)
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"label": curve, "steps": steps, "tokens": torch.cat(tokens), "nfe": nfe / len(tokens),
                         "seconds": seconds, "device": _device_name(device), "vocab_size": mcfg.vocab_size,
@@ -364,7 +364,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     models = json.loads((out / "models.json").read_text())
     for curve, _, _ in _curves(cfg, models):  # before the judge loads
         for steps in cfg.steps:
-            path = out / "samples" / _safe(curve) / f"steps_{steps}.pt"
+            path = _sample_file(out, curve, steps)
             if not path.is_file():
                 raise FileNotFoundError(f"no samples of {curve} at {steps} steps ({path}): run stage=sample (or all) "
                                         f"with steps={list(cfg.steps)} first")
@@ -373,7 +373,7 @@ def score_samples(cfg: DemoConfig, out: Path) -> list:
     for curve, label, _ in _curves(cfg, models):
         fallback_tokenizer = None  # older sample files name no tokenizer: read it from the checkpoint, once
         for steps in cfg.steps:
-            saved = torch.load(out / "samples" / _safe(curve) / f"steps_{steps}.pt", weights_only=False)
+            saved = torch.load(_sample_file(out, curve, steps), weights_only=False)
             if "tokenizer" in saved:
                 check_vocab_size(saved["tokenizer"], saved["vocab_size"], what=f"the samples of {curve}")
                 tokenizer = get_tokenizer(saved["tokenizer"])
@@ -446,6 +446,11 @@ def _print_side_by_side(cfg: DemoConfig, models: dict[str, dict], texts_of: dict
         for curve in shown:
             text = " ".join(texts_of[curve, steps][i].split())
             print(f"[demo] {curve}, {steps} steps, sample {i + 1}: {text[:max_chars]}")
+
+
+def _sample_file(out: Path, curve: str, steps: int) -> Path:
+    """Where the samples of one curve at one step count are saved (token ids and how they were drawn)."""
+    return out / "samples" / _safe(curve) / f"steps_{steps}.pt"
 
 
 def _safe(label: str) -> str:
