@@ -2,7 +2,7 @@
 
     train an MDLM teacher (configs/experiments/classics_mdlm_tiny.yaml) → export it
     → DiMO from it (configs/experiments/dimo_classics_tiny.yaml) → export the generator's EMA
-    → sample the teacher (MDLM sampler) and the generator (DiMO sampler, plus a temperature sweep at one step)
+    → sample the teacher (MDLM sampler) and the generator (DiMO sampler, plus a temperature sweep at chosen steps)
       at the same step counts, with the same seeds → OUT/samples.pt (token ids) and OUT/train_log.json
     → score (separately, wherever the judge is): Gen PPL, unigram entropy, distinct-2/3/4, duplicate fraction
       → OUT/eval/dimo_classics.{csv,md,png} and the decoded samples.
@@ -128,9 +128,12 @@ def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device)
         if steps > 1:  # the same generator with uniformly random re-masking between steps
             out.setdefault("dimo remask=random", {})[steps] = draw(
                 lambda **kw: sample_dimo(generator, remask="random", **dimo_kw, **kw), steps)
-    for temperature in args.temperatures:
-        out[f"dimo T={temperature}"] = {1: draw(lambda **kw: sample_dimo(generator, temperature=temperature,
-                                                                         **dimo_kw, **kw), 1)}
+    for temperature in args.temperatures:  # one step, and random re-masking at the other temperature step counts
+        for steps in args.temperature_steps:
+            remask = "confidence" if steps == 1 else "random"
+            label = f"dimo T={temperature}" if steps == 1 else f"dimo remask=random T={temperature}"
+            out.setdefault(label, {})[steps] = draw(
+                lambda **kw: sample_dimo(generator, temperature=temperature, remask=remask, **dimo_kw, **kw), steps)
     return out
 
 
@@ -226,6 +229,8 @@ def main() -> None:
                      help="step counts of the teacher's samples (none: sample only the generator)")
     run.add_argument("--dimo-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
+    run.add_argument("--temperature-steps", type=int, nargs="+", default=[1],
+                     help="step counts of the temperature sweep (above 1 with random re-masking)")
     run.add_argument("--log-every", type=int, default=50)
     run.add_argument("--snapshot-every", type=int, default=0,
                      help="also sample the generator's EMA at one step every N DiMO steps (0: only at the end)")
@@ -241,6 +246,8 @@ def main() -> None:
     if args.command == "run":
         if not Path(args.tokens).is_file():
             raise SystemExit(f"dimo_classics.py: --tokens {args.tokens} is not a file")
+        if min(args.temperature_steps) < 1 or min(args.dimo_sample_steps) < 1:
+            raise SystemExit("dimo_classics.py: --dimo-sample-steps and --temperature-steps must be >= 1")
         if args.snapshot_every < 0:
             raise SystemExit(f"dimo_classics.py: --snapshot-every {args.snapshot_every} must be >= 0")
         if args.teacher_only and args.teacher is not None:
