@@ -8,7 +8,8 @@ Its upstream gradient is one scalar g, so every gradient is g times a tensor tha
 
 1. ``Z = h_c W_padᵀ`` by cuBLAS (bf16 in, fp32 accumulate, **fp32 out**: logits are never rounded to bf16 before
    the softmax); the bias is added in fp32 when the row kernel loads Z;
-2. a row kernel (Triton, one program per row, walking the vocabulary in blocks) forms the fp32 statistics
+2. a row kernel (Triton, one program per row, walking the vocabulary in blocks; the statistics are kept per lane,
+   so the walk has no cross-lane reduction until the row's end: ``_lane_update``) forms the fp32 statistics
    (log-sum-exp and the loss's row sums), the per-row loss ℓ_r, and ``dZ = (w_r/normalizer)·∂ℓ_r/∂z_r`` in fp32,
    written once in the input dtype (0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
 3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators
@@ -61,6 +62,34 @@ def _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _lane_update(m, s, z):
+    """One block of an online log-sum-exp kept **per lane** (lane i sees columns i, i + BLOCK, …):
+    m ← max(m, z), s ← Σ e^{z − m}. Of the textbook update's two exponentials e^{m_old − m} and e^{z − m} one is
+    e⁰ = 1, so one exp2 of −|z − m_old| per element suffices, and the vocabulary walk needs no cross-lane reduction
+    (no barrier) until the row's end (``_lane_total``). Returns (m, s, up, e) with up = [z > m_old] and
+    e = e^{−|z − m_old|}, which ``_lane_weighted`` reuses for weighted sums Σ e^{z − m}·x."""
+    d = z - m
+    e = tl.exp2(-tl.abs(d) * LOG2E)  # e^{-|z − m|}; 0 where z = −inf
+    up = d > 0
+    s = tl.where(up, s * e + 1.0, s + e)
+    return tl.maximum(m, z), s, up, e
+
+
+@triton.jit
+def _lane_weighted(acc, x, up, e):
+    """The weighted sum Σ e^{z − m}·x of ``_lane_update``'s walk, updated with the same (up, e)."""
+    return tl.where(up, acc * e + x, acc + e * x)
+
+
+@triton.jit
+def _lane_total(m, s):
+    """(row max M, per-lane factors e^{m − M}) of a per-lane walk, and the row's Σ e^{z − M}."""
+    big = tl.max(m, axis=0)
+    f = tl.exp2((m - big) * LOG2E)
+    return big, f, tl.sum(s * f, axis=0)
+
+
+@triton.jit
 def _row_logit_at(z_row, b_ptr, col, HAS_BIAS: tl.constexpr):
     z = tl.load(z_row + col)
     if HAS_BIAS:
@@ -81,14 +110,13 @@ def _ce_rows_kernel(
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
     y = tl.load(y_ptr + row)
     scale = tl.load(scale_ptr + row)
-    m = -1.0e30
-    s = 0.0
+    m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+    s_lane = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V_VALID, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         z = _row_logits(z_row, b_ptr, cols, (cols < V_VALID) & (cols != MASK_COL), HAS_BIAS)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
-        m = m_new
+        m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
+    m, _, s = _lane_total(m_lane, s_lane)
     log_s = tl.log(s)
     z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
     tl.store(loss_ptr + row, (m - z_y) + log_s)
@@ -125,30 +153,26 @@ def _pair_rows_kernel(
     t_row = t_ptr + r.to(tl.int64) * stride_t
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
     scale = tl.load(scale_ptr + row)
-    m_s = -1.0e30
-    m_t = -1.0e30
-    s_s = 0.0
-    s_t = 0.0
-    a_f = 0.0  # Σ e^{t − m_t} (t − s)
-    a_r = 0.0  # Σ e^{s − m_s} (s − t)
+    ms_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+    mt_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+    ss_lane = tl.zeros((BLOCK,), tl.float32)
+    st_lane = tl.zeros((BLOCK,), tl.float32)
+    af_lane = tl.zeros((BLOCK,), tl.float32)  # Σ e^{t − m_t} (t − s), per lane
+    ar_lane = tl.zeros((BLOCK,), tl.float32)  # Σ e^{s − m_s} (s − t), per lane
     for v0 in range(0, V_VALID, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         ok = (cols < V_VALID) & (cols != MASK_COL)
         zs = _row_logits(s_row, bs_ptr, cols, ok, HAS_BS) * INV_TAU
         zt = _row_logits(t_row, bt_ptr, cols, ok, HAS_BT) * INV_TAU
         diff = tl.where(ok, zt - zs, 0.0)
-        ms_new = tl.maximum(m_s, tl.max(zs, axis=0))
-        mt_new = tl.maximum(m_t, tl.max(zt, axis=0))
-        es = tl.exp2((zs - ms_new) * LOG2E)
-        et = tl.exp2((zt - mt_new) * LOG2E)
-        rs = tl.exp2((m_s - ms_new) * LOG2E)
-        rt = tl.exp2((m_t - mt_new) * LOG2E)
-        s_s = s_s * rs + tl.sum(es, axis=0)
-        s_t = s_t * rt + tl.sum(et, axis=0)
-        a_r = a_r * rs - tl.sum(es * diff, axis=0)
-        a_f = a_f * rt + tl.sum(et * diff, axis=0)
-        m_s = ms_new
-        m_t = mt_new
+        ms_lane, ss_lane, up_s, e_s = _lane_update(ms_lane, ss_lane, zs)
+        mt_lane, st_lane, up_t, e_t = _lane_update(mt_lane, st_lane, zt)
+        ar_lane = _lane_weighted(ar_lane, -diff, up_s, e_s)
+        af_lane = _lane_weighted(af_lane, diff, up_t, e_t)
+    m_s, f_s, s_s = _lane_total(ms_lane, ss_lane)
+    m_t, f_t, s_t = _lane_total(mt_lane, st_lane)
+    a_r = tl.sum(ar_lane * f_s, axis=0)
+    a_f = tl.sum(af_lane * f_t, axis=0)
     lo_s64 = tl.log(s_s.to(tl.float64))
     lo_t64 = tl.log(s_t.to(tl.float64))
     gap64 = (m_s.to(tl.float64) - m_t.to(tl.float64)) + (lo_s64 - lo_t64)  # lse_s − lse_t
@@ -163,8 +187,8 @@ def _pair_rows_kernel(
         loss = kl_rev
         c = kl_rev.to(tl.float32)
     elif KIND == 2 or KIND == 3:
-        loss64 = tl.zeros((1,), dtype=tl.float64)
-        c64 = tl.zeros((1,), dtype=tl.float64)
+        loss_lane = tl.zeros((BLOCK,), tl.float32)
+        c_lane = tl.zeros((BLOCK,), tl.float32)
         for v0 in range(0, V_VALID, BLOCK):
             cols = v0 + tl.arange(0, BLOCK)
             ok = (cols < V_VALID) & (cols != MASK_COL)
@@ -181,11 +205,11 @@ def _pair_rows_kernel(
             else:
                 elem = 0.5 * tl.abs(q - p)
                 c_elem = q * _sign(a)
-            loss64 += tl.sum(tl.where(ok, elem, 0.0), axis=0).to(tl.float64)
-            c64 += tl.sum(tl.where(ok, c_elem, 0.0), axis=0).to(tl.float64)
-        loss = tl.sum(loss64, axis=0)
-        c = tl.sum(c64, axis=0).to(tl.float32)
-    value64 = tl.zeros((1,), dtype=tl.float64)
+            loss_lane += tl.where(ok, elem, 0.0)
+            c_lane += tl.where(ok, c_elem, 0.0)
+        loss = tl.sum(loss_lane.to(tl.float64), axis=0)
+        c = tl.sum(c_lane.to(tl.float64), axis=0).to(tl.float32)
+    value_lane = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V_PAD, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         ok = (cols < V_VALID) & (cols != MASK_COL)
@@ -208,10 +232,10 @@ def _pair_rows_kernel(
             g = (1.0 - BETA) * (q - p) + BETA * q * (a - c)
         g = tl.where(ok, g, 0.0)
         if KIND >= 4:
-            value64 += tl.sum(0.5 * g * g, axis=0).to(tl.float64)
+            value_lane += 0.5 * g * g
         tl.store(dz_row + cols, (g * scale).to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
     if KIND >= 4:
-        loss = tl.sum(value64, axis=0)
+        loss = tl.sum(value_lane.to(tl.float64), axis=0)
     tl.store(loss_ptr + row, loss.to(tl.float32))
 
 
@@ -227,14 +251,13 @@ def _elbo_rows_kernel(
     row = ROW0 + r
     z_row = z_ptr + r.to(tl.int64) * stride_z
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
-    m = -1.0e30
-    s = 0.0
+    m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+    s_lane = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V_VALID, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         z = _row_logits(z_row, b_ptr, cols, cols < V_VALID, HAS_BIAS)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((z - m_new) * LOG2E), axis=0)
-        m = m_new
+        m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
+    m, _, s = _lane_total(m_lane, s_lane)
     lo64 = tl.log(s.to(tl.float64))
     lo = lo64.to(tl.float32)
     xt = tl.load(xt_ptr + row)
@@ -244,17 +267,17 @@ def _elbo_rows_kernel(
     k = V_VALID.to(tl.float64)
     u = k * alpha / (1.0 - alpha)
     u32 = u.to(tl.float32)
-    sum_log = tl.zeros((1,), dtype=tl.float64)
-    sum_r = tl.zeros((1,), dtype=tl.float64)
+    log_lane = tl.zeros((BLOCK,), tl.float32)
+    r_lane = tl.zeros((BLOCK,), tl.float32)
     for v0 in range(0, V_VALID, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         ok = cols < V_VALID
         z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
         up = u32 * tl.where(ok, tl.exp2(((z - m) - lo) * LOG2E), 0.0)
-        sum_log += tl.sum(_log1p(up), axis=0).to(tl.float64)
-        sum_r += tl.sum(up / (1.0 + up), axis=0).to(tl.float64)
-    sum_log_row = tl.sum(sum_log, axis=0)
-    sum_r_row = tl.sum(sum_r, axis=0)
+        log_lane += _log1p(up)
+        r_lane += up / (1.0 + up)
+    sum_log_row = tl.sum(log_lane.to(tl.float64), axis=0)
+    sum_r_row = tl.sum(r_lane.to(tl.float64), axis=0)
     p_i = tl.exp((_row_logit_at(z_row, b_ptr, xt, HAS_BIAS) - m).to(tl.float64) - lo64)
     p_m = tl.exp((_row_logit_at(z_row, b_ptr, x0, HAS_BIAS) - m).to(tl.float64) - lo64)
     l_i = _log1p(u * p_i)
