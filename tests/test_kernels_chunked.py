@@ -179,7 +179,7 @@ def test_second_backward_and_no_grad_forward():
 
 
 def test_bad_arguments_are_refused(monkeypatch):
-    h, w, b, y, m, rw = mdlm_problem()
+    h, w, b, y, m, rw = (t.to(DEVICE) for t in mdlm_problem())  # CPU tensors on a GPU machine need the interpreter
     args = (h, w, b, y, rw, V, V - 1)
     with pytest.raises(ValueError, match="chunk_rows"):
         masked_diffusion_loss(*args, is_masked=m, impl="chunked", chunk_rows=0)
