@@ -48,7 +48,7 @@ def test_padded_rows_zero_grad_under_autocast():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("backend", ["sdpa", "auto", "cudnn"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
 def test_cuda_attention_matches_float64(causal, backend):
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 128, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -61,19 +61,18 @@ def test_cuda_attention_matches_float64(causal, backend):
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "cudnn"])
-def test_cuda_attention_gradients_match_float64(backend):
+def test_cuda_attention_gradients_match_float64():
+    """The default SDPA (cuDNN's fused attention on an H200 with torch 2.11) trains the DiT: its backward too."""
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     w = torch.randn(2, 256, 256, device="cuda", dtype=torch.float64)
-    (attention(q, k, v, causal=False, backend=backend).double() * w).sum().backward()
+    (attention(q, k, v, causal=False, backend="auto").double() * w).sum().backward()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     s = qd.transpose(1, 2) @ kd.transpose(1, 2).transpose(-1, -2) / math.sqrt(64)
     ref = (torch.softmax(s, -1) @ vd.transpose(1, 2)).transpose(1, 2).reshape(2, 256, 256)
     (ref * w).sum().backward()
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
-        scale = want.abs().max()
-        assert (got.double() - want).abs().max() <= 2e-2 * scale, backend
+        assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
 
 
 @pytest.mark.skipif(flash_attn_func is None, reason="flash_attn not installed")

@@ -32,14 +32,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # optional dependency; the sdpa path computes the same function
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_func = None
 
-ATTN_BACKENDS = ("auto", "sdpa", "flash", "cudnn")
+ATTN_BACKENDS = ("auto", "sdpa", "flash")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 TIME_FEATURES = 256  # sinusoidal features of σ (cos half first, then sin half)
 ROPE_BASE = 10_000.0
@@ -62,9 +61,7 @@ class ModelConfig:
     time_conditioning: bool = True
     causal: bool = False
     pad_vocab_multiple: int = 64
-    # "sdpa" | "flash" | "auto" (flash when installed and inputs are fp16/bf16 CUDA) | "cudnn" (SDPA restricted to
-    # cuDNN's fused attention on CUDA; elsewhere the default SDPA)
-    attn_backend: str = "auto"
+    attn_backend: str = "auto"  # "sdpa" | "flash" | "auto" (flash when installed and inputs are fp16/bf16 CUDA)
     autocast_dtype: str = "bfloat16"  # dtype of the blocks/output layer on CUDA, as the reference; "float32" = off
 
 
@@ -183,12 +180,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     )
     if use_flash:
         return flash_attn_func(q, k, v, dropout_p=0.0, causal=causal).reshape(b, l, h * d)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend == "cudnn" and q.is_cuda:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
     return out.transpose(1, 2).reshape(b, l, h * d)
 
 
