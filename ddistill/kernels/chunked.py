@@ -25,8 +25,8 @@ Cost model at C rows and V_pad columns: workspace C·V_pad·(4·#linears + 2) by
 (V_pad·d·4 bytes, 154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose
 read-modify-write per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget
 in MiB, default 512) picks C; ``DDISTILL_ROW_BLOCK`` the row kernels' block. Measured on an H200 (N = 16384,
-d = 768; benchmarks/results/kernels.md, perf_notes.md): faster than the Triton kernels (MDLM 5.6 vs 8.0 ms, KL 15.7
-vs 22.2 ms) at 2.5–3.5× their memory; the GEMMs run at ~600 TFLOP/s, the row kernels at 1.8–2.8 TB/s.
+d = 768; benchmarks/results/kernels.md, perf_notes.md): faster than the Triton kernels (MDLM 5.5 vs 8.0 ms, KL 14.7
+vs 22.2 ms) at 2.5–3.5× their memory; the GEMMs run at ~600 TFLOP/s, the row kernels at 2.3–3.4 TB/s.
 """
 
 from __future__ import annotations
