@@ -74,6 +74,22 @@ def test_mdlm_confident_targets_and_zero_masked_rows():
     assert all((t == 0).all() for t in got)
 
 
+def _spiky_bias(b, spike_col, low_cols):
+    """Logits whose row maximum jumps by ~100 in one column block while others sit ~50 below the rest: the per-lane
+    online statistics (``chunked._lane_update``) must rescale, underflow and combine lanes exactly as one pass would."""
+    b = b.clone()
+    b[low_cols] -= 50.0
+    b[spike_col] += 50.0
+    return b
+
+
+def test_mdlm_row_maximum_in_the_last_block_wide_range():
+    h, w, b, y, m, rw = mdlm_problem(seed=8)
+    b = _spiky_bias(b, V - 7, slice(0, 300))  # the interpreter walks 256-column blocks: the spike is in the last one
+    y[::3] = V - 7
+    check(mdlm(11), [h, w, b], [y, m, rw], torch.float32)
+
+
 def divergence(kind, chunk_rows, beta=0.5, temperature=1.0, mask_id=V - 1, normalizer=float(N)):
     def fn(impl, hs, ws, bs, ht, wt, bt, row_mask, row_weight):
         return distill_loss(hs, ws, bs, ht, wt, bt, row_weight, V, kind=kind, beta=beta, temperature=temperature,
@@ -88,6 +104,14 @@ def test_divergences(kind, chunk_rows):
     student, teacher, m, rw = distill_problem(seed=20 + chunk_rows)
     check(divergence(kind, chunk_rows), list(student), [*teacher, m, rw], torch.float32,
           oracle_on_rounded_inputs=kind == "tvd")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["kl_rev", "kl_fwd", "jsd"])
+def test_divergences_with_maxima_in_different_blocks(kind):
+    (hs, ws, bs), (ht, wt, bt), m, rw = distill_problem(seed=23)
+    bs = _spiky_bias(bs, V - 9, slice(0, 300))  # the student's maximum arrives in the last block
+    bt = _spiky_bias(bt, 3, slice(500, 1000))  # the teacher's in the first
+    check(divergence(kind, 7), [hs, ws, bs], [ht, wt, bt, m, rw], torch.float32)
 
 
 def test_divergences_half_precision():
