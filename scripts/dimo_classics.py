@@ -128,12 +128,10 @@ def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device)
         if steps > 1:  # the same generator with uniformly random re-masking between steps
             out.setdefault("dimo remask=random", {})[steps] = draw(
                 lambda **kw: sample_dimo(generator, remask="random", **dimo_kw, **kw), steps)
-    for temperature in args.temperatures:  # one step, and random re-masking at the other temperature step counts
+    for temperature in args.temperatures:  # one curve a temperature: random re-masking between steps
         for steps in args.temperature_steps:
-            remask = "confidence" if steps == 1 else "random"
-            label = f"dimo T={temperature}" if steps == 1 else f"dimo remask=random T={temperature}"
-            out.setdefault(label, {})[steps] = draw(
-                lambda **kw: sample_dimo(generator, temperature=temperature, remask=remask, **dimo_kw, **kw), steps)
+            out.setdefault(f"dimo T={temperature}", {})[steps] = draw(
+                lambda **kw: sample_dimo(generator, temperature=temperature, remask="random", **dimo_kw, **kw), steps)
     return out
 
 
@@ -230,7 +228,7 @@ def main() -> None:
     run.add_argument("--dimo-sample-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
     run.add_argument("--temperature-steps", type=int, nargs="+", default=[1],
-                     help="step counts of the temperature sweep (above 1 with random re-masking)")
+                     help="step counts of the temperature sweep (rows 'dimo T=<t>', random re-masking between steps)")
     run.add_argument("--log-every", type=int, default=50)
     run.add_argument("--snapshot-every", type=int, default=0,
                      help="also sample the generator's EMA at one step every N DiMO steps (0: only at the end)")
