@@ -246,6 +246,8 @@ def main() -> None:
             raise SystemExit(f"dimo_classics.py: --tokens {args.tokens} is not a file")
         if min(args.temperature_steps) < 1 or min(args.dimo_sample_steps) < 1:
             raise SystemExit("dimo_classics.py: --dimo-sample-steps and --temperature-steps must be >= 1")
+        if any(not t > 0 for t in args.temperatures):  # checked here, not after minutes of training
+            raise SystemExit(f"dimo_classics.py: --temperatures {args.temperatures} must all be > 0")
         if args.snapshot_every < 0:
             raise SystemExit(f"dimo_classics.py: --snapshot-every {args.snapshot_every} must be >= 0")
         if args.teacher_only and args.teacher is not None:

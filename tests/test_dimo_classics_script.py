@@ -47,7 +47,8 @@ def test_teacher_only_then_snapshots_along_a_dimo_run(tmp_path):
 
 @pytest.mark.parametrize("bad, message", [(["--snapshot-every", "-1"], "--snapshot-every -1 must be >= 0"),
                                           (["--teacher-only", "--teacher", "x"], "cannot be given with --teacher"),
-                                          (["--temperature-steps", "0"], "must be >= 1")])
+                                          (["--temperature-steps", "0"], "must be >= 1"),
+                                          (["--temperatures", "1.2", "0"], "must all be > 0")])
 def test_bad_arguments_name_the_problem(tmp_path, bad, message):
     tokens = tmp_path / "blocks.npy"
     np.save(tokens, np.zeros((4, 16), dtype=np.int64))
