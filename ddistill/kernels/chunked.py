@@ -90,6 +90,20 @@ def _lane_total(m, s):
 
 
 @triton.jit
+def _row_lse(z_row, b_ptr, V_VALID, MASK_COL, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """(max m, Σ e^{z − m}) of one row's logits over the valid columns except MASK_COL (−1: none), by the per-lane
+    walk."""
+    m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+    s_lane = tl.zeros((BLOCK,), tl.float32)
+    for v0 in range(0, V_VALID, BLOCK):
+        cols = v0 + tl.arange(0, BLOCK)
+        z = _row_logits(z_row, b_ptr, cols, (cols < V_VALID) & (cols != MASK_COL), HAS_BIAS)
+        m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
+    m, _, s = _lane_total(m_lane, s_lane)
+    return m, s
+
+
+@triton.jit
 def _row_logit_at(z_row, b_ptr, col, HAS_BIAS: tl.constexpr):
     z = tl.load(z_row + col)
     if HAS_BIAS:
@@ -110,13 +124,7 @@ def _ce_rows_kernel(
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
     y = tl.load(y_ptr + row)
     scale = tl.load(scale_ptr + row)
-    m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
-    s_lane = tl.zeros((BLOCK,), tl.float32)
-    for v0 in range(0, V_VALID, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        z = _row_logits(z_row, b_ptr, cols, (cols < V_VALID) & (cols != MASK_COL), HAS_BIAS)
-        m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
-    m, _, s = _lane_total(m_lane, s_lane)
+    m, s = _row_lse(z_row, b_ptr, V_VALID, MASK_COL, HAS_BIAS, BLOCK)
     log_s = tl.log(s)
     z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
     tl.store(loss_ptr + row, (m - z_y) + log_s)
@@ -251,13 +259,7 @@ def _elbo_rows_kernel(
     row = ROW0 + r
     z_row = z_ptr + r.to(tl.int64) * stride_z
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
-    m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
-    s_lane = tl.zeros((BLOCK,), tl.float32)
-    for v0 in range(0, V_VALID, BLOCK):
-        cols = v0 + tl.arange(0, BLOCK)
-        z = _row_logits(z_row, b_ptr, cols, cols < V_VALID, HAS_BIAS)
-        m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
-    m, _, s = _lane_total(m_lane, s_lane)
+    m, s = _row_lse(z_row, b_ptr, V_VALID, -1, HAS_BIAS, BLOCK)
     lo64 = tl.log(s.to(tl.float64))
     lo = lo64.to(tl.float32)
     xt = tl.load(xt_ptr + row)
