@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpu_gaps import print_idle_gaps
 from harness import RESULTS, append_csv, environment
 
 from ddistill.models.dit import DiT, ModelConfig, resolve_model_config
@@ -209,6 +210,9 @@ def profiled(step, args, device) -> dict:
               f"({100 * kernel_ms / wall_ms:.0f}% of it)", flush=True)
     print(events.table(sort_by=sort, row_limit=30, max_name_column_width=60), flush=True)
     print(events.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60), flush=True)
+    if device.type == "cuda":
+        with tempfile.TemporaryDirectory(prefix="dimo_trace_") as tmp:
+            print_idle_gaps(step, args.steps, Path(tmp))
     return dict(status="profiled")
 
 

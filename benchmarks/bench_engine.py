@@ -41,6 +41,7 @@ import time
 import warnings
 from pathlib import Path
 
+from gpu_gaps import print_idle_gaps
 from harness import RESULTS, ROOT, append_csv, environment
 
 CSV_PATH = RESULTS / "engine.csv"
@@ -209,6 +210,7 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
         print(f"== GPU kernels over {args.steps} steps (self CUDA time)", flush=True)
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
               flush=True)
+        print_idle_gaps(step, args.steps, work)
 
 
 def write_markdown() -> None:

@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ddistill.config import ConfigError, dump_yaml
 from ddistill.engine import checkpoint as ckpt
@@ -429,7 +430,8 @@ class Trainer:
         local = {**{f"loss/{n}": v for n, v in sums.loss.items()}, **sums.metrics}
         counts = {**{f"loss/{n}": c for n, c in sums.loss_count.items()}, **sums.metric_count}
         flags = {f"_nonfinite{i}": agreed for i, (_, agreed) in enumerate(sums.applied_nonfinite)}
-        values = _to_floats({**local, **sums.grad_norms, **flags})  # the step's one device-to-host copy
+        with record_function("ddistill.read_metrics"):
+            values = _to_floats({**local, **sums.grad_norms, **flags})  # the step's one device-to-host copy
         for i, (phase_skipped, _) in enumerate(sums.applied_nonfinite):
             assert phase_skipped or not values[f"_nonfinite{i}"], \
                 "a non-finite loss was agreed but DeepSpeed applied the step"
@@ -465,7 +467,7 @@ class Trainer:
                               rank=rank, world_size=ws, phase=phase.name, phase_repeat=repeat)
             error, local_bad, out = None, None, None
             try:
-                with self._frozen_resident():
+                with self._frozen_resident(), record_function(f"ddistill.{phase.name}.method_step"):
                     out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
                 names = self._phase_losses(phase, out.losses, updated)
                 updated = names
@@ -479,13 +481,15 @@ class Trainer:
             scale = torch.where(nonfinite, float("nan"), 1.0).to(torch.float32)
             for name in updated:
                 loss = out.losses[name]
-                self.nets[name].engine.backward(loss * scale.to(loss.dtype))
+                with record_function(f"ddistill.{name}.backward"):
+                    self.nets[name].engine.backward(loss * scale.to(loss.dtype))
                 sums.add_loss(name, loss.detach().to(torch.float64))
             for key, value in out.metrics.items():
                 sums.add_metric(key, value.detach().to(torch.float64) if torch.is_tensor(value) else float(value))
             sums.tokens += out.num_tokens
             for name in updated:
-                self.nets[name].engine.step()
+                with record_function(f"ddistill.{name}.optimizer_step"):
+                    self.nets[name].engine.step()
         if not updated:
             return False
         applied = [self.nets[n].engine.was_step_applied() for n in updated]
@@ -497,7 +501,8 @@ class Trainer:
             if not skipped:
                 self.updates[name] += 1
                 if net.ema is not None:
-                    net.ema.update(net.module)
+                    with record_function(f"ddistill.{name}.ema"):
+                        net.ema.update(net.module)
                 norm = net.engine.get_global_grad_norm()
                 if norm is not None:
                     sums.grad_norms[f"grad_norm/{name}"] = norm
