@@ -4,11 +4,13 @@
     → DiMO from it (configs/experiments/dimo_classics_tiny.yaml) → export the generator's EMA
     → sample the teacher (MDLM sampler) and the generator (DiMO sampler, plus a temperature sweep at chosen steps)
       at the same step counts, with the same seeds → OUT/samples.pt (token ids) and OUT/train_log.json
-    → score (separately, wherever the judge is): Gen PPL, unigram entropy, distinct-2/3/4, duplicate fraction
-      → OUT/eval/dimo_classics.{csv,md,png} and the decoded samples.
+    → score (separately, wherever the judge is): Gen PPL with its bootstrap interval, Gen PPL over the teacher's at
+      the same steps (interval), unigram entropy, distinct-2/3/4, duplicate fraction
+      → OUT/eval/dimo_classics.{csv,md,png}, the per-sample judge scores and the decoded samples.
 
     python scripts/dimo_classics.py run --tokens CACHE/tokens/classics-train-L128-...npy --out runs/dimo_classics
     python scripts/dimo_classics.py score --out runs/dimo_classics --judge smollm2
+    python scripts/dimo_classics.py score --out runs/other_setting --reference runs/dimo_classics   # its teacher
     python scripts/dimo_classics.py run ... --size test --teacher-steps 3 --dimo-steps 2 --device cpu   # smoke
 
 The training blocks are read straight from a token-cache .npy (no corpus or tokenizer needed on the GPU node).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -171,34 +174,54 @@ def cmd_run(args) -> None:
     print(f"wrote {out / 'samples.pt'} and {out / 'train_log.json'}", flush=True)
 
 
+TEACHER_LABEL = "teacher"
+
+
 def cmd_score(args) -> None:
+    """Score every (label, steps) row: Gen PPL with its 95% bootstrap interval over samples, and each non-teacher
+    row's Gen PPL over the teacher's at the same step count (`ppl_ratio`, bootstrap interval; the DiMO and MDLM
+    samplers share no random numbers, so the two sets are resampled independently). The teacher rows come from this
+    run or, when it sampled none, from the scored run `--reference`. Per-sample judge scores are kept in
+    eval/scores.pt, so that later runs can use this one as their reference without re-scoring it."""
     from ddistill.data.tokenizer import MASK_ID, get_tokenizer
     from ddistill.eval.decode import decode_samples
     from ddistill.eval.judge import load_judge
-    from ddistill.eval.metrics import distinct_n, duplicate_fraction, gen_ppl, unigram_entropy
+    from ddistill.eval.metrics import (distinct_n, duplicate_fraction, gen_ppl_interval, gen_ppl_ratio_interval,
+                                       unigram_entropy)
     from ddistill.eval.report import EvalRow, write_report
 
     out = Path(args.out)
     data = torch.load(out / "samples.pt")
     log = json.loads((out / "train_log.json").read_text())
-    judge, tokenizer = load_judge(args.judge), get_tokenizer()
-    rows, texts = [], {}
     wanted = None if args.rows is None else {tuple(r.rsplit(":", 1)) for r in args.rows}
-    for label, by_steps in data["samples"].items():
-        for steps, tokens in sorted(by_steps.items()):
-            if wanted is not None and (label, str(steps)) not in wanted:
-                continue
-            tokens = tokens[: args.max_samples]
-            decoded = decode_samples(tokens, tokenizer, MASK_ID)
-            texts[f"{label} steps={steps}"] = decoded[: args.show]
-            rows.append(EvalRow(label=label, steps=int(steps), nfe=float(steps),
-                                gen_ppl=gen_ppl(decoded, judge, batch_size=8, max_length=data["length"]),
-                                entropy=unigram_entropy(tokens), distinct_2=distinct_n(tokens, 2),
-                                distinct_3=distinct_n(tokens, 3), distinct_4=distinct_n(tokens, 4),
-                                duplicate_frac=duplicate_fraction(tokens), num_samples=tokens.shape[0],
-                                judge=judge.name, device=log["device"]))
-            print(rows[-1], flush=True)
+    todo = [(label, int(steps), tokens[: args.max_samples]) for label, by_steps in data["samples"].items()
+            for steps, tokens in sorted(by_steps.items()) if wanted is None or (label, str(steps)) in wanted]
+    reference = {}
+    if args.reference is not None:
+        reference = {key: value for key, value in torch.load(Path(args.reference) / "eval/scores.pt").items()
+                     if key[0] == TEACHER_LABEL}
+    judge, tokenizer = load_judge(args.judge), get_tokenizer()
+    scores, texts, rows = {}, {}, []
+    for label, steps, tokens in sorted(todo, key=lambda r: r[0] != TEACHER_LABEL):  # teacher rows first
+        decoded = decode_samples(tokens, tokenizer, MASK_ID)
+        texts[f"{label} steps={steps}"] = decoded[: args.show]
+        nll, count = judge.score_texts_per_sample(decoded, batch_size=8, max_length=data["length"])
+        scores[label, steps] = (nll, count)
+        lo, hi = gen_ppl_interval(nll, count, seed=args.seed)
+        row = EvalRow(label=label, steps=steps, nfe=float(steps), gen_ppl=float(np.exp(nll.sum() / count.sum())),
+                      gen_ppl_lo=lo, gen_ppl_hi=hi, entropy=unigram_entropy(tokens), distinct_2=distinct_n(tokens, 2),
+                      distinct_3=distinct_n(tokens, 3), distinct_4=distinct_n(tokens, 4),
+                      duplicate_frac=duplicate_fraction(tokens), num_samples=tokens.shape[0], judge=judge.name,
+                      device=log["device"])
+        teacher = scores.get((TEACHER_LABEL, steps), reference.get((TEACHER_LABEL, steps)))
+        if label != TEACHER_LABEL and teacher is not None:
+            ratio, r_lo, r_hi = gen_ppl_ratio_interval(nll, count, *teacher, seed=args.seed)
+            row = dataclasses.replace(row, ppl_ratio=ratio, ppl_ratio_lo=r_lo, ppl_ratio_hi=r_hi,
+                                      ppl_ratio_bootstrap="independent")
+        rows.append(row)
+        print(row, flush=True)
     paths = write_report(rows, out / "eval", stem="dimo_classics", merge=False)
+    torch.save(scores, out / "eval/scores.pt")
     (out / "eval" / "samples.json").write_text(json.dumps(texts, indent=1))
     print({k: str(v) for k, v in paths.items()})
 
@@ -240,6 +263,10 @@ def main() -> None:
     score.add_argument("--show", type=int, default=3, help="decoded samples kept per row in eval/samples.json")
     score.add_argument("--max-samples", type=int, default=None, help="score the first N samples of each row")
     score.add_argument("--rows", nargs="*", default=None, help="only these LABEL:STEPS rows (default: all)")
+    score.add_argument("--reference", default=None,
+                       help="a scored run (its eval/scores.pt) whose teacher rows are the Gen-PPL ratios' reference "
+                            "when this run sampled no teacher")
+    score.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     args = parser.parse_args()
     if args.command == "run":
         if not Path(args.tokens).is_file():
@@ -256,6 +283,10 @@ def main() -> None:
     else:
         if not (Path(args.out) / "samples.pt").is_file():
             raise SystemExit(f"dimo_classics.py: no samples.pt in {args.out}; run `dimo_classics.py run` first")
+        if args.reference is not None and not (Path(args.reference) / "eval/scores.pt").is_file():
+            raise SystemExit(f"dimo_classics.py: --reference {args.reference} has no eval/scores.pt; score it first")
+        if args.max_samples is not None and args.max_samples < 1:
+            raise SystemExit(f"dimo_classics.py: --max-samples {args.max_samples} must be >= 1")
         cmd_score(args)
 
 
