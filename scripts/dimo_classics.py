@@ -198,8 +198,8 @@ def cmd_score(args) -> None:
             for steps, tokens in sorted(by_steps.items()) if wanted is None or (label, str(steps)) in wanted]
     reference = {}
     if args.reference is not None:
-        reference = {key: value for key, value in torch.load(Path(args.reference) / "eval/scores.pt").items()
-                     if key[0] == TEACHER_LABEL}
+        saved = torch.load(Path(args.reference) / "eval/scores.pt", weights_only=False)  # numpy arrays we wrote
+        reference = {key: value for key, value in saved.items() if key[0] == TEACHER_LABEL}
     judge, tokenizer = load_judge(args.judge), get_tokenizer()
     scores, texts, rows = {}, {}, []
     for label, steps, tokens in sorted(todo, key=lambda r: r[0] != TEACHER_LABEL):  # teacher rows first

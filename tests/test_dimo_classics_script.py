@@ -4,6 +4,8 @@ generator's one-step samples token for token (the in-memory EMA copy against the
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,51 @@ def test_bad_arguments_name_the_problem(tmp_path, bad, message):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/dimo_classics.py"), "run", "--tokens", str(tokens),
                           "--out", str(tmp_path / "o"), *bad], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and message in out.stderr and not (tmp_path / "o").exists()
+
+
+def _score(out, *extra, judge):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/dimo_classics.py"), "score", "--out", str(out),
+                           "--judge", str(judge), *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_score_intervals_and_the_teacher_reference(tmp_path):
+    """Gen PPL = exp(Σ nll / Σ tokens) of the kept per-sample scores, inside its interval; the ratio to the teacher
+    from this run's teacher rows equals the one from another run's (--reference), and both equal the scores' ratio."""
+    from test_eval_judge import WORDS, _tiny_judge_dir
+
+    from ddistill.data.tokenizer import get_tokenizer
+    from ddistill.eval.report import read_csv
+
+    judge = _tiny_judge_dir(tmp_path / "judge")
+    tok = get_tokenizer()
+    ids = [tok.encode(" " + w)[0] for w in WORDS]
+    rng = np.random.default_rng(0)
+    rows = {k: torch.tensor(np.asarray(ids)[rng.integers(0, len(ids), size=(6, 10))]) for k in ("t", "d", "d2")}
+    log = json.dumps({"device": "cpu"})
+    for name, samples in {"a": {"teacher": {1: rows["t"]}, "dimo": {1: rows["d"]}},
+                          "b": {"dimo": {1: rows["d"]}, "dimo T=2": {1: rows["d2"]}}}.items():
+        (tmp_path / name).mkdir()
+        torch.save({"samples": samples, "length": 10}, tmp_path / name / "samples.pt")
+        (tmp_path / name / "train_log.json").write_text(log)
+    _score(tmp_path / "a", judge=judge)
+    _score(tmp_path / "b", "--reference", str(tmp_path / "a"), judge=judge)
+    scores = torch.load(tmp_path / "a/eval/scores.pt", weights_only=False)
+    (nll, count), (t_nll, t_count) = scores["dimo", 1], scores["teacher", 1]
+    a = {r.label: r for r in read_csv(tmp_path / "a/eval/dimo_classics.csv")}
+    b = {r.label: r for r in read_csv(tmp_path / "b/eval/dimo_classics.csv")}
+    assert a["dimo"].gen_ppl == pytest.approx(math.exp(nll.sum() / count.sum()), rel=1e-6)
+    assert a["dimo"].gen_ppl_lo <= a["dimo"].gen_ppl <= a["dimo"].gen_ppl_hi
+    expected = math.exp(nll.sum() / count.sum() - t_nll.sum() / t_count.sum())
+    assert a["dimo"].ppl_ratio == pytest.approx(expected, rel=1e-6) == b["dimo"].ppl_ratio
+    assert a["dimo"].ppl_ratio_lo <= a["dimo"].ppl_ratio <= a["dimo"].ppl_ratio_hi
+    assert a["teacher"].ppl_ratio is None and b["dimo T=2"].ppl_ratio is not None
+
+
+def test_score_refuses_a_reference_that_was_not_scored(tmp_path):
+    (tmp_path / "a").mkdir()
+    torch.save({"samples": {}, "length": 4}, tmp_path / "a/samples.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/dimo_classics.py"), "score", "--out", str(tmp_path / "a"),
+                           "--reference", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "has no eval/scores.pt; score it first" in proc.stderr
