@@ -29,14 +29,14 @@ from pathlib import Path
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 BLOCKING_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+# Frames inside these packages explain nothing about *our* host work; the report names the innermost frame outside
+# them (falling back to the innermost frame when the whole stack is library code).
+LIBRARY_FRAME = re.compile(r"(^|/)(torch|triton|contextlib|threading|functools|<built-in)|^<built-in|^built-in")
 
 
 def _blocking(name: str) -> bool:
     """A runtime call that returns only when the device has caught up (cudaMemcpyAsync alone does not)."""
     return name in BLOCKING_CALLS or (name.startswith("cudaMemcpy") and "Async" not in name)
-# Frames inside these packages explain nothing about *our* host work; the report names the innermost frame outside
-# them (falling back to the innermost frame when the whole stack is library code).
-LIBRARY_FRAME = re.compile(r"(^|/)(torch|triton|contextlib|threading|functools|<built-in)|^<built-in|^built-in")
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ def _attributed(stack: tuple[str, ...], op_stack: tuple[str, ...]) -> str:
 
 
 def _stacks_at(frames: list[dict], queries: list[tuple[float, object]]) -> dict[tuple[float, object], tuple]:
-    """The Python frames (innermost first, at most 6) that enclose each (time, thread) query: one sweep per thread
-    over its frames in start order, keeping the stack of open frames (a thread's frames nest)."""
+    """The frames (Python functions or operators; innermost first, at most 6) that enclose each (time, thread) query:
+    one sweep per thread over its frames in start order, keeping the stack of open frames (a thread's frames nest)."""
     out: dict[tuple[float, object], tuple] = {}
     by_tid: dict[object, list[dict]] = {}
     for f in frames:
