@@ -196,6 +196,9 @@ def cmd_score(args) -> None:
     wanted = None if args.rows is None else {tuple(r.rsplit(":", 1)) for r in args.rows}
     todo = [(label, int(steps), tokens[: args.max_samples]) for label, by_steps in data["samples"].items()
             for steps, tokens in sorted(by_steps.items()) if wanted is None or (label, str(steps)) in wanted]
+    missing = sorted(set(wanted or ()) - {(label, str(steps)) for label, steps, _ in todo})
+    if missing:  # before the judge loads or anything is written
+        raise SystemExit(f"dimo_classics.py: --rows {[':'.join(m) for m in missing]} are not in {out / 'samples.pt'}")
     reference = {}
     if args.reference is not None:
         saved = torch.load(Path(args.reference) / "eval/scores.pt", weights_only=False)  # numpy arrays we wrote

@@ -105,3 +105,12 @@ def test_score_refuses_a_reference_that_was_not_scored(tmp_path):
                            "--reference", str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "has no eval/scores.pt; score it first" in proc.stderr
+
+
+def test_score_refuses_rows_that_were_not_sampled(tmp_path):
+    torch.save({"samples": {"dimo": {1: torch.zeros(2, 4, dtype=torch.long)}}, "length": 4}, tmp_path / "samples.pt")
+    (tmp_path / "train_log.json").write_text(json.dumps({"device": "cpu"}))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/dimo_classics.py"), "score", "--out", str(tmp_path),
+                           "--rows", "dimo:1", "dimo:4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--rows ['dimo:4'] are not in" in proc.stderr
+    assert not (tmp_path / "eval").exists()
