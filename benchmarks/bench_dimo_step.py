@@ -15,7 +15,7 @@ aux update; Adam lr 1e-5 eps 1e-6; bf16 autocast (the DiT's own) on CUDA; frozen
 * ``baseline``: plain modules and torch.optim.Adam; full (B, L, V) logits of the generator (with graph), teacher and
   aux, full fp32 softmaxes, g and the surrogate ½‖z − sg(z − g)‖² on all positions (g = 0 where unmasked),
   ``torch.distributions.Categorical`` samples (the released image code).
-* ``engine-torch`` / ``engine-triton``: ``Trainer.train_step`` with ``method.loss_impl`` torch (teacher and aux
+* ``engine-torch`` / ``engine-triton``: ``Trainer.train_step_deferred`` (as ``fit`` runs it) with ``method.loss_impl`` torch (teacher and aux
   logits of the masked rows only) or triton (the fused ``dimo_generator_loss``: no teacher/aux logits in memory).
 One step = both phases; tokens/s counts the B·L generated tokens of the generator phase. Results are printed and
 appended to benchmarks/results/dimo_step.csv (GPU, torch, triton, git revision).
@@ -155,7 +155,7 @@ def bench_engine(args, device, loss_impl: str):
         blocks = np.zeros((args.batch, length), dtype=np.int64)
         trainer = Trainer(cfg, train_blocks=blocks)
         batch = torch.zeros(args.batch, length, dtype=torch.long)
-        row = (profiled if args.profile else timed)(lambda: trainer.train_step([batch]), args, device)
+        row = (profiled if args.profile else timed)(lambda: trainer.train_step_deferred([batch]), args, device)
         del trainer
     return row
 

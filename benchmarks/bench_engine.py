@@ -166,8 +166,8 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
     overrides = engine_args(row, variant, extra, args.steps, work / "profile", args.device)[1:]
     trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
 
-    def step():
-        trainer.train_step([next(trainer.loader) for _ in range(trainer.grad_accum)])
+    def step():  # as `Trainer.fit` runs it: the metrics stay on the device (fit reads them at log lines only)
+        trainer.train_step_deferred([next(trainer.loader) for _ in range(trainer.grad_accum)])
 
     for _ in range(5):
         step()

@@ -119,3 +119,24 @@ def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path, gr
     trainer.method.step = broken
     with pytest.raises(RuntimeError, match="method failed"):
         trainer.train_step([next(trainer.loader)])
+
+
+def test_fit_reads_metrics_at_log_lines_with_the_same_values_as_train_step(tmp_path):
+    """fit() keeps the step metrics on the device until a log line or a checkpoint (train_step_deferred); its log
+    records equal a second path that resolves every step at once (train_step) on the same seed: the last step's
+    metrics as they are, the window loss as the mean of the window's step losses, tokens/s from the window's tokens."""
+    import json
+
+    blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
+    train = {"max_steps": 7, "log_every": 3, "ckpt_every": 2}
+    fitted = Trainer(_cfg(tmp_path / "fit", train=train, logging={"jsonl": True}), train_blocks=blocks)
+    fitted.fit()
+    records = [json.loads(line) for line in (tmp_path / "fit/run/metrics.jsonl").read_text().splitlines()]
+    stepped = Trainer(_cfg(tmp_path / "step", train=train), train_blocks=blocks)
+    each = [stepped.train_step([next(stepped.loader)]) for _ in range(7)]
+    assert [r["step"] for r in records] == [3, 6, 7]
+    for record, window in zip(records, [each[0:3], each[3:6], each[6:7]]):
+        assert {k: record[k] for k in window[-1]} == window[-1]
+        losses = [m["loss/student"] for m in window]
+        assert record["loss"] == sum(losses) / len(losses) and record["skipped_in_window"] == 0
+        assert record["tokens_per_s_per_rank"] > 0

@@ -38,6 +38,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_max_",
     "all_reduce_sum",
+    "all_reduce_sum_",
     "broadcast_object",
     "barrier",
 ]
@@ -175,6 +176,13 @@ def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Element-wise max over ranks (used to agree on flags: any rank set it => all see it)."""
     return _reduce(values, dist.ReduceOp.MAX, device)
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise sum over ranks of a device tensor (no host sync)."""
+    if _multi_rank():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

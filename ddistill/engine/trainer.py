@@ -27,7 +27,9 @@ all-reduced at the next step boundary; all ranks then checkpoint and return with
 Launching: `engine.relaunch.plan_launch` inspects train.out_dir first (new run, resume, restart, or a refusal that
 changes nothing). A resume builds every network from the run's config and loads the checkpoint: `init_from` is
 read only by a run that starts at step 0. Logged metrics are global: losses and method metrics are averaged over
-ranks, token counts summed (one all-reduce per step); the windowed `loss` is the mean over the window's applied
+ranks, token counts summed (one all-reduce per step, on the device). They are read on the host only when a log
+line, a checkpoint or the caller of `train_step` needs them, so the host queues step n+1 while the device still runs
+step n (`train_step_deferred`, `StepMetrics`); tokens/s is the window's wall time up to that read. The windowed `loss` is the mean over the window's applied
 steps, carried across a resume in the checkpoint, and absent (with `skipped_in_window`) when every step of the
 window was skipped. A frozen network is gathered and written only at the first checkpoint after it changed; the
 next checkpoints hard-link (or copy) that file, so every checkpoint directory stays complete on its own.
@@ -58,6 +60,7 @@ from ddistill.engine.distributed import (
     all_reduce_max,
     all_reduce_max_,
     all_reduce_sum,
+    all_reduce_sum_,
     barrier,
     broadcast_object,
     init_distributed,
@@ -114,6 +117,74 @@ class _Sums:
     def add_metric(self, key: str, value: float | torch.Tensor) -> None:
         self.metrics[key] = self.metrics.get(key, 0.0) + value
         self.metric_count[key] = self.metric_count.get(key, 0) + 1
+
+
+class _WindowClock:
+    """Wall time of the training steps of a log window, without a host sync per step: `run()` at the top of each
+    step (starts the clock if it is stopped), `pause()` before work that is not training (waits for the queued
+    device work, then stops), `take()` returns the time and resets."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.elapsed, self.started = device, 0.0, None
+
+    def run(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        if self.started is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.elapsed += time.perf_counter() - self.started
+            self.started = None
+
+    def take(self) -> float:
+        self.pause()
+        elapsed, self.elapsed = self.elapsed, 0.0
+        return elapsed
+
+
+class StepMetrics:
+    """One optimizer step's metrics, read from the device only by `resolve()` (one device-to-host copy).
+
+    `skipped` (DeepSpeed skipped the update: a non-finite loss or gradient) is known on the host at once; the
+    losses, method metrics, token count, gradient norms and the agreed non-finite flags are not."""
+
+    def __init__(self, *, step: int, skipped: bool, world_size: int, averaged: dict[str, int], summed: torch.Tensor,
+                 per_rank_keys: tuple[str, ...], per_rank: torch.Tensor, skipped_per_update: tuple[bool, ...],
+                 host: dict[str, Any]) -> None:
+        self.step, self.skipped = step, skipped
+        self._world_size, self._averaged, self._summed = world_size, averaged, summed
+        self._per_rank_keys, self._per_rank = per_rank_keys, per_rank
+        self._skipped_per_update, self._host = skipped_per_update, host
+        self._resolved: dict[str, Any] | None = None
+
+    def resolve(self) -> dict[str, Any]:
+        """The metrics as Python numbers (the first call waits for the step's device work)."""
+        if self._resolved is None:
+            with record_function("ddistill.read_metrics"):
+                values = torch.cat([self._summed, self._per_rank]).tolist()
+            *totals, tokens = values[:len(self._summed)]
+            per_rank = dict(zip(self._per_rank_keys, values[len(self._summed):]))
+            for i, phase_skipped in enumerate(self._skipped_per_update):
+                assert phase_skipped or not per_rank[f"_nonfinite{i}"], \
+                    "a non-finite loss was agreed but DeepSpeed applied the step"
+            ws = self._world_size
+            metrics: dict[str, Any] = {k: v / (count * ws) for (k, count), v in zip(self._averaged.items(), totals)}
+            metrics.update(tokens=int(tokens))
+            metrics.update({k: v for k, v in per_rank.items() if not k.startswith("_nonfinite")})
+            metrics.update(self._host)
+            self._resolved = metrics
+        return self._resolved
+
+
+def _float64_vector(values: list[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A float64 device vector of scalars that are device tensors or Python numbers, without a host-to-device copy
+    (a copy from pageable host memory synchronises the stream; `torch.full` is a fill kernel)."""
+    if not values:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack([v.detach().to(torch.float64).reshape(()) if torch.is_tensor(v)
+                        else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
 
 
 class RankFailure(RuntimeError):
@@ -415,10 +486,16 @@ class Trainer:
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns global metrics
-        (losses and method metrics averaged over ranks, micro-batches and phase repeats, `tokens` summed over ranks).
+        (losses and method metrics averaged over ranks, micro-batches and phase repeats, `tokens` summed over ranks)
+        as Python numbers: `train_step_deferred(...).resolve()`."""
+        return self.train_step_deferred(micro_batches).resolve()
 
-        Losses and metrics are summed on the device in float64 (the same sums as Python floats of the fp32 values)
-        and read once at the end of the step: one host sync per step instead of several per micro-batch."""
+    def train_step_deferred(self, micro_batches: Sequence[torch.Tensor]) -> "StepMetrics":
+        """`train_step` without reading its metrics: they stay on the device until `StepMetrics.resolve()`, so the
+        host can queue the next step while this one runs (`fit` resolves a log window's steps together).
+
+        Losses and metrics are summed on the device in float64 (the same sums as Python floats of the fp32 values);
+        across ranks they are summed by one all-reduce on the device, which does not wait for the host."""
         assert len(micro_batches) == self.grad_accum, (len(micro_batches), self.grad_accum)
         lrs = self._set_lr()
         sums = _Sums()
@@ -429,22 +506,19 @@ class Trainer:
         self.step += 1
         local = {**{f"loss/{n}": v for n, v in sums.loss.items()}, **sums.metrics}
         counts = {**{f"loss/{n}": c for n, c in sums.loss_count.items()}, **sums.metric_count}
-        flags = {f"_nonfinite{i}": agreed for i, (_, agreed) in enumerate(sums.applied_nonfinite)}
-        with record_function("ddistill.read_metrics"):
-            values = _to_floats({**local, **sums.grad_norms, **flags})  # the step's one device-to-host copy
-        for i, (phase_skipped, _) in enumerate(sums.applied_nonfinite):
-            assert phase_skipped or not values[f"_nonfinite{i}"], \
-                "a non-finite loss was agreed but DeepSpeed applied the step"
         keys = sorted(local)  # the same keys and counts on every rank: one all-reduce for all of them
-        *totals, tokens = all_reduce_sum([values[k] for k in keys] + [float(sums.tokens)], self.device)
-        ws = self.dist.world_size
-        metrics: dict[str, Any] = {k: v / (counts[k] * ws) for k, v in zip(keys, totals)}
-        metrics.update(lr=lrs[self.output_name], skipped=float(skipped), tokens=int(tokens))
+        summed = _float64_vector([local[k] for k in keys] + [sums.tokens], self.device)
+        all_reduce_sum_(summed)
+        per_rank = {**sums.grad_norms, **{f"_nonfinite{i}": agreed for i, (_, agreed) in
+                                          enumerate(sums.applied_nonfinite)}}  # fmt: skip
+        host: dict[str, Any] = dict(lr=lrs[self.output_name], skipped=float(skipped))
         if len(self.trained) > 1:
-            metrics.update({f"lr/{n}": lr for n, lr in lrs.items()})
-        metrics.update({k: values[k] for k in sums.grad_norms})
-        metrics.update(self.method.on_step_end(self.step - 1, self))
-        return metrics
+            host.update({f"lr/{n}": lr for n, lr in lrs.items()})
+        host.update(self.method.on_step_end(self.step - 1, self))
+        return StepMetrics(step=self.step, skipped=skipped, world_size=self.dist.world_size,
+                           averaged={k: counts[k] for k in keys}, summed=summed,
+                           per_rank_keys=tuple(per_rank), per_rank=_float64_vector(list(per_rank.values()), self.device),
+                           skipped_per_update=tuple(s for s, _ in sums.applied_nonfinite), host=host)
 
     @staticmethod
     def _phase_key(index: int, repeat: int) -> tuple[int, ...]:
@@ -691,39 +765,44 @@ class Trainer:
             logger.message(f"resumed from {self.resumed_from} at step {self.step}")
         self._install_signal_handlers()
         start_step, stop_reason, last = self.step, "max_steps", {}
-        window_tokens, window_time = 0, 0.0
+        clock = _WindowClock(self.device)
+        logged: list[StepMetrics] = []  # the steps since the last log line, their metrics read only when needed
+        unfolded: list[StepMetrics] = []  # ... of which not yet in the carried window sums
+
+        def fold() -> None:  # the carried window sums, before a log line or a checkpoint (which saves them)
+            clock.pause()  # the device work queued so far is the window's; what follows is not
+            self._fold_window(unfolded)
+            unfolded.clear()
+
+        def checkpoint() -> None:
+            fold()
+            self.save_checkpoint()
+
         tokens_per_s = 0.0
         try:
             while self.step < tc.max_steps:
-                t0 = time.perf_counter()
-                batches = [next(self.loader) for _ in range(self.grad_accum)]
-                metrics = self.train_step(batches)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                window_time += time.perf_counter() - t0
-                window_tokens += metrics["tokens"]
-                skipped = bool(metrics["skipped"])
-                self.total_nonfinite += skipped
-                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
-                main_loss = metrics.get(f"loss/{self.output_name}")
-                if skipped:
-                    self.window["skipped"] += 1
-                elif main_loss is not None:
-                    self.window["loss"] += main_loss
-                    self.window["steps"] += 1
+                clock.run()
+                pending = self.train_step_deferred([next(self.loader) for _ in range(self.grad_accum)])
+                logged.append(pending)
+                unfolded.append(pending)
+                self.total_nonfinite += pending.skipped
+                self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if pending.skipped else 0
                 (preempt,) = all_reduce_max([float(self._preempt.is_set())], self.device)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    tokens_per_s = window_tokens / self.dist.world_size / max(window_time, 1e-9)
-                    last = {**metrics, "skipped_in_window": self.window["skipped"],
+                    fold()
+                    tokens = sum(m.resolve()["tokens"] for m in logged)
+                    tokens_per_s = tokens / self.dist.world_size / max(clock.take(), 1e-9)
+                    last = {**logged[-1].resolve(), "skipped_in_window": self.window["skipped"],
                             "tokens_per_s_per_rank": tokens_per_s, "peak_mem_gib": peak_memory_gib(self.device),
                             "nonfinite_total": self.total_nonfinite}
                     if self.window["steps"]:  # a window of skipped steps has no loss
                         last["loss"] = self.window["loss"] / self.window["steps"]
                     logger.log(self.step, last)
                     logger.progress(self.step, last.get("loss"), tokens_per_s)
-                    window_tokens, window_time = 0, 0.0
+                    logged.clear()
                     self.window = {"loss": 0.0, "steps": 0, "skipped": 0}
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.valid_blocks is not None:
+                    clock.pause()
                     val = self.evaluate()
                     logger.log(self.step, val)
                     last.update(val)
@@ -733,19 +812,19 @@ class Trainer:
                         f"stopping: {self.consecutive_nonfinite} consecutive steps with a non-finite loss or "
                         f"gradient (last at step {self.step - 1}); checkpointing the last good state (the skipped "
                         f"steps changed nothing). {nonfinite_advice(self.cfg)}")
-                    self.save_checkpoint()
+                    checkpoint()
                     break
                 if preempt:
                     stop_reason = "preempted"
                     logger.message(f"preemption signal: checkpointing at step {self.step} and stopping")
-                    self.save_checkpoint()
+                    checkpoint()
                     break
                 if self.step % tc.ckpt_every == 0 or self.step == tc.max_steps:
-                    self.save_checkpoint()
+                    checkpoint()
                 if tc.stop_after_steps is not None and self.step >= tc.stop_after_steps and self.step < tc.max_steps:
                     stop_reason = "stop_after_steps"
                     if self.step % tc.ckpt_every:
-                        self.save_checkpoint()
+                        checkpoint()
                     break
             export = None
             if stop_reason == "max_steps" and tc.export_final:
@@ -773,6 +852,16 @@ class Trainer:
             "export": export,
         }
 
+    def _fold_window(self, steps: Sequence[StepMetrics]) -> None:
+        """Add `steps` to the carried log-window sums: the main loss over applied steps, the skipped count."""
+        for m in steps:
+            main_loss = m.resolve().get(f"loss/{self.output_name}")
+            if m.skipped:
+                self.window["skipped"] += 1
+            elif main_loss is not None:
+                self.window["loss"] += main_loss
+                self.window["steps"] += 1
+
     def _gather_peaks(self) -> list[float]:
         values = [0.0] * self.dist.world_size
         values[self.dist.rank] = peak_memory_gib(self.device)
@@ -786,16 +875,6 @@ def nonfinite_advice(cfg: RunConfig) -> str:
             else "turn gradient clipping on (e.g. optim.grad_clip=1.0; it is off)")
     warmup = f"a longer warm-up (optim.warmup_steps, now {oc.warmup_steps})"
     return f"Try a lower optim.lr (now {oc.lr:g}), {warmup}, or {clip}; and check the data."
-
-
-def _to_floats(values: dict[str, Any]) -> dict[str, float]:
-    """Python floats of scalars that are Python numbers or device tensors, with one device-to-host copy."""
-    tensors = [k for k, v in values.items() if torch.is_tensor(v)]
-    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
-    if tensors:
-        stacked = torch.stack([values[k].detach().to(torch.float64).reshape(()) for k in tensors]).tolist()
-        out.update(zip(tensors, stacked))
-    return {k: out[k] for k in values}
 
 
 def run_training(cfg: RunConfig, *, train_blocks: Sequence | None = None,
