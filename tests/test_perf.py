@@ -121,6 +121,44 @@ def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path, gr
         trainer.train_step([next(trainer.loader)])
 
 
+def test_sync_free_zero_step_matches_deepspeed(tmp_path, monkeypatch):
+    """networks._remove_redundant_syncs replaces DeepSpeed's norm masking and its clip guard by sync-free versions:
+    the same weights, bit for bit, as DeepSpeed's own functions over steps that clip (a tiny grad_clip), and the
+    same skip of a step with a NaN gradient."""
+    from deepspeed.runtime import utils as ds_utils
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from ddistill.engine.networks import full_state
+
+    blocks = np.random.default_rng(0).integers(0, V - 1, size=(8, L), dtype=np.int64)
+
+    def run(name: str, deepspeed_own: bool) -> tuple[list[dict], dict]:
+        trainer = Trainer(_cfg(tmp_path / name, train={"max_steps": 4},
+                               optim={"warmup_steps": 0, "grad_clip": 0.05}), train_blocks=blocks)  # fmt: skip
+        student = trainer.nets["student"]
+        assert "unscale_and_clip_grads" in vars(student.engine.optimizer)  # the sync-free clip is installed
+        if deepspeed_own:
+            del student.engine.optimizer.unscale_and_clip_grads
+            monkeypatch.setattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace",
+                                ds_utils.mask_nan_or_inf_with_val_inplace)
+        poison = {"on": False}
+        weight = student.module.blocks[0].attn_qkv.weight
+        weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+        metrics = []
+        for step in range(4):
+            poison["on"] = step == 2
+            metrics.append(trainer.train_step([next(trainer.loader)]))
+        monkeypatch.undo()
+        return metrics, full_state(student)
+
+    ours, ours_state = run("ours", deepspeed_own=False)
+    theirs, theirs_state = run("theirs", deepspeed_own=True)
+    assert [m["skipped"] for m in ours] == [0.0, 0.0, 1.0, 0.0]
+    assert ours == theirs  # losses and gradient norms, bit for bit
+    assert all(m["grad_norm/student"] > 0.05 for m in ours if not m["skipped"])  # every applied step was clipped
+    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+
+
 def test_fit_reads_metrics_at_log_lines_with_the_same_values_as_train_step(tmp_path):
     """fit() keeps the step metrics on the device until a log line or a checkpoint (train_step_deferred); its log
     records equal a second path that resolves every step at once (train_step) on the same seed: the last step's

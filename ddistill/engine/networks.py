@@ -246,8 +246,49 @@ def build_trained(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: 
                                       fused=fused_optimizer or None)
     engine, *_ = deepspeed.initialize(model=entry, optimizer=optimizer, config=ds_config)
     engine.train()  # returns None (deepspeed.md P2): never chain
+    _remove_redundant_syncs(engine.optimizer)
     ema = EMA(engine.module.net, ema_decay) if spec.ema else None
     return Network(name=name, spec=spec, engine=engine, ema=ema)
+
+
+def _mask_nonfinite_norm_(norm: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """DeepSpeed's `mask_nan_or_inf_with_val_inplace` (a NaN/inf norm becomes the -1 "invalid" sentinel) without its
+    `torch.tensor(-1.0, device=...)`: a copy from pageable host memory, which synchronises the stream."""
+    norm.masked_fill_(~torch.isfinite(norm), val)
+
+
+def _unscale_and_clip_grads(self, grad_groups_flat, total_norm) -> None:
+    """DeepSpeed ZeRO-1/2's `unscale_and_clip_grads` (bound to one optimizer) with its invalid-norm guard on the
+    device: an invalid norm (NaN, inf or the negative sentinel) clips with an infinite norm, as DeepSpeed's does,
+    but through `torch.where` instead of a Python `if` on the tensor (a host sync on every step; `step()` has
+    already skipped a step whose norm is invalid, so the guard never fires on that path). Same operations on the
+    same values otherwise: bitwise the same gradients."""
+    if not torch.is_tensor(total_norm):
+        return type(self).unscale_and_clip_grads(self, grad_groups_flat, total_norm)
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return None
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        clip_norm = torch.where(~torch.isfinite(total_norm) | (total_norm < 0), float("inf"), total_norm)
+        clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
+        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+    return None
+
+
+def _remove_redundant_syncs(zero_optimizer) -> None:
+    """Take two of the three host syncs out of DeepSpeed's ZeRO-1/2 `step()` (the one that remains decides on the
+    host whether a non-finite norm skips the step). Both replacements compute the same values: see
+    tests/test_perf.py::test_sync_free_zero_step_matches_deepspeed."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    if not isinstance(zero_optimizer, stage_1_and_2.DeepSpeedZeroOptimizer):
+        return
+    if getattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace", None) is not None:
+        stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_nonfinite_norm_
+    zero_optimizer.unscale_and_clip_grads = _unscale_and_clip_grads.__get__(zero_optimizer)
 
 
 def build_frozen(name: str, spec: NetworkSpec, model: nn.Module, *, ds_config: dict) -> Network:
