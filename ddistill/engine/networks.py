@@ -280,8 +280,9 @@ def _unscale_and_clip_grads(self, grad_groups_flat, total_norm) -> None:
 
 def _remove_redundant_syncs(zero_optimizer) -> None:
     """Take two of the three host syncs out of DeepSpeed's ZeRO-1/2 `step()` (the one that remains decides on the
-    host whether a non-finite norm skips the step). Both replacements compute the same values: see
-    tests/test_perf.py::test_sync_free_zero_step_matches_deepspeed."""
+    host whether a non-finite norm skips the step). The clip is bound to this optimizer; the norm masking replaces
+    the name in DeepSpeed's `stage_1_and_2` module, so every ZeRO-1/2 optimizer of the process uses it. Both
+    replacements compute the same values: see tests/test_perf.py::test_sync_free_zero_step_matches_deepspeed."""
     from deepspeed.runtime.zero import stage_1_and_2
 
     if not isinstance(zero_optimizer, stage_1_and_2.DeepSpeedZeroOptimizer):

@@ -150,10 +150,10 @@ class StepMetrics:
     `skipped` (DeepSpeed skipped the update: a non-finite loss or gradient) is known on the host at once; the
     losses, method metrics, token count, gradient norms and the agreed non-finite flags are not."""
 
-    def __init__(self, *, step: int, skipped: bool, world_size: int, averaged: dict[str, int], summed: torch.Tensor,
+    def __init__(self, *, skipped: bool, world_size: int, averaged: dict[str, int], summed: torch.Tensor,
                  per_rank_keys: tuple[str, ...], per_rank: torch.Tensor, skipped_per_update: tuple[bool, ...],
                  host: dict[str, Any]) -> None:
-        self.step, self.skipped = step, skipped
+        self.skipped = skipped
         self._world_size, self._averaged, self._summed = world_size, averaged, summed
         self._per_rank_keys, self._per_rank = per_rank_keys, per_rank
         self._skipped_per_update, self._host = skipped_per_update, host
@@ -515,7 +515,7 @@ class Trainer:
         if len(self.trained) > 1:
             host.update({f"lr/{n}": lr for n, lr in lrs.items()})
         host.update(self.method.on_step_end(self.step - 1, self))
-        return StepMetrics(step=self.step, skipped=skipped, world_size=self.dist.world_size,
+        return StepMetrics(skipped=skipped, world_size=self.dist.world_size,
                            averaged={k: counts[k] for k in keys}, summed=summed,
                            per_rank_keys=tuple(per_rank), per_rank=_float64_vector(list(per_rank.values()), self.device),
                            skipped_per_update=tuple(s for s, _ in sums.applied_nonfinite), host=host)
