@@ -57,24 +57,47 @@ def test_draw_uniform_posterior_equals_torch(alpha_t, alpha_s, dtype):
     assert torch.equal(tokens, sample_categorical(uniform_posterior(probs, zt, a_t, a_s), u))
 
 
-def test_draws_follow_their_exact_intervals():
-    """Brute force: token j is drawn exactly for u in [C_{j−1}, C_j) of the float64 CDF (just inside each end)."""
-    v = 9
-    logits = torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.3, 1.0, -2.0]]).expand(2 * v, v)
-    zt = torch.full((2 * v,), 4)
-    a_t, a_s = torch.tensor(0.4, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+def _interval_row(v):
+    """One row of logits: 9 columns, or 200 (four 64-column blocks in the interpreter) whose second block has no
+    mass at all (-inf), so the CDF's search has to skip a whole block and cross block boundaries."""
+    if v == 9:
+        return torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.3, 1.0, -2.0])
+    row = torch.linspace(-2.0, 2.0, v).sin() * 2
+    row[64:128] = float("-inf")
+    return row
+
+
+@pytest.mark.parametrize("v", [9, 200])
+@pytest.mark.parametrize("alpha_s", [0.7, 1.0])
+def test_draws_follow_their_exact_intervals(v, alpha_s):
+    """Brute force: token j is drawn exactly for u in [C_{j−1}, C_j) of the float64 CDF (just inside each end), for
+    every id (v = 9) or the ids around the block boundaries (v = 200); ids with zero mass (the excluded column, -inf
+    logits; for the posterior at α_s = 1 no uniform floor) never are."""
+    ids = torch.arange(v) if v == 9 else torch.tensor([0, 1, 62, 63, 64, 100, 127, 128, 129, 191, 192, 198, 199])
+    logits = _interval_row(v).expand(2 * len(ids), v)
+    zt = torch.full((2 * len(ids),), 4)
+    a_t, a_s = torch.tensor(0.4, dtype=torch.float64), torch.tensor(alpha_s, dtype=torch.float64)
     for name, q, draw in (
-        ("x_theta", torch.softmax(logits[0].double().index_fill(0, torch.tensor([8]), float("-inf")), 0),
-         lambda u: draw_categorical(logits, u, exclude=8)),
+        ("x_theta", torch.softmax(logits[0].double().index_fill(0, torch.tensor([v - 1]), float("-inf")), 0),
+         lambda u: draw_categorical(logits[: len(u)], u, exclude=v - 1)),
         ("posterior", uniform_posterior(torch.softmax(logits[:1].double(), -1), zt[:1], a_t, a_s)[0],
-         lambda u: draw_uniform_posterior(logits, zt, u, a_t, a_s)),
+         lambda u: draw_uniform_posterior(logits[: len(u)], zt[: len(u)], u, a_t, a_s)),
     ):
         cdf = torch.cat([torch.zeros(1, dtype=torch.float64), q.cumsum(0) / q.sum()])
-        inside = torch.stack([cdf[:-1] + 1e-9, cdf[1:] - 1e-9], dim=1).reshape(-1)
-        keep = q.repeat_interleave(2) > 0  # a zero-mass id has no interval
-        expected = torch.arange(v).repeat_interleave(2)
+        inside = torch.stack([cdf[ids] + 1e-9, cdf[ids + 1] - 1e-9], dim=1).reshape(-1)
+        keep = q[ids].repeat_interleave(2) > 1e-8  # a zero-mass id has no interval (nor one narrower than the offsets)
         tokens = draw(inside.clamp(0, 1 - 1e-12))
-        assert torch.equal(tokens[keep], expected[keep]), name
+        assert torch.equal(tokens[keep], ids.repeat_interleave(2)[keep]), name
+        assert (q[tokens] > 0).all(), name
+        if v > 64:  # u exactly at the CDF of a block's end: one of the two neighbouring ids with mass, by rounding
+            ends = torch.tensor([64, 128, 192])
+            got = draw(cdf[ends])
+            positive = torch.nonzero(q > 0).squeeze(1)
+            before = torch.stack([positive[positive < e].max() for e in ends])
+            after = torch.stack([positive[positive >= e].min() for e in ends])
+            assert ((got == before) | (got == after)).all(), name
+        top = draw(torch.full((2,), 1.0 - 2.0**-53, dtype=torch.float64))  # the target rounds to the total
+        assert (top == int(torch.nonzero(q > 0).max())).all(), name
 
 
 def test_draw_distribution_chi_square():

@@ -17,11 +17,18 @@ float64, S = Σ_j w_j, p = w / S (the float64 softmax):
 * ``masked_argmax``: the first index of the largest logit (the excluded column skipped): the greedy tail. argmax
   of the float64 softmax is argmax of the logits, since exp is monotone.
 
-Pass 1 reads the row once for m and S (online: S is rescaled when the running max grows); pass 2 recomputes w
-block by block and counts the CDF entries ≤ target. The result is clamped to the last id with positive mass (the
-target can round up to the total). The uniforms u are the caller's, so these draws agree token for token with the
-torch reference (`sample_categorical` on the float64 softmax / `uniform_posterior`) except where u·total falls
-within float64 rounding of a CDF boundary (the sums are taken in another order).
+Pass 1 reads the row once: per block of BLOCK_V columns its max M_b and its sum S_b = Σ_{j∈b} exp(z_j − M_b)
+(one float64 exp per element, no rescaling), kept in registers; then m = max_b M_b and the block totals
+T_b = S_b·exp(M_b − m) (for the posterior: coef·T_b + floor·(columns of b) + the spike if z ∈ b). Their cumulative sum
+locates the first block b* whose cumulative total exceeds the target, so pass 2 recomputes w and takes the prefix sum
+only from block b* on: almost always that one block (a further block only where the cumulative totals and the
+in-block prefix sum round differently at a boundary), so a row costs ~V + BLOCK_V exps and one block scan instead of
+2V exps and V/BLOCK_V scans. The token is the first column whose CDF exceeds the target, so it always has positive
+mass; if none does (the target rounds up to the total), the last column with positive mass (for the posterior: the
+last column when the uniform floor is positive). The uniforms u are the caller's, so these draws agree token for
+token with the torch reference (`sample_categorical` on the float64 softmax / `uniform_posterior`) except where
+u·total falls within float64 rounding of a CDF boundary (the sums are taken in another order), or where the target
+rounds to the total and the last columns' weights underflow float64 (logits more than ~745 below the maximum).
 
 The samplers pass only the rows that take a token (a gathered copy, or the denoiser's row-selected logits).
 Inputs on CPU run in Triton's interpreter (TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
@@ -45,34 +52,43 @@ MODE_ARGMAX = 2
 @triton.jit(do_not_specialize=["MASK_COL"])
 def _draw_kernel(
     logits_ptr, stride_row, u_ptr, zt_ptr, alpha_ptr, out_ptr, V, MASK_COL,
-    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr, NUM_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
     cols0 = tl.arange(0, BLOCK_V)
-    # pass 1: running max (and its first index), S = Σ exp(z − m) in float64
+    blocks = tl.arange(0, NUM_BLOCKS)
+    # pass 1: per block its max and Σ exp(z − max) in float64 (argmax: the running max and its first index)
+    block_max = tl.full((NUM_BLOCKS,), float("-inf"), dtype=tl.float64)
+    block_sum = tl.zeros((NUM_BLOCKS,), dtype=tl.float64)
+    last_finite = tl.zeros((BLOCK_V,), dtype=tl.int32)  # per lane: its last column with a finite logit
     m = tl.full((), float("-inf"), dtype=tl.float64)
-    s = tl.zeros((), dtype=tl.float64)
     best = tl.zeros((), dtype=tl.int64)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
+    for b in range(0, tl.cdiv(V, BLOCK_V)):
+        cols = b * BLOCK_V + cols0
         ok = (cols < V) & (cols != MASK_COL)
         z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
-        block_max = tl.max(z, axis=0)
+        bmax = tl.max(z, axis=0)
         if MODE == 2:
-            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + v0
-            best = tl.where(block_max > m, block_best, best)
-            m = tl.maximum(m, block_max)
+            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + b * BLOCK_V
+            best = tl.where(bmax > m, block_best, best)
         else:
-            new_m = tl.maximum(m, block_max)
-            # -inf entries (masked, or real -inf logits) have weight 0; no (-inf) − (-inf) is ever formed
-            scale = tl.where(new_m == m, 1.0, tl.exp(m - new_m))
-            s = s * scale + tl.sum(tl.where(z == float("-inf"), 0.0, tl.exp(z - new_m)), axis=0)
-            m = new_m
+            finite = z > float("-inf")
+            # an all -inf block has sum 0; no (-inf) − (-inf) is ever formed
+            bsum = tl.sum(tl.where(finite, tl.exp(z - tl.where(bmax == float("-inf"), 0.0, bmax)), 0.0), axis=0)
+            block_max = tl.where(blocks == b, bmax, block_max)
+            block_sum = tl.where(blocks == b, bsum, block_sum)
+            last_finite = tl.maximum(last_finite, tl.where(finite, cols, 0))
+        m = tl.maximum(m, bmax)
     if MODE == 2:
         tl.store(out_ptr + row, best)
     else:
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        totals = block_sum * tl.exp(block_max - m_ref)  # Σ_{j∈b} exp(z_j − m)
+        s = tl.sum(totals, axis=0)
+        last = tl.max(last_finite, axis=0).to(tl.int64)
         u = tl.load(u_ptr + row).to(tl.float64)
+        num_blocks = tl.cdiv(V, BLOCK_V)
         if MODE == 1:
             zt = tl.load(zt_ptr + row).to(tl.int64)
             a_t = tl.load(alpha_ptr).to(tl.float64)
@@ -83,13 +99,20 @@ def _draw_kernel(
             floor = (1.0 - a_ts) * (1.0 - a_s) / V
             spike = V * a_t * p_z + a_ts - a_t  # extra mass at column z_t
             target = u * ((a_s - a_t) + (1.0 - a_ts) * (1.0 - a_s) + spike)
+            block_cols = tl.minimum(tl.maximum(V - blocks * BLOCK_V, 0), BLOCK_V).to(tl.float64)
+            totals = coef * totals + floor * block_cols + tl.where(blocks == zt // BLOCK_V, spike, 0.0)
+            last = tl.where(floor > 0.0, V - 1, tl.maximum(last, tl.where(spike > 0.0, zt, 0)))
         else:
             target = u * s
-        # pass 2: count the CDF entries ≤ target; remember the last column with positive mass
-        running = tl.zeros((), dtype=tl.float64)
-        count = tl.zeros((), dtype=tl.int64)
-        last = tl.zeros((), dtype=tl.int64)
-        for v0 in range(0, V, BLOCK_V):
+        # the first block whose cumulative total exceeds the target, and the mass before it
+        cum = tl.cumsum(totals, axis=0)
+        first = tl.sum(((cum <= target) & (blocks < num_blocks)).to(tl.int32), axis=0)
+        running = tl.max(tl.where(blocks < first, cum, 0.0), axis=0)
+        # pass 2, from that block on: count the CDF entries ≤ target until one exceeds it
+        count = first.to(tl.int64) * BLOCK_V
+        v0 = first * BLOCK_V
+        scanning = v0 < V
+        while scanning:
             cols = v0 + cols0
             in_row = cols < V
             ok = in_row & (cols != MASK_COL)
@@ -99,9 +122,11 @@ def _draw_kernel(
                 w = coef * w + floor + tl.where(cols == zt, spike, 0.0)
                 w = tl.where(in_row, w, 0.0)
             cdf = running + tl.cumsum(w, axis=0)
-            count += tl.sum(((cdf <= target) & in_row).to(tl.int64), axis=0)
-            last = tl.maximum(last, tl.max(tl.where(w > 0.0, cols, 0), axis=0).to(tl.int64))
-            running += tl.sum(w, axis=0)
+            below = tl.sum(((cdf <= target) & in_row).to(tl.int32), axis=0)
+            count += below
+            running = tl.max(cdf, axis=0)
+            scanning = (v0 + BLOCK_V < V) & (below == tl.minimum(V - v0, BLOCK_V))
+            v0 += BLOCK_V
         tl.store(out_ptr + row, tl.minimum(count, last))
 
 
@@ -146,10 +171,12 @@ def _launch(logits, u, *, mode: int, exclude: int | None, zt=None, alphas=None) 
     if n == 0:
         return out
     dummy = out  # stands in for the pointers a mode never reads
+    block = _block(vocab)
     _draw_kernel[(n,)](
         flat, stride, dummy if u is None else u, dummy if zt is None else zt, dummy if alphas is None else alphas,
         out, vocab, -1 if exclude is None else exclude,
-        MODE=mode, BLOCK_V=_block(vocab), num_warps=1 if INTERPRET else 8,
+        MODE=mode, BLOCK_V=block, NUM_BLOCKS=triton.next_power_of_2(triton.cdiv(vocab, block)),
+        num_warps=1 if INTERPRET else 8,
     )
     return out
 
