@@ -140,9 +140,10 @@ def _deterministic_attention(request):
 
 @ON_DEVICES
 def test_sync_free_zero_step_matches_deepspeed(tmp_path, monkeypatch, device):
-    """networks._remove_redundant_syncs replaces DeepSpeed's norm masking and its clip guard by sync-free versions:
-    the same weights, bit for bit, as DeepSpeed's own functions over steps that clip (a tiny grad_clip), and the
-    same skip of a step with a NaN gradient."""
+    """networks._remove_redundant_syncs replaces DeepSpeed's norm masking and its clip guard by sync-free versions,
+    and its per-gradient norm loop by one multi-tensor norm: the same weights, bit for bit, as DeepSpeed's own
+    functions over steps that clip (a tiny grad_clip), and the same skip of a step with a NaN gradient. (On CUDA the
+    multi-tensor norm may round differently from DeepSpeed's loop: there it is compared within float rounding.)"""
     from deepspeed.runtime import utils as ds_utils
     from deepspeed.runtime.zero import stage_1_and_2
 
@@ -154,9 +155,11 @@ def test_sync_free_zero_step_matches_deepspeed(tmp_path, monkeypatch, device):
         trainer = Trainer(_cfg(tmp_path / name, train={"max_steps": 4, "device": device},
                                optim={"warmup_steps": 0, "grad_clip": 0.05}), train_blocks=blocks)  # fmt: skip
         student = trainer.nets["student"]
-        assert "unscale_and_clip_grads" in vars(student.engine.optimizer)  # the sync-free clip is installed
+        installed = {"unscale_and_clip_grads", "get_grad_norm_direct"}
+        assert installed <= set(vars(student.engine.optimizer))  # the sync-free clip and the fused norm
         if deepspeed_own:
-            del student.engine.optimizer.unscale_and_clip_grads
+            for name in installed:
+                delattr(student.engine.optimizer, name)
             monkeypatch.setattr(stage_1_and_2, "mask_nan_or_inf_with_val_inplace",
                                 ds_utils.mask_nan_or_inf_with_val_inplace)
         poison = {"on": False}
@@ -172,9 +175,15 @@ def test_sync_free_zero_step_matches_deepspeed(tmp_path, monkeypatch, device):
     ours, ours_state = run("ours", deepspeed_own=False)
     theirs, theirs_state = run("theirs", deepspeed_own=True)
     assert [m["skipped"] for m in ours] == [0.0, 0.0, 1.0, 0.0]
-    assert ours == theirs  # losses and gradient norms, bit for bit
     assert all(m["grad_norm/student"] > 0.05 for m in ours if not m["skipped"])  # every applied step was clipped
-    assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+    if device == "cpu":
+        assert ours == theirs  # losses and gradient norms, bit for bit
+        assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ours_state)
+    else:
+        assert [m.keys() for m in ours] == [m.keys() for m in theirs]
+        for m_ours, m_theirs in zip(ours, theirs):
+            assert all(m_ours[k] == pytest.approx(m_theirs[k], rel=1e-5, abs=1e-6) for k in m_ours)
+        assert all(torch.allclose(ours_state[k], theirs_state[k], rtol=1e-5, atol=1e-6) for k in ours_state)
 
 
 @ON_DEVICES
