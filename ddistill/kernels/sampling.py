@@ -64,20 +64,21 @@ def _draw_kernel(
     last_finite = tl.zeros((BLOCK_V,), dtype=tl.int32)  # per lane: its last column with a finite logit
     m = tl.full((), float("-inf"), dtype=tl.float64)
     best = tl.zeros((), dtype=tl.int64)
-    for b in range(0, tl.cdiv(V, BLOCK_V)):
-        cols = b * BLOCK_V + cols0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + cols0
         ok = (cols < V) & (cols != MASK_COL)
         z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float64)
         bmax = tl.max(z, axis=0)
         if MODE == 2:
-            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + b * BLOCK_V
+            block_best = tl.argmax(z, axis=0, tie_break_left=True).to(tl.int64) + v0
             best = tl.where(bmax > m, block_best, best)
         else:
             finite = z > float("-inf")
             # an all -inf block has sum 0; no (-inf) − (-inf) is ever formed
             bsum = tl.sum(tl.where(finite, tl.exp(z - tl.where(bmax == float("-inf"), 0.0, bmax)), 0.0), axis=0)
-            block_max = tl.where(blocks == b, bmax, block_max)
-            block_sum = tl.where(blocks == b, bsum, block_sum)
+            this = blocks == v0 // BLOCK_V
+            block_max = tl.where(this, bmax, block_max)
+            block_sum = tl.where(this, bsum, block_sum)
             last_finite = tl.maximum(last_finite, tl.where(finite, cols, 0))
         m = tl.maximum(m, bmax)
     if MODE == 2:
