@@ -8,7 +8,7 @@
 Each (row, variant) runs `python -m ddistill.engine CONFIG overrides...` in a fresh process on the classics corpus
 (`data.dataset=classics`, no download) for `--steps` optimizer steps, logging every steps/2: the figure is the
 trainer's own tokens/s over the second half (warm-up, JIT and compilation fall in the first), read from the
-`SUMMARY` line; peak memory is the trainer's (max allocated over the run). SDTT and DCD rows start from a
+`SUMMARY` line; peak memory is the trainer's (max allocated over the run). SDTT, DCD and DiMO rows start from a
 random public-layout checkpoint (MDLM or DUO layout) of the row's size written once per invocation (`init_from`; the
 speed does not depend on the weights: the teacher's reveal decisions don't read its outputs). The DUO row is the
 curriculum step of the `duo_owt_small` recipe (exact top-k latent).
@@ -21,7 +21,10 @@ formed in the forward), eager and compiled. Every row prints its speed-up over i
 MFU = tokens/s × model FLOPs per token / `--peak-tflops` (default 790, the bf16 matrix rate measured on an H200 of
 this workplace). Model FLOPs per token, N = parameters without the input embedding (the output layer included),
 n = blocks, d = width, L = length: training 6N + 12·n·d·L (attention scores and values, fwd + bwd); an SDTT step
-adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere), a DCD step one.
+adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere), a DCD step one;
+a DiMO step (`dimo_small`, batch 8 as in `bench_dimo_step.py`) is 5 + 4k forward-equivalents of 2N + 4·n·d·L
+(generator forward and backward, teacher and aux forwards, then per aux step a generator forward and the aux
+forward and backward; k = aux_steps).
 Results go to results/engine.csv (card, versions, git revision, command) and results/engine.md.
 """
 
@@ -60,9 +63,16 @@ ROWS: dict[str, dict] = {
                       overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
     "dcd_small": dict(config="configs/experiments/dcd_owt_small.yaml", method="dcd",
                       overrides=["data.dataset=classics", "train.global_batch_size=32", "train.micro_batch_size=32"]),
+    "dimo_small": dict(config="configs/experiments/dimo_owt_small.yaml", method="dimo",
+                       overrides=["data.dataset=classics", "train.global_batch_size=8", "train.micro_batch_size=8"]),
     "mdlm_test": dict(config="configs/experiments/classics_mdlm_test.yaml", method="mdlm",  # CPU smoke size
                       overrides=["train.global_batch_size=4", "train.micro_batch_size=4"]),
+    "dimo_test": dict(config="configs/experiments/dimo_classics_tiny.yaml", method="dimo",  # CPU smoke size
+                      overrides=["model.size=test", "model.length=32", "data.block_size=32",
+                                 "train.global_batch_size=2", "train.micro_batch_size=2"]),
 }
+# Rows whose method starts from a checkpoint, and its layout: they get a random public-layout one (`row_config`).
+CHECKPOINT_LAYOUT = {"sdtt": "mdlm", "dcd": "duo", "dimo": "mdlm"}
 VARIANTS: dict[str, list[str]] = {
     "baseline": ["method.loss_impl=torch"],
     "fused": ["method.loss_impl=triton"],
@@ -87,7 +97,26 @@ def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tup
     flops = 6 * n_prime + 12 * attention
     if method in ("sdtt", "dcd"):
         flops += num_teacher_steps * (2 * n_prime + 4 * attention)
+    if method == "dimo":  # see the module docstring: 5 + 4k forward-equivalents (k = aux_steps)
+        flops = (5 + 4 * num_teacher_steps) * (2 * n_prime + 4 * attention)
     return float(flops), params
+
+
+def row_config(name: str, variant: str, extra: list[str], work: Path):
+    """(the row's run config, the extra overrides): a row whose method starts from a checkpoint that is not on disk
+    (a hub id, or none) gets a random public-layout one, written once per invocation under `work`."""
+    from ddistill.engine.run_config import load_run_config
+
+    row = ROWS[name]
+    extra = list(extra)
+    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
+    layout = CHECKPOINT_LAYOUT.get(row["method"])
+    if layout and (cfg.init_from is None or not Path(cfg.init_from).exists()):
+        init = work / f"init-{row['method']}-{cfg.model.size}-{cfg.model.length}"
+        if not init.exists():
+            random_checkpoint(cfg.model, init, flavor=layout)
+        extra.append(f"init_from={init}")
+    return cfg, extra
 
 
 def random_checkpoint(model_cfg, out: Path, flavor: str) -> Path:
@@ -112,18 +141,11 @@ def engine_args(row: dict, variant: str, extra: list[str], steps: int, out_dir: 
 
 
 def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
-    from ddistill.engine.run_config import load_run_config
-
     row = ROWS[name]
     out_dir = work / f"{name}-{variant}".replace("+", "_")
-    extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
-    if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
-        init = work / f"init-{row['method']}-{cfg.model.size}-{cfg.model.length}"
-        if not init.exists():
-            random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
-        extra.append(f"init_from={init}")
-    k = 1 if row["method"] == "dcd" else getattr(cfg.method.config, "num_teacher_steps", 0)
+    cfg, extra = row_config(name, variant, args.set, work)
+    k = {"dcd": 1, "dimo": getattr(cfg.method.config, "aux_steps", 1)}.get(
+        row["method"], getattr(cfg.method.config, "num_teacher_steps", 0))
     flops, params = model_flops_per_token(cfg.model, row["method"], k)
     command = [sys.executable, "-m", "ddistill.engine", *engine_args(row, variant, extra, args.steps, out_dir,
                                                                     args.device)]  # fmt: skip
@@ -157,12 +179,7 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
     from ddistill.engine.trainer import Trainer
 
     row = ROWS[name]
-    extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
-    if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
-        init = work / "init-profile"
-        random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
-        extra.append(f"init_from={init}")
+    _, extra = row_config(name, variant, args.set, work)
     overrides = engine_args(row, variant, extra, args.steps, work / "profile", args.device)[1:]
     trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engine import ROWS, VARIANTS, engine_args, random_checkpoint
+from bench_engine import ROWS, VARIANTS, engine_args, row_config
 from harness import RESULTS, ROOT, append_csv, environment
 
 CSV_PATH = RESULTS / "zero_norm.csv"
@@ -70,9 +70,9 @@ def time_norm_call(optimizer, device, iters: int) -> tuple[float, float, float, 
     return (*out, float((norms[1] - norms[0]).abs() / norms[0]))
 
 
-def time_steps(trainer, optimizer, blocks: int, steps: int) -> tuple[list[float], list[float]]:
-    """ms per step of each block, alternating DeepSpeed's norm (A) and ours (B)."""
-    ours = optimizer.get_grad_norm_direct
+def time_steps(trainer, optimizers, blocks: int, steps: int) -> tuple[list[float], list[float]]:
+    """ms per step of each block, alternating DeepSpeed's norm (A) and ours (B) on every trained network."""
+    ours = [opt.get_grad_norm_direct for opt in optimizers]
     times: dict[str, list[float]] = {"deepspeed": [], "ddistill": []}
 
     def step():
@@ -82,17 +82,19 @@ def time_steps(trainer, optimizer, blocks: int, steps: int) -> tuple[list[float]
         step()
     for _ in range(blocks):
         for variant in ("deepspeed", "ddistill"):
-            if variant == "deepspeed":
-                del optimizer.get_grad_norm_direct  # back to the class's function: DeepSpeed's
-            else:
-                optimizer.get_grad_norm_direct = ours
+            for opt, norm in zip(optimizers, ours):
+                if variant == "deepspeed":
+                    del opt.get_grad_norm_direct  # back to the class's function: DeepSpeed's
+                else:
+                    opt.get_grad_norm_direct = norm
             _sync(trainer.device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             _sync(trainer.device)
             times[variant].append(1e3 * (time.perf_counter() - start) / steps)
-    optimizer.get_grad_norm_direct = ours
+    for opt, norm in zip(optimizers, ours):
+        opt.get_grad_norm_direct = norm
     return times["deepspeed"], times["ddistill"]
 
 
@@ -101,21 +103,15 @@ def bench_row(name: str, variant: str, args, work: Path) -> list[dict]:
     from ddistill.engine.trainer import Trainer
 
     row = ROWS[name]
-    extra = list(args.set)
-    cfg = load_run_config(ROOT / row["config"], [*row["overrides"], *VARIANTS[variant], *extra])
-    if row["method"] in ("sdtt", "dcd") and cfg.init_from is not None and not Path(cfg.init_from).exists():
-        init = work / f"init-{name}"
-        random_checkpoint(cfg.model, init, flavor="duo" if row["method"] == "dcd" else "mdlm")
-        extra.append(f"init_from={init}")
+    _, extra = row_config(name, variant, args.set, work)
     overrides = engine_args(row, variant, extra, 10**6, work / name, args.device)[1:]
     trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
-    trained = [net for net in trainer.nets.values() if net.trained]
-    optimizer = trained[0].engine.optimizer
-    if "get_grad_norm_direct" not in vars(optimizer):
-        raise SystemExit(f"{name}: the trained network's optimizer has no ddistill norm installed "
-                         f"({type(optimizer).__name__}); nothing to compare")
-    ds_host, ds_all, our_host, our_all, rel_diff = time_norm_call(optimizer, trainer.device, args.norm_iters)
-    ds_steps, our_steps = time_steps(trainer, optimizer, args.blocks, args.steps)
+    optimizers = [net.engine.optimizer for net in trainer.nets.values() if net.trained]
+    if not all("get_grad_norm_direct" in vars(opt) for opt in optimizers):
+        raise SystemExit(f"{name}: a trained network's optimizer has no ddistill norm installed "
+                         f"({[type(opt).__name__ for opt in optimizers]}); nothing to compare")
+    ds_host, ds_all, our_host, our_all, rel_diff = time_norm_call(optimizers[0], trainer.device, args.norm_iters)
+    ds_steps, our_steps = time_steps(trainer, optimizers, args.blocks, args.steps)
     ds_step, our_step = statistics.median(ds_steps), statistics.median(our_steps)
     print(f"{name} / {variant}: norms' relative difference {rel_diff:.3g}; "
           f"norm call, host {ds_host:.3f} -> {our_host:.3f} ms, with the device's work "

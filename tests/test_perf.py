@@ -80,17 +80,18 @@ def test_bench_engine_cpu_smoke():
 
 
 def test_bench_zero_norm_cpu_smoke():
-    """bench_zero_norm.py times DeepSpeed's gradient norm and ours in one process: on CPU the two norms of its random
-    gradients agree bit for bit, and a bad count is refused before any trainer is built."""
+    """bench_zero_norm.py times DeepSpeed's gradient norm and ours in one process (here a DiMO row: two trained
+    networks, a random teacher checkpoint): on CPU the two norms of its random gradients agree bit for bit, and a bad
+    count is refused before any trainer is built."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}  # fmt: skip
     env["PYTHONPATH"] = str(ROOT)
     script = str(ROOT / "benchmarks" / "bench_zero_norm.py")
-    out = subprocess.run([sys.executable, script, "--device", "cpu", "--rows", "mdlm_test", "--variants", "baseline",
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--rows", "dimo_test", "--variants", "baseline",
                           "--blocks", "1", "--steps", "1", "--norm-iters", "1", "--no-save"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("mdlm_test / baseline"))
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("dimo_test / baseline"))  # two trained nets
     assert "relative difference 0;" in line and "step " in line, line
     bad = subprocess.run([sys.executable, script, "--device", "cpu", "--rows", "mdlm_test", "--blocks", "0"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
