@@ -83,7 +83,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tuple[float, int]:
+def model_flops_per_token(model_cfg, method: str, k: int) -> tuple[float, int]:
     """(model FLOPs per token of one training step, parameter count) by the module docstring's count."""
     import torch
 
@@ -95,10 +95,10 @@ def model_flops_per_token(model_cfg, method: str, num_teacher_steps: int) -> tup
     n_prime = params - model_cfg.vocab_size * model_cfg.hidden_size  # without the input embedding
     attention = model_cfg.n_blocks * model_cfg.hidden_size * model_cfg.length
     flops = 6 * n_prime + 12 * attention
-    if method in ("sdtt", "dcd"):
-        flops += num_teacher_steps * (2 * n_prime + 4 * attention)
-    if method == "dimo":  # see the module docstring: 5 + 4k forward-equivalents (k = aux_steps)
-        flops = (5 + 4 * num_teacher_steps) * (2 * n_prime + 4 * attention)
+    if method in ("sdtt", "dcd"):  # k teacher forwards
+        flops += k * (2 * n_prime + 4 * attention)
+    if method == "dimo":  # 5 + 4k forward-equivalents, k = aux_steps
+        flops = (5 + 4 * k) * (2 * n_prime + 4 * attention)
     return float(flops), params
 
 
@@ -144,8 +144,12 @@ def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
     row = ROWS[name]
     out_dir = work / f"{name}-{variant}".replace("+", "_")
     cfg, extra = row_config(name, variant, args.set, work)
-    k = {"dcd": 1, "dimo": getattr(cfg.method.config, "aux_steps", 1)}.get(
-        row["method"], getattr(cfg.method.config, "num_teacher_steps", 0))
+    if row["method"] == "dcd":
+        k = 1
+    elif row["method"] == "dimo":
+        k = cfg.method.config.aux_steps
+    else:
+        k = getattr(cfg.method.config, "num_teacher_steps", 0)
     flops, params = model_flops_per_token(cfg.model, row["method"], k)
     command = [sys.executable, "-m", "ddistill.engine", *engine_args(row, variant, extra, args.steps, out_dir,
                                                                     args.device)]  # fmt: skip
@@ -257,23 +261,34 @@ def write_markdown() -> None:
     MD_PATH.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="mdlm_tiny,mdlm_small,sdtt_small", help=f"comma list of {sorted(ROWS)}")
-    parser.add_argument("--variants", default="baseline,fused,fused+compile", help=f"comma list of {list(VARIANTS)}")
+def add_row_arguments(parser: argparse.ArgumentParser, rows: str, variants: str) -> None:
+    """--rows, --variants (comma lists of ROWS / VARIANTS, with these defaults) and --set."""
+    parser.add_argument("--rows", default=rows, help=f"comma list of {sorted(ROWS)}")
+    parser.add_argument("--variants", default=variants, help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra dotted override for every run (repeatable), e.g. deepspeed.frozen_zero_stage=0")
+
+
+def parse_rows(parser: argparse.ArgumentParser, args) -> tuple[list[str], list[str]]:
+    """(rows, variants) of `add_row_arguments`; an unknown name is a parser error that names it."""
+    rows, variants = args.rows.split(","), args.variants.split(",")
+    for bad, known, what in ((set(rows) - set(ROWS), ROWS, "--rows"), (set(variants) - set(VARIANTS), VARIANTS,
+                                                                        "--variants")):  # fmt: skip
+        if bad:
+            parser.error(f"{what}: unknown {sorted(bad)}; choose from {sorted(known)}")
+    return rows, variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_row_arguments(parser, rows="mdlm_tiny,mdlm_small,sdtt_small", variants="baseline,fused,fused+compile")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--profile", action="store_true", help="host profile of the first row/variant; no results")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    rows, variants = args.rows.split(","), args.variants.split(",")
-    for bad, known, what in ((set(rows) - set(ROWS), ROWS, "--rows"), (set(variants) - set(VARIANTS), VARIANTS,
-                                                                        "--variants")):  # fmt: skip
-        if bad:
-            parser.error(f"{what}: unknown {sorted(bad)}; choose from {sorted(known)}")
+    rows, variants = parse_rows(parser, args)
     if args.steps < 2:
         parser.error(f"--steps={args.steps} must be >= 2 (the second half is timed)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engine import ROWS, VARIANTS, engine_args, row_config
+from bench_engine import ROWS, add_row_arguments, engine_args, parse_rows, row_config
 from harness import RESULTS, ROOT, append_csv, environment
 
 CSV_PATH = RESULTS / "zero_norm.csv"
@@ -149,22 +149,14 @@ def write_markdown() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="mdlm_tiny,mdlm_small", help=f"comma list of {sorted(ROWS)}")
-    parser.add_argument("--variants", default="fused", help=f"comma list of {list(VARIANTS)}")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_row_arguments(parser, rows="mdlm_tiny,mdlm_small", variants="fused")
     parser.add_argument("--blocks", type=int, default=4, help="pairs of (DeepSpeed, ddistill) blocks")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per block")
     parser.add_argument("--norm-iters", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    rows, variants = args.rows.split(","), args.variants.split(",")
-    for name in rows:
-        if name not in ROWS:
-            parser.error(f"--rows: unknown row {name!r}; choose from {sorted(ROWS)}")
-    for variant in variants:
-        if variant not in VARIANTS:
-            parser.error(f"--variants: unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    rows, variants = parse_rows(parser, args)
     for name, value in (("--blocks", args.blocks), ("--steps", args.steps), ("--norm-iters", args.norm_iters)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
