@@ -11,8 +11,9 @@ ancestral with caching (not time-conditioned) and DUO ancestral with the greedy 
 categorical sampling; tokens/s = generated tokens / wall time of one call after a 2-step warm-up call, NFE
 reported. `--draws` picks the samplers' draw path (fused: the Triton float64 draw kernels of
 ddistill.kernels.sampling; torch: the float64 reference path; auto: fused on CUDA), `--compile off on` also times
-the DiT with its blocks compiled (`DiT.compile_blocks`; the compile happens in the warm-up call). Rows are labelled
-"sample <kind> [<draw>(, compiled)]".
+the DiT with its blocks compiled (`DiT.compile_blocks`; the compile happens in the warm-up call), `--block-kernels
+auto torch` times eager blocks with and without their inference kernels (ddistill.kernels.dit_block; CUDA only).
+Rows are labelled "sample <kind> [<draw>(, compiled)(, block kernels)]".
 
 The issue-11 sampler goal, on one H200 (ratios to the reference's 0.44 / 1.70 / 12.83 s for MDLM and
 0.70 / 2.70 / 21.37 s for DUO at 8 / 32 / 256 steps, `small`, batch 16 × 1024, are printed and tabled):
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the samplers' draw paths to time (ddistill.diffusion.samplers, `draw`)")
     p.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"],
                    help="time the samplers with eager and/or compiled DiT blocks (off runs first)")
+    p.add_argument("--block-kernels", nargs="+", choices=("auto", "torch"), default=["auto"],
+                   help="eager rows: with the block's inference kernels (auto, on CUDA) and/or the torch ops")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-save", action="store_true", help="print only; do not append to benchmarks/results")
     args = p.parse_args(argv)
@@ -191,12 +194,17 @@ def main(argv: list[str] | None = None) -> None:
                         nfe="", ms=ms, tokens_per_s=args.batch * args.length / ms * 1e3, peak_mem_gb=mem))
         model.eval()
         sb = args.sampler_batch or args.batch
-        for compiled in sorted(set(args.compile), key=("off", "on").index):
+        variants = [("off", blocks) for blocks in args.block_kernels] if "off" in args.compile else []
+        variants += [("on", "torch")] if "on" in args.compile else []  # compiled blocks never use the kernels
+        for compiled, blocks in variants:
+            model.set_block_kernels(blocks)
             if compiled == "on":
                 model.compile_blocks()
+            block_kernels = compiled == "off" and blocks == "auto" and device.type == "cuda"
             for draw in args.draws:
                 label = draw if draw != "auto" else ("fused" if device.type == "cuda" else "torch")
-                what = f"sample {kind} [{label}{', compiled' if compiled == 'on' else ''}]"
+                what = (f"sample {kind} [{label}{', compiled' if compiled == 'on' else ''}"
+                        f"{', block kernels' if block_kernels else ''}]")
                 for steps in args.sampler_steps:
                     try:
                         ms, nfe, mem = bench_sampler(model, kind, sb, args.length, args.vocab, steps, device, draw)

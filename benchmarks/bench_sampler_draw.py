@@ -11,7 +11,8 @@ Rows (median ms over --iters after one warm-up call; `GB/s` = bytes of the logit
     `sample_categorical` (the pre-fusion DUO step).
   * `x_theta draw, n rows` — MDLM: `draw_categorical` (mask column excluded) on n gathered rows vs the torch path.
   * `greedy tail` — `masked_argmax` vs argmax of the float64 softmax.
-  * `denoiser, full logits` / `denoiser, n rows` — DiT forward with all logits or `rows=` positions only; eager and
+  * `denoiser, full logits` / `denoiser, n rows` — DiT forward with all logits or `rows=` positions only: eager
+    (`block_kernels="torch"`), eager with the block's inference kernels (`"auto"`, ddistill.kernels.dit_block) and
     (with --compile) with compiled blocks.
 Results are appended to benchmarks/results/sampler_draw.csv (device, torch, git) and sampler_draw.md regenerated.
 """
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randint(0, v, (args.batch, args.length), generator=gen, device=device)
     sigma = torch.zeros(args.batch, device=device)
     few = torch.arange(0, n, 256, device=device)
-    for label in ("eager", "compiled") if args.compile else ("eager",):
+    for label in ("eager", "block kernels", "compiled") if args.compile else ("eager", "block kernels"):
+        model.set_block_kernels("auto" if label == "block kernels" else "torch")
         if label == "compiled":
             model.compile_blocks()
         with torch.no_grad():

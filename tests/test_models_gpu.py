@@ -1,12 +1,15 @@
-"""DiT on CUDA: bf16 autocast path vs the fp32 path and float64 references; flash-attn vs sdpa when installed."""
+"""DiT on CUDA: bf16 autocast path vs the fp32 path and float64 references; flash-attn vs sdpa when installed; the
+block's inference kernels against the eager bf16 ops."""
 
 import math
 
 import pytest
 import torch
 
+from ddistill.kernels.dit_block import gated_residual, modulated_layer_norm, rotary_qk
 from ddistill.models import ModelConfig, build_model
-from ddistill.models.dit import attention, flash_attn_func
+from ddistill.models.dit import (DiTBlock, LayerNorm, Rotary, apply_rotary, attention, flash_attn_func,
+                                 modulate)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -82,3 +85,45 @@ def test_flash_and_sdpa_models_agree():
     x = torch.randint(0, V, (2, 64), device="cuda")
     sigma = torch.rand(2, device="cuda")
     torch.testing.assert_close(flash(x, sigma).float(), sdpa(x, sigma).float(), rtol=3e-2, atol=3e-2)
+
+
+def test_block_kernels_on_cuda_match_the_eager_block_and_are_taken(monkeypatch):
+    model = _random_model()
+    x = torch.randint(0, V, (3, 96), device="cuda")
+    sigma = torch.rand(3, device="cuda")
+    calls = []
+    kernels = DiTBlock.forward_block_kernels
+    monkeypatch.setattr(DiTBlock, "forward_block_kernels", lambda self, *a: calls.append(1) or kernels(self, *a))
+    with torch.no_grad():
+        fused = model(x, sigma)
+        assert len(calls) == model.config.n_blocks
+        model.set_block_kernels("torch")
+        eager = model(x, sigma)
+    assert len(calls) == model.config.n_blocks and fused.dtype == eager.dtype == torch.bfloat16
+    assert (fused.float() - eager.float()).abs().max() < 0.02 * eager.float().abs().max()
+    model.set_block_kernels("auto")
+    assert torch.equal(model(x, sigma).detach(), eager)  # gradients on: the eager ops
+    assert len(calls) == model.config.n_blocks
+
+
+def test_block_kernels_round_as_the_bf16_eager_ops():
+    torch.manual_seed(4)
+    b, l, d, h = 3, 77, 768, 12
+    x = torch.randn(b, l, d, device="cuda") * 3
+    mod = torch.randn(b, 6 * d, device="cuda").bfloat16()
+    y = torch.randn(b, l, d, device="cuda").bfloat16()
+    norm = LayerNorm(d).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        shift, scale, gate = mod[:, None].chunk(6, dim=2)[:3]
+        assert torch.equal(gated_residual(x, y, mod, 2), x + gate * y)
+        got = modulated_layer_norm(x, norm.weight, mod, 0, out_dtype=torch.bfloat16)
+        want = modulate(norm(x), shift, scale).bfloat16()
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs()
+        assert ((got.float() - want.float()).abs() <= ulp + 1e-30).all()
+        assert (got == want).float().mean() > 0.95
+        qkv = torch.randn(b, l, 3 * d, device="cuda").bfloat16().view(b, l, 3, h, d // h)
+        cos, sin = Rotary(d // h).cos_sin(l, x.device)
+        q, k = rotary_qk(qkv, cos, sin)
+        assert torch.equal(q, apply_rotary(qkv[:, :, 0], cos, sin))
+        assert torch.equal(k, apply_rotary(qkv[:, :, 1], cos, sin))

@@ -94,7 +94,7 @@ PREVIOUS_HANDLERS: dict[int, Any] = {}
 INIT_ARCHITECTURE = ("hidden_size", "n_blocks", "n_heads", "cond_dim", "length", "vocab_size", "time_conditioning",
                      "causal")
 # Run settings that are not in the public layout: a pretrained network takes the run's.
-INIT_RUN_SETTINGS = ("dropout", "attn_backend", "autocast_dtype", "pad_vocab_multiple")
+INIT_RUN_SETTINGS = ("dropout", "attn_backend", "autocast_dtype", "pad_vocab_multiple", "block_kernels")
 
 
 class _Sums:

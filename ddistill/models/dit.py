@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_func = None
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
+BLOCK_KERNELS = ("auto", "torch")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}
 TIME_FEATURES = 256  # sinusoidal features of σ (cos half first, then sin half)
 ROPE_BASE = 10_000.0
@@ -63,6 +64,9 @@ class ModelConfig:
     pad_vocab_multiple: int = 64
     attn_backend: str = "auto"  # "sdpa" | "flash" | "auto" (flash when installed and inputs are fp16/bf16 CUDA)
     autocast_dtype: str = "bfloat16"  # dtype of the blocks/output layer on CUDA, as the reference; "float32" = off
+    # "auto": no-grad CUDA forwards of uncompiled blocks do their elementwise work in the Triton kernels of
+    # ddistill.kernels.dit_block (inference only; same math, rounded where the eager ops round); "torch": never
+    block_kernels: str = "auto"
 
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -100,6 +104,8 @@ def resolve_model_config(cfg: ModelConfig | Mapping[str, Any]) -> ModelConfig:
         raise ValueError(f"model.attn_backend={cfg.attn_backend!r}; allowed values: {list(ATTN_BACKENDS)}")
     if cfg.attn_backend == "flash" and flash_attn_func is None:
         raise ValueError("model.attn_backend='flash' but flash_attn is not installed; use 'auto' or 'sdpa'")
+    if cfg.block_kernels not in BLOCK_KERNELS:
+        raise ValueError(f"model.block_kernels={cfg.block_kernels!r}; allowed values: {list(BLOCK_KERNELS)}")
     if cfg.autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"model.autocast_dtype={cfg.autocast_dtype!r}; allowed values: {list(AUTOCAST_DTYPES)}")
     return cfg
@@ -198,6 +204,7 @@ class DiTBlock(nn.Module):
         self.causal = cfg.causal
         self.dropout = cfg.dropout
         self.attn_backend = cfg.attn_backend
+        self.block_kernels = cfg.block_kernels
         # Registration order matters: it is the reference's parameters() order used by Lightning EMA shadow params.
         self.norm1 = LayerNorm(d)
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
@@ -219,11 +226,38 @@ class DiTBlock(nn.Module):
         if self.causal:
             x = x + F.dropout(self._attn(self.norm1(x), cos, sin), self.dropout, self.training)
             return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+        mod = self.adaLN_modulation(c)
+        if self._use_block_kernels(x):
+            return self.forward_block_kernels(x, mod, cos, sin)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:, None].chunk(6, dim=2)
         h = modulate(self.norm1(x), shift1, scale1)
         x = x + gate1 * F.dropout(self._attn(h, cos, sin), self.dropout, self.training)
         h = modulate(self.norm2(x), shift2, scale2)
         return x + gate2 * F.dropout(self.mlp(h), self.dropout, self.training)
+
+    def _use_block_kernels(self, x: torch.Tensor) -> bool:
+        """Inference on CUDA through uncompiled code with every weight present (a ZeRO-3 module-by-module gather
+        fetches a submodule's weights only when the submodule is called, and the kernels read the LayerNorms')."""
+        d = x.shape[-1]
+        return (self.block_kernels == "auto" and x.is_cuda and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and (self.dropout == 0.0 or not self.training)
+                and self.norm1.weight.numel() == d and self.norm2.weight.numel() == d)
+
+    def forward_block_kernels(self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor,
+                              sin: torch.Tensor) -> torch.Tensor:
+        """`forward`'s adaLN path (no dropout, no autograd) with its elementwise work in the kernels of
+        `ddistill.kernels.dit_block`: three row passes and one RoPE pass instead of ~28 elementwise kernels."""
+        from ddistill.kernels.dit_block import gated_residual, modulated_layer_norm, rotary_qk
+
+        b, l, d = x.shape
+        device = x.device.type
+        act = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        h = modulated_layer_norm(x, self.norm1.weight, mod, 0, out_dtype=act)
+        qkv = self.attn_qkv(h).view(b, l, 3, self.n_heads, d // self.n_heads)
+        q, k = rotary_qk(qkv, cos, sin)
+        y = self.attn_out(attention(q, k, qkv[:, :, 2], causal=False, backend=self.attn_backend))
+        x, h = gated_residual(x, y, mod, 2, weight=self.norm2.weight, shift=3, out_dtype=act)
+        return gated_residual(x, self.mlp(h), mod, 5)
 
 
 class PaddedLinear(nn.Module):
@@ -387,6 +421,12 @@ class DiT(nn.Module):
         layer and every loss stay eager, so the fused Triton losses stay outside the graphs."""
         for block in self.blocks:
             block.compile(**options)
+
+    def set_block_kernels(self, mode: str) -> None:
+        """Switch `ModelConfig.block_kernels` ("auto" | "torch") on a built model (one set of weights, both paths)."""
+        self.config = resolve_model_config(dataclasses.replace(self.config, block_kernels=mode))
+        for block in self.blocks:
+            block.block_kernels = mode
 
     def _autocast(self, device: torch.device) -> torch.autocast:
         dtype = AUTOCAST_DTYPES[self.config.autocast_dtype]
