@@ -6,12 +6,14 @@ surrogate, the DUO uniform ELBO; their math is in the module docstrings of ``mas
 Its upstream gradient is one scalar g, so every gradient is g times a tensor that the forward can already form
 (Liger-Kernel's FLCE plan; reference/kernels.md §2.2 of the project's studies). For each chunk of C rows:
 
-1. ``Z = h_c W_padᵀ`` by cuBLAS (bf16 in, fp32 accumulate, **fp32 out**: logits are never rounded to bf16 before
-   the softmax); the bias is added in fp32 when the row kernel loads Z;
+1. ``Z = h_c W_padᵀ`` by cuBLAS in the input dtype (bf16 in, fp32 accumulate, bf16 out: the precision of the
+   reference's autocast logits, whose softmax and loss then run in fp32, DESIGN.md's contract); the bias is added
+   in fp32 when the row kernel loads Z;
 2. a row kernel (Triton, one program per row, walking the vocabulary in blocks; the statistics are kept per lane,
    so the walk has no cross-lane reduction until the row's end: ``_lane_update``) forms the fp32 statistics
    (log-sum-exp and the loss's row sums), the per-row loss ℓ_r, and ``dZ = (w_r/normalizer)·∂ℓ_r/∂z_r`` in fp32,
-   written once in the input dtype (0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
+   written once in the input dtype **over Z** (each block of a row is read before it is written, and a row is one
+   program's; 0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
 3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators
    (db as one more column of the dW GEMM);
 4. Z and dZ are dropped.
@@ -21,12 +23,13 @@ distillation's teacher linear adds one more (its logits). The backward only mult
 (``torch.mul`` writing the result dtype directly, so one rounding), which also makes a second backward or any
 ``grad_output`` exact. Row weights and the normalizer are constants of the loss (no gradient flows to them).
 
-Cost model at C rows and V_pad columns: workspace C·V_pad·(4·#linears + 2) bytes, plus the fp32 dW accumulator
-(V_pad·d·4 bytes, 154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose
-read-modify-write per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget
-in MiB, default 512) picks C; ``DDISTILL_ROW_BLOCK`` the row kernels' block. Measured on an H200 (N = 16384,
-d = 768; benchmarks/results/kernels.md, perf_notes.md): faster than the Triton kernels (MDLM 5.5 vs 8.0 ms, KL 14.7
-vs 22.2 ms) at 2.5–3.5× their memory; the GEMMs run at ~600 TFLOP/s, the row kernels at 2.3–3.4 TB/s.
+Cost model at C rows and V_pad columns: workspace C·V_pad·e·#linears bytes (e = the input's element size; DiMO's
+surrogate, whose own logits are not needed, adds a separate dZ), plus the fp32 dW accumulator (V_pad·d·4 bytes,
+154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose read-modify-write
+per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget in MiB, default 512)
+picks C; ``DDISTILL_ROW_BLOCK`` the row kernels' block. Measured on an H200: benchmarks/results/kernels.md and
+perf_notes.md (with fp32 logits, before they took the input dtype: MDLM 5.5 ms, KL 14.7 ms at N = 16384, d = 768;
+the GEMMs at ~600 TFLOP/s, the row kernels at 2.3–3.4 TB/s).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ ROW_ALIGN = 64  # default chunk sizes are multiples of this many rows (GEMM tile
 @triton.jit
 def _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS: tl.constexpr):
     """fp32 logits of one row block, −inf outside ``ok``."""
-    z = tl.load(z_row + cols, mask=ok, other=float("-inf"))
+    z = tl.load(z_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     return z
@@ -105,7 +108,7 @@ def _row_lse(z_row, b_ptr, V_VALID, MASK_COL, HAS_BIAS: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _row_logit_at(z_row, b_ptr, col, HAS_BIAS: tl.constexpr):
-    z = tl.load(z_row + col)
+    z = tl.load(z_row + col).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(b_ptr + col).to(tl.float32)
     return z
@@ -397,7 +400,8 @@ def chunk_rows_for(num_rows: int, width: int, bytes_per_entry: int, chunk_rows: 
     return max(1, min(max(rows, ROW_ALIGN), num_rows))
 
 
-# A row pass: (Z fp32 chunk or None, dZ output, first row, end row) -> None; fills dZ and the per-row loss buffer.
+# A row pass: (Z chunk or None, dZ output (Z itself when there is one), first row, end row) -> None; fills dZ and
+# the per-row loss buffer.
 RowPass = Callable[[torch.Tensor, torch.Tensor, int, int], None]
 
 
@@ -443,8 +447,10 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
             for r0 in range(0, num_rows, plan.chunk):
                 r1 = min(r0 + plan.chunk, num_rows)
-                z = _mm_fp32(operand[r0:r1, :dim], weight.t()) if plan.own_logits else None
-                dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
+                if plan.own_logits:  # the row pass overwrites each logit with its dZ entry (same row, same block)
+                    z = dz = operand[r0:r1, :dim] @ weight.t()
+                else:
+                    z, dz = None, torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
                 plan.row_pass(z, dz, r0, r1)
                 del z
                 if dh is not None:
@@ -526,7 +532,7 @@ def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, voc
             dz.stride(0), HAS_BIAS=bias is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 4 + hidden.element_size(), chunk_rows)
+    chunk = chunk_rows_for(num_rows, width, hidden.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hidden, weight, bias))
     return ChunkedLinearLossFunction.apply(hidden, weight, bias, plan)
 
@@ -558,14 +564,14 @@ def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
     launch = _row_block()  # a bad DDISTILL_ROW_BLOCK fails here, before any GEMM
 
     def row_pass(z, dz, r0, r1):
-        zt = _mm_fp32(ht[r0:r1], wt.t())
+        zt = ht[r0:r1] @ wt.t()
         _pair_rows_kernel[(r1 - r0,)](
             z, _bias_arg(bs, z), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
             z.stride(0), zt.stride(0), dz.stride(0), inv_tau, beta, log_beta, log_1m_beta,
             KIND=KINDS[kind], HAS_BS=bs is not None, HAS_BT=bt is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 8 + hs.element_size(), chunk_rows)
+    chunk = chunk_rows_for(num_rows, width, 2 * hs.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs))
     return ChunkedLinearLossFunction.apply(hs, ws, bs, plan)
 
@@ -595,7 +601,7 @@ def uniform_elbo_loss_chunked(hidden, weight, bias, xt, x0, alpha_t, alpha_prime
             z.stride(0), dz.stride(0), HAS_BIAS=bias is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 4 + hidden.element_size(), chunk_rows)
+    chunk = chunk_rows_for(num_rows, width, hidden.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hidden, weight, bias))
     return ChunkedLinearLossFunction.apply(hidden, weight, bias, plan)
 
@@ -628,14 +634,14 @@ def dimo_generator_loss_chunked(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, 
     launch = _row_block()  # a bad DDISTILL_ROW_BLOCK fails here, before any GEMM
 
     def row_pass(_, dz, r0, r1):
-        za = _mm_fp32(ha[r0:r1], wa.t())
-        zt = _mm_fp32(ht[r0:r1], wt.t())
+        za = ha[r0:r1] @ wa.t()
+        zt = ht[r0:r1] @ wt.t()
         _pair_rows_kernel[(r1 - r0,)](
             za, _bias_arg(ba, za), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
             za.stride(0), zt.stride(0), dz.stride(0), 1.0, float(beta), 0.0, 0.0,
             KIND=kind, HAS_BS=ba is not None, HAS_BT=bt is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 8 + hg.element_size(), chunk_rows)
+    chunk = chunk_rows_for(num_rows, width, 3 * hg.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hg, wg, bg), own_logits=False)
     return ChunkedLinearLossFunction.apply(hg, wg, bg, plan)
