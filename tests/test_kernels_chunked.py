@@ -226,7 +226,7 @@ def test_bad_arguments_are_refused(monkeypatch):
 def test_default_chunk_rows_follow_the_workspace_budget(monkeypatch):
     monkeypatch.setenv(CHUNK_ENV, "512")
     assert chunk_rows_for(8192, 50304, 2, None) == 5312  # 512 MiB / (50304 · 2 B) = 5336 rows → multiple of 64
-    assert chunk_rows_for(8192, 50304, 4, None) == 2624  # the distillation's two bf16 logits chunks
+    assert chunk_rows_for(8192, 50304, 10, None) == 1024  # the distillation: two fp32 logits chunks and dZ
     assert chunk_rows_for(100, 50304, 6, None) == 100  # never more rows than there are
     monkeypatch.setenv(CHUNK_ENV, "1")
     assert chunk_rows_for(8192, 50304, 6, None) == 64  # at least one GEMM tile of rows

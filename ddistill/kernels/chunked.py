@@ -6,14 +6,17 @@ surrogate, the DUO uniform ELBO; their math is in the module docstrings of ``mas
 Its upstream gradient is one scalar g, so every gradient is g times a tensor that the forward can already form
 (Liger-Kernel's FLCE plan; reference/kernels.md §2.2 of the project's studies). For each chunk of C rows:
 
-1. ``Z = h_c W_padᵀ`` by cuBLAS in the input dtype (bf16 in, fp32 accumulate, bf16 out: the precision of the
-   reference's autocast logits, whose softmax and loss then run in fp32, DESIGN.md's contract); the bias is added
-   in fp32 when the row kernel loads Z;
+1. ``Z = h_c W_padᵀ`` by cuBLAS (bf16 in, fp32 accumulate). The MDLM and DUO losses take Z in the input dtype
+   (bf16 out: the precision of the reference's autocast logits; their softmax and loss run in fp32, DESIGN.md's
+   contract), and their row kernel writes dZ **over Z** (each block of a row is read before it is written, and a
+   row is one program's). The divergences (distillation, DiMO) take **fp32** Z and a dZ buffer of their own: their
+   gradient is a difference of two softmaxes, which bf16 logits blur where student and teacher agree (on an H200,
+   N = 16384, d = 768, reverse KL: relative dh error 2.3e-3 with fp32 Z, 3.1e-2 with bf16 Z, the eager
+   reference's). The bias is added in fp32 when the row kernel loads Z;
 2. a row kernel (Triton, one program per row, walking the vocabulary in blocks; the statistics are kept per lane,
    so the walk has no cross-lane reduction until the row's end: ``_lane_update``) forms the fp32 statistics
    (log-sum-exp and the loss's row sums), the per-row loss ℓ_r, and ``dZ = (w_r/normalizer)·∂ℓ_r/∂z_r`` in fp32,
-   written once in the input dtype **over Z** (each block of a row is read before it is written, and a row is one
-   program's; 0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
+   written once in the input dtype (0 on padded and excluded columns); ``(p − 1)`` at a target is formed in fp32;
 3. ``dh_c = dZ W`` (written once, fp32 out), ``dW += dZᵀ h_c`` and ``db += Σ_rows dZ`` into fp32 accumulators
    (db as one more column of the dW GEMM);
 4. Z and dZ are dropped.
@@ -23,13 +26,13 @@ distillation's teacher linear adds one more (its logits). The backward only mult
 (``torch.mul`` writing the result dtype directly, so one rounding), which also makes a second backward or any
 ``grad_output`` exact. Row weights and the normalizer are constants of the loss (no gradient flows to them).
 
-Cost model at C rows and V_pad columns: workspace C·V_pad·e·#linears bytes (e = the input's element size; DiMO's
-surrogate, whose own logits are not needed, adds a separate dZ), plus the fp32 dW accumulator (V_pad·d·4 bytes,
-154 MB for GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose read-modify-write
-per chunk favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget in MiB, default 512)
-picks C; ``DDISTILL_ROW_BLOCK`` the row kernels' block. Measured on an H200: benchmarks/results/kernels.md and
-perf_notes.md (with fp32 logits, before they took the input dtype: MDLM 5.5 ms, KL 14.7 ms at N = 16384, d = 768;
-the GEMMs at ~600 TFLOP/s, the row kernels at 2.3–3.4 TB/s).
+Cost model at C rows and V_pad columns: workspace C·V_pad·e bytes for MDLM and DUO (e = the input's element
+size), C·V_pad·(4·#linears + e) for the divergences, plus the fp32 dW accumulator (V_pad·d·4 bytes, 154 MB for
+GPT-2's vocabulary at d = 768) that lives from the first chunk to the backward, whose read-modify-write per chunk
+favours large C. ``chunk_rows`` (argument) or ``DDISTILL_CHUNK_MB`` (workspace budget in MiB, default 512) picks C;
+``DDISTILL_ROW_BLOCK`` the row kernels' block. Measured on an H200 (N = 16384, d = 768; benchmarks/results/kernels.md,
+perf_notes.md): MDLM 4.6 ms (5.4 with fp32 Z), KL 14.5 ms, ELBO 10.6 ms (12.7 with fp32 Z), against 8.1, 22.0 and
+23.9 ms for the Triton kernels, at 2.5–3.5× their memory.
 """
 
 from __future__ import annotations
@@ -409,10 +412,12 @@ class _Plan:
     """What one chunked loss needs besides the trained linear: its row pass, row weights, normaliser and sizes."""
 
     def __init__(self, row_pass: RowPass, rows_out: torch.Tensor, row_weight: torch.Tensor, normalizer,
-                 chunk: int, needs: tuple[bool, bool, bool], own_logits: bool = True):  # fmt: skip
+                 chunk: int, needs: tuple[bool, bool, bool], own_logits: bool = True,
+                 fp32_logits: bool = False):  # fmt: skip
         self.row_pass, self.rows_out, self.row_weight, self.normalizer = row_pass, rows_out, row_weight, normalizer
         self.chunk, self.needs = chunk, needs
         self.own_logits = own_logits  # False: the loss reads other linears only (DiMO), Z is not computed
+        self.fp32_logits = fp32_logits  # the divergences: Z in fp32, dZ in a buffer of its own (module docstring)
 
 
 class ChunkedLinearLossFunction(torch.autograd.Function):
@@ -447,10 +452,11 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
             for r0 in range(0, num_rows, plan.chunk):
                 r1 = min(r0 + plan.chunk, num_rows)
-                if plan.own_logits:  # the row pass overwrites each logit with its dZ entry (same row, same block)
+                if plan.own_logits and not plan.fp32_logits:  # the row pass writes each dZ entry over its logit
                     z = dz = operand[r0:r1, :dim] @ weight.t()
                 else:
-                    z, dz = None, torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
+                    z = _mm_fp32(operand[r0:r1, :dim], weight.t()) if plan.own_logits else None
+                    dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
                 plan.row_pass(z, dz, r0, r1)
                 del z
                 if dh is not None:
@@ -564,15 +570,15 @@ def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
     launch = _row_block()  # a bad DDISTILL_ROW_BLOCK fails here, before any GEMM
 
     def row_pass(z, dz, r0, r1):
-        zt = ht[r0:r1] @ wt.t()
+        zt = _mm_fp32(ht[r0:r1], wt.t())
         _pair_rows_kernel[(r1 - r0,)](
             z, _bias_arg(bs, z), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
             z.stride(0), zt.stride(0), dz.stride(0), inv_tau, beta, log_beta, log_1m_beta,
             KIND=KINDS[kind], HAS_BS=bs is not None, HAS_BT=bt is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 2 * hs.element_size(), chunk_rows)
-    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs))
+    chunk = chunk_rows_for(num_rows, width, 8 + hs.element_size(), chunk_rows)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs), fp32_logits=True)
     return ChunkedLinearLossFunction.apply(hs, ws, bs, plan)
 
 
@@ -634,14 +640,14 @@ def dimo_generator_loss_chunked(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, 
     launch = _row_block()  # a bad DDISTILL_ROW_BLOCK fails here, before any GEMM
 
     def row_pass(_, dz, r0, r1):
-        za = ha[r0:r1] @ wa.t()
-        zt = ht[r0:r1] @ wt.t()
+        za = _mm_fp32(ha[r0:r1], wa.t())
+        zt = _mm_fp32(ht[r0:r1], wt.t())
         _pair_rows_kernel[(r1 - r0,)](
             za, _bias_arg(ba, za), zt, _bias_arg(bt, zt), scale, rows, dz, r0, vocab_size, width, mask_col,
             za.stride(0), zt.stride(0), dz.stride(0), 1.0, float(beta), 0.0, 0.0,
             KIND=kind, HAS_BS=ba is not None, HAS_BT=bt is not None, **launch,
         )  # fmt: skip
 
-    chunk = chunk_rows_for(num_rows, width, 3 * hg.element_size(), chunk_rows)
+    chunk = chunk_rows_for(num_rows, width, 8 + hg.element_size(), chunk_rows)
     plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hg, wg, bg), own_logits=False)
     return ChunkedLinearLossFunction.apply(hg, wg, bg, plan)
