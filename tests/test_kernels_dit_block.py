@@ -3,8 +3,10 @@ CPU through Triton's interpreter (fp32 and fp16; the GPU file checks bf16 and th
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from ddistill.kernels.dit_block import gated_residual, modulated_layer_norm, rotary_qk
+from ddistill.kernels.dit_block import _rounded, gated_residual, modulated_layer_norm, rotary_qk
 from ddistill.models import ModelConfig, build_model
 from ddistill.models.dit import LayerNorm, Rotary, apply_rotary, modulate
 
@@ -112,3 +114,30 @@ def test_bad_inputs_are_refused_with_the_reason():
         rotary_qk(qkv, cos[:-1], sin)
     with pytest.raises(ValueError, match="block_kernels"):
         build_model(ModelConfig(size="test", block_kernels="triton"))
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, N, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _rounded(tl.load(x_ptr + offs, mask=offs < N), DTYPE), mask=offs < N)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_to_the_activation_dtype_is_torchs(dtype):
+    """_rounded (fp32 in and out) against torch's own cast, over random magnitudes, exact ties, the largest finite
+    values, infinities and NaN (bf16's integer rounding must leave NaN a NaN)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3000, generator=g) * torch.exp2(torch.randint(-20, 20, (3000,), generator=g).float())
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-11, 1 + 3 * 2**-11, 0.0, -0.0])
+    edges = torch.tensor([torch.finfo(torch.float32).max, -torch.finfo(torch.float32).max, float("inf"),
+                          float("-inf"), float("nan"), torch.finfo(dtype).max, torch.finfo(torch.float32).tiny])
+    edges = torch.cat([edges, torch.tensor([0x7FFFFFFF, 0x7F800001], dtype=torch.int32).view(torch.float32)])  # NaNs
+    x = torch.cat([x, ties, edges]).float()
+    if dtype == torch.float16:
+        x = x.clamp(-6e4, 6e4).nan_to_num(nan=1.0)
+    out = torch.empty_like(x)
+    _round_kernel[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), DTYPE=tl.bfloat16 if dtype == torch.bfloat16
+                                                   else tl.float16, BLOCK=256)
+    want = x.to(dtype).float()
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])
