@@ -40,7 +40,7 @@ def _rounded(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry over)  # NaN stays NaN (its bits would carry over)
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN (its bits would carry over)
     elif DTYPE == tl.float32:
         return x
     else:
