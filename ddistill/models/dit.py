@@ -18,7 +18,9 @@ LN is a weight-only LayerNorm computed in fp32; RoPE uses base 10000 and the rot
 dim; attention is bidirectional (causal for the AR variant, which drops σ and every adaLN modulation). adaLN and the
 output linear are zero-initialised, so a fresh model outputs logits 0. The output layer stores its vocabulary padded to
 a multiple of `pad_vocab_multiple` (zero rows, never read by `forward`); state-dict hooks expose the public (V, d)
-shape.
+shape. No-grad CUDA forwards of uncompiled adaLN blocks (samplers, frozen teachers) do the blocks' elementwise work
+in the Triton kernels of `ddistill.kernels.dit_block` (`block_kernels="auto"`, the default; same math and rounding
+points, `"torch"` for the plain ops).
 """
 
 from __future__ import annotations
