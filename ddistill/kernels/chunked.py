@@ -412,12 +412,13 @@ class _Plan:
     """What one chunked loss needs besides the trained linear: its row pass, row weights, normaliser and sizes."""
 
     def __init__(self, row_pass: RowPass, rows_out: torch.Tensor, row_weight: torch.Tensor, normalizer,
-                 chunk: int, needs: tuple[bool, bool, bool], own_logits: bool = True,
-                 fp32_logits: bool = False):  # fmt: skip
+                 chunk: int, needs: tuple[bool, bool, bool], logits: str = "in_place"):  # fmt: skip
         self.row_pass, self.rows_out, self.row_weight, self.normalizer = row_pass, rows_out, row_weight, normalizer
         self.chunk, self.needs = chunk, needs
-        self.own_logits = own_logits  # False: the loss reads other linears only (DiMO), Z is not computed
-        self.fp32_logits = fp32_logits  # the divergences: Z in fp32, dZ in a buffer of its own (module docstring)
+        # "in_place": Z in the input dtype, dZ written over it (MDLM, DUO); "fp32": fp32 Z and a dZ buffer of its
+        # own (the divergences; module docstring); "none": the loss reads other linears only (DiMO), Z is not computed
+        assert logits in ("in_place", "fp32", "none"), logits
+        self.logits = logits
 
 
 class ChunkedLinearLossFunction(torch.autograd.Function):
@@ -452,10 +453,10 @@ class ChunkedLinearLossFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs pick their dtypes themselves
             for r0 in range(0, num_rows, plan.chunk):
                 r1 = min(r0 + plan.chunk, num_rows)
-                if plan.own_logits and not plan.fp32_logits:  # the row pass writes each dZ entry over its logit
+                if plan.logits == "in_place":  # the row pass writes each dZ entry over its logit
                     z = dz = operand[r0:r1, :dim] @ weight.t()
                 else:
-                    z = _mm_fp32(operand[r0:r1, :dim], weight.t()) if plan.own_logits else None
+                    z = _mm_fp32(operand[r0:r1, :dim], weight.t()) if plan.logits == "fp32" else None
                     dz = torch.empty(r1 - r0, width, device=hidden.device, dtype=hidden.dtype)
                 plan.row_pass(z, dz, r0, r1)
                 del z
@@ -578,7 +579,7 @@ def distill_loss_chunked(hs, ws, bs, ht, wt, bt, row_weight, vocab_size, kind, b
         )  # fmt: skip
 
     chunk = chunk_rows_for(num_rows, width, 8 + hs.element_size(), chunk_rows)
-    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs), fp32_logits=True)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hs, ws, bs), logits="fp32")
     return ChunkedLinearLossFunction.apply(hs, ws, bs, plan)
 
 
@@ -649,5 +650,5 @@ def dimo_generator_loss_chunked(hg, wg, bg, ha, wa, ba, ht, wt, bt, row_weight, 
         )  # fmt: skip
 
     chunk = chunk_rows_for(num_rows, width, 8 + hg.element_size(), chunk_rows)
-    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hg, wg, bg), own_logits=False)
+    plan = _Plan(row_pass, rows, w, normalizer, chunk, _needs(hg, wg, bg), logits="none")
     return ChunkedLinearLossFunction.apply(hg, wg, bg, plan)

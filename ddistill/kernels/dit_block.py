@@ -111,7 +111,7 @@ def _rotary_qk_kernel(
     _rope(src + H * dh, k_ptr + dst, cos1, cos2, sin1, sin2, ok, HALF, DTYPE)
 
 
-def _check_rows(x: torch.Tensor, mod: torch.Tensor, chunk: int) -> tuple[int, int, int]:
+def _check_rows(x: torch.Tensor, mod: torch.Tensor, *chunks: int) -> tuple[int, int, int]:
     check_device(x)
     check_device(mod)
     if x.dim() != 3 or x.dtype != torch.float32 or not x.is_contiguous():
@@ -119,22 +119,21 @@ def _check_rows(x: torch.Tensor, mod: torch.Tensor, chunk: int) -> tuple[int, in
     b, l, d = x.shape
     if mod.dim() != 2 or mod.shape[0] != b or mod.shape[1] % d or mod.stride(1) != 1:
         raise ValueError(f"mod must be (B, k·d) with unit column stride for x {tuple(x.shape)}, got {tuple(mod.shape)}")
-    if not 0 <= chunk < mod.shape[1] // d:
-        raise ValueError(f"chunk {chunk} out of range for mod of {mod.shape[1] // d} chunks")
+    for chunk in chunks:
+        if not 0 <= chunk < mod.shape[1] // d:
+            raise ValueError(f"chunk {chunk} out of range for mod of {mod.shape[1] // d} chunks")
     return b, l, d
 
 
 def _launch_rows(x, y, mod, weight, gate, shift, out_dtype):
-    b, l, d = _check_rows(x, mod, gate if gate is not None else shift)
     residual, norm = gate is not None, shift is not None
-    if norm:
-        _check_rows(x, mod, shift + 1)
-        if weight.shape != (d,):
-            raise ValueError(f"LayerNorm weight must have shape ({d},), got {tuple(weight.shape)}")
+    b, l, d = _check_rows(x, mod, *([gate] if residual else []), *([shift, shift + 1] if norm else []))
+    if norm and weight.shape != (d,):
+        raise ValueError(f"LayerNorm weight must have shape ({d},), got {tuple(weight.shape)}")
     if residual:
         check_device(y)
-    if residual and (y.shape != x.shape or not y.is_contiguous()):
-        raise ValueError(f"y must be contiguous with x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
+        if y.shape != x.shape or not y.is_contiguous():
+            raise ValueError(f"y must be contiguous with x's shape {tuple(x.shape)}, got {tuple(y.shape)}")
     x_out = torch.empty_like(x) if residual else x
     h = torch.empty(x.shape, dtype=out_dtype, device=x.device) if norm else x
     product = torch.promote_types(mod.dtype, y.dtype) if residual else mod.dtype
