@@ -291,6 +291,22 @@ def test_zero2_two_ranks_equal_one_rank_with_doubled_micro_batch(tmp_path):
         assert a["metrics"][key] == pytest.approx(b["metrics"][key], rel=1e-6, abs=0), key
 
 
+def test_contiguous_gradient_buffer_changes_no_number_on_two_ranks(tmp_path):
+    """`deepspeed.contiguous_gradients` only moves where ZeRO-2 keeps the gradients between the backward and the
+    reduction: two ranks with and without the buffer end with the same weights, EMA and metrics, bit for bit."""
+    common = ["method.name=mdlm", "model.dropout=0.0", "train.max_steps=4", "train.global_batch_size=8",
+              "train.micro_batch_size=2", f"train.out_dir={tmp_path / 'unused'}", "train.ema_decay=0.5",
+              "optim.grad_clip=0.05"]
+    apart, buffered = tmp_path / "apart.pt", tmp_path / "buffered.pt"
+    _launch(tmp_path, "equiv", common + ["deepspeed.contiguous_gradients=false"], apart, nproc=2)
+    _launch(tmp_path, "equiv", common + ["deepspeed.contiguous_gradients=true"], buffered, nproc=2)
+    a, b = torch.load(apart), torch.load(buffered)
+    assert a["grad_norm"] == b["grad_norm"] and a["metrics"]["loss/student"] == b["metrics"]["loss/student"]
+    for key in b["raw"]:
+        assert torch.equal(a["raw"][key], b["raw"][key]), key
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
 def test_zero3_teacher_is_partitioned_and_matches_unsharded_model(tmp_path):
     result = tmp_path / "zero3"
     _launch(tmp_path, "zero3", ["method.name=test_distill", "train.max_steps=10", "train.global_batch_size=4",

@@ -60,6 +60,8 @@ def test_train_compile_switch_compiles_the_trained_networks_blocks(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "key"), [({"deepspeed": {"frozen_gather": "layer"}}, "deepspeed.frozen_gather"),
+                                                ({"deepspeed": {"contiguous_gradients": "no"}},
+                                                 "deepspeed.contiguous_gradients"),
                                                 ({"train": {"compile": "yes"}}, "train.compile")])
 def test_bad_speed_switches_name_the_key(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -54,14 +54,16 @@ class DiTEntry(nn.Module):
 
 
 def trained_ds_config(
-    *, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float, zero_stage: int, overlap_comm: bool
+    *, micro_batch_size: int, grad_accum: int, world_size: int, grad_clip: float, zero_stage: int, overlap_comm: bool,
+    contiguous_gradients: bool
 ) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap_comm, "contiguous_gradients": True},
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": overlap_comm,
+                              "contiguous_gradients": contiguous_gradients},
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "steps_per_print": 2**62,

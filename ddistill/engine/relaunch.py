@@ -13,7 +13,8 @@ A launch into out_dir is one of (`plan_launch`, run on rank 0 before any network
 A config change on resume is (`change_kind`):
 
     safe      how the rest of the run is driven or observed (max_steps, checkpoint/log/eval cadence, logging,
-              export, the NCCL timeout, how a frozen ZeRO-3 network is gathered (same numbers); init_from, which a
+              export, the NCCL timeout, how a frozen ZeRO-3 network is gathered and whether gradients go through one
+              contiguous buffer (same numbers both); init_from, which a
               resume does not read): accepted and printed
     refused   the architecture (model.size and the fields it resolves to, vocab, length, time conditioning,
               causal), the data, the method's name, the ZeRO stage of the trained engines: the checkpoint cannot
@@ -47,7 +48,8 @@ ONE_SHOT_FLAGS = ("train.allow_config_change", "train.restart_from_scratch")
 _NOT_COMPARED = {"train.out_dir", *ONE_SHOT_FLAGS}
 _SAFE = {"train.max_steps", "train.ckpt_every", "train.keep_last", "train.log_every", "train.eval_every",
          "train.eval_batches", "train.stop_after_steps", "train.export_final", "train.max_consecutive_nonfinite",
-         "deepspeed.timeout_minutes", "deepspeed.frozen_gather", "init_from", "init_from_ema",
+         "deepspeed.timeout_minutes", "deepspeed.frozen_gather", "deepspeed.contiguous_gradients", "init_from",
+         "init_from_ema",
          "data.cache_dir", "data.datasets_cache_dir", "data.num_proc"}  # where data is cached / how fast it is read
 _SAFE_SECTIONS = ("logging.",)
 _ARCHITECTURE = {f"model.{k}" for k in ("size", "hidden_size", "n_blocks", "n_heads", "cond_dim", "length",

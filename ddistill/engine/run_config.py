@@ -113,7 +113,10 @@ class DeepSpeedConfig:
     """bf16: "auto" = bf16 mixed precision on CUDA (fp32 master weights in the engine, the DiT's own bf16 autocast),
     fp32 on CPU. Trained networks use ZeRO `trained_zero_stage` (1 or 2); frozen networks ZeRO-3 inference
     (`frozen_zero_stage` 3, or 0 = replicated) with parameters above `frozen_persistence_threshold` elements
-    partitioned, optionally offloaded to CPU."""
+    partitioned, optionally offloaded to CPU. `contiguous_gradients` (DeepSpeed's ZeRO-1/2 flag): copy each gradient
+    into one preallocated buffer from its backward hook (less fragmentation) instead of keeping the gradients apart
+    until the reduction flattens them; off by default: on one H200 the copies' per-parameter launches made the
+    `small` MDLM step host-bound (79.6 -> 75.4 ms a step without them, same run; benchmarks/results/perf_notes.md)."""
 
     bf16: bool | Literal["auto"] = "auto"
     trained_zero_stage: Literal[1, 2] = 2
@@ -123,6 +126,7 @@ class DeepSpeedConfig:
     frozen_gather: Literal["micro_batch", "module"] = "micro_batch"
     timeout_minutes: float = 30.0
     overlap_comm: bool = False
+    contiguous_gradients: bool = False
 
 
 @dataclass(kw_only=True)

@@ -399,7 +399,8 @@ class Trainer:
                 oc = self.optims[name] = self.cfg.network_optim(name, spec.optim)
                 conf = trained_ds_config(micro_batch_size=tc.micro_batch_size, grad_accum=self.grad_accum,
                                          world_size=self.dist.world_size, grad_clip=oc.grad_clip,
-                                         zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm)
+                                         zero_stage=ds.trained_zero_stage, overlap_comm=ds.overlap_comm,
+                                         contiguous_gradients=ds.contiguous_gradients)
                 net = build_trained(name, spec, model, ds_config=conf, algorithm=oc.algorithm, lr=oc.lr,
                                     betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay,
                                     ema_decay=tc.ema_decay, fused_optimizer=self.device.type == "cuda")
