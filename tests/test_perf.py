@@ -100,6 +100,32 @@ def test_bench_zero_norm_cpu_smoke():
     assert bad.returncode == 2 and "--blocks must be >= 1, got 0" in bad.stderr
 
 
+def test_bench_engine_ab_cpu_smoke():
+    """bench_engine_ab.py builds one trainer per arm in one process and times them in alternating blocks (here two
+    arms of the CPU row, the second with its own override); bad arms are refused before any trainer is built."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}  # fmt: skip
+    env["PYTHONPATH"] = str(ROOT)
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench_engine_ab.py"), "--device", "cpu", "--rows",
+              "mdlm_test", "--variants", "baseline"]
+    out = subprocess.run([*script, "--blocks", "2", "--steps", "1", "--warmup", "1", "--arm", "apart", "--arm",
+                          "buffered", "deepspeed.contiguous_gradients=true", "--no-save"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("mdlm_test / baseline / ")]
+    assert [ln.split(" / ")[2].split(":")[0] for ln in lines] == ["apart", "buffered"], out.stdout[-2000:]
+    assert "(1.000x the first arm)" in lines[0] and lines[1].count("', '") == 1  # two blocks per arm
+    for argv, message in ((["--arm", "a"], "at least two --arm"),
+                          (["--arm", "a", "--arm", "a"], "repeated: ['a']"),
+                          (["--arm", "a", "--arm", "b", "train.seed"], "not KEY=VALUE"),
+                          (["--arm", "a", "--arm", "b", "deepspeed.contiguous_gradients=maybe"],
+                           "deepspeed.contiguous_gradients: expected true or false"),
+                          (["--arm", "a", "--arm", "b", "--steps", "0"], "--steps must be >= 1")):
+        bad = subprocess.run([*script, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr[-500:])
+        assert "Trainer" not in bad.stderr
+
+
 @pytest.mark.parametrize("grad_clip", [1.0, 0.0])
 @pytest.mark.parametrize("poison_at", ["loss", "gradient"])
 def test_one_rank_nonfinite_loss_skips_the_step_without_a_host_flag(tmp_path, grad_clip, poison_at):
