@@ -138,9 +138,18 @@ def _worker(mode: str, args: dict) -> None:
     from ddistill.engine.trainer import Trainer
     from ddistill.models.dit import build_model
 
-    cfg = load_run_config(None, BASE + args["overrides"])
     out = Path(args["result"])
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if mode == "lagged":  # LaggedAnyRank: only rank 1 raises its flag, only at call 3
+        from ddistill.engine.distributed import LaggedAnyRank, init_distributed
+
+        init_distributed(device="cpu")
+        agree = LaggedAnyRank(torch.device("cpu"))
+        seen = [agree(rank == 1 and call == 3) for call in range(7)]
+        (out.parent / f"{out.name}.rank{rank}.json").write_text(json.dumps(seen))
+        shutdown_distributed()
+        return
+    cfg = load_run_config(None, BASE + args["overrides"])
     if mode == "train":
         (out.parent / f"{out.name}.rank{rank}.pid").write_text(str(os.getpid()))
         summary = run_training(cfg, train_blocks=_blocks(), valid_blocks=_blocks(16, seed=5))
@@ -305,6 +314,19 @@ def test_contiguous_gradient_buffer_changes_no_number_on_two_ranks(tmp_path):
     for key in b["raw"]:
         assert torch.equal(a["raw"][key], b["raw"][key]), key
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_lagged_any_rank_agrees_one_call_late_on_every_rank(tmp_path):
+    """The preemption flag's agreement: a flag raised on one rank at call 3 is seen by both ranks at call 4 exactly
+    (one call late, no host sync of the call's own all-reduce); one rank sees its own flag at once."""
+    from ddistill.engine.distributed import LaggedAnyRank
+
+    result = tmp_path / "lagged"
+    _launch(tmp_path, "lagged", [], result, nproc=2)
+    seen = [json.loads((tmp_path / f"lagged.rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] == seen[1] == [False, False, False, False, True, False, False]
+    single = LaggedAnyRank(torch.device("cpu"))  # this process: no process group of several ranks
+    assert [single(v) for v in (False, True, False)] == [False, True, False]
 
 
 def test_zero3_teacher_is_partitioned_and_matches_unsharded_model(tmp_path):

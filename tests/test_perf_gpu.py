@@ -66,3 +66,22 @@ def test_mdlm_sampler_on_gpu_equals_plain_transcription(num_steps):
                            generator=torch.Generator(device="cuda").manual_seed(3), **kw)
     assert (fast.tokens != V - 1).all()
     assert torch.equal(fast.tokens, plain)
+
+
+def test_lagged_any_rank_reads_the_previous_calls_flag_through_pinned_memory(monkeypatch):
+    """LaggedAnyRank's CUDA path (pinned host buffers behind events) on one GPU, with the all-reduce of a
+    several-rank group stood in by the identity: each call answers the previous call's value, never the queue's.
+    A long matmul queued before each call makes a read that waited on the whole queue (not the event) slow but not
+    wrong, so the test checks values; tests/test_engine_dist.py checks the agreement across two gloo ranks."""
+    from ddistill.engine import distributed
+
+    monkeypatch.setattr(distributed, "_multi_rank", lambda: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op=None: tensor)
+    agree = distributed.LaggedAnyRank(torch.device("cuda"))
+    big = torch.randn(4096, 4096, device="cuda")
+    seen = []
+    for value in (False, True, False, True, True, False):
+        big = big @ big / 64.0
+        seen.append(agree(value))
+    assert seen == [False, False, True, False, True, True]
+    assert all(buffer.is_pinned() for buffer in agree._host)

@@ -39,6 +39,7 @@ __all__ = [
     "all_reduce_max_",
     "all_reduce_sum",
     "all_reduce_sum_",
+    "LaggedAnyRank",
     "broadcast_object",
     "barrier",
 ]
@@ -187,6 +188,40 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return _reduce(values, dist.ReduceOp.SUM, device)
+
+
+class LaggedAnyRank:
+    """Whether a host flag is set on any rank, agreed one call late so that no call drains the device queue.
+
+    Call n writes the rank's value into a device tensor, all-reduces it (max) on the device, and copies the result
+    into pinned host memory behind a CUDA event; it returns the agreed value of call n − 1, whose copy completed
+    while call n's work was being queued (the wait is for that event only, not for the queue). Every rank gets the
+    same answer at the same call. A plain `all_reduce_max([...])` + `.tolist()` per training step is a host sync
+    that empties the queue: the GPU then idles while the host launches the next step's first small kernels.
+    One rank: the local value at once (nothing to agree on, no device work)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.calls = device, 0
+        pinned = device.type == "cuda"
+        self._host = [torch.zeros(1, dtype=torch.float32, pin_memory=pinned) for _ in range(2)]
+        self._events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+
+    def __call__(self, local: bool) -> bool:
+        if not _multi_rank():
+            return bool(local)
+        slot = self.calls % 2
+        flag = torch.full((1,), float(local), dtype=torch.float32, device=self.device)  # a fill: no host copy
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._host[slot].copy_(flag, non_blocking=self._events[slot] is not None)
+        if self._events[slot] is not None:
+            self._events[slot].record()
+        self.calls += 1
+        if self.calls == 1:
+            return False
+        previous = 1 - slot
+        if self._events[previous] is not None:
+            self._events[previous].synchronize()
+        return bool(self._host[previous].item() > 0)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -21,7 +21,8 @@ raises on every rank (with the failing rank's message where it happened); a non-
 rank back-propagate NaN, so DeepSpeed's ZeRO step (its NaN/inf global gradient norm) skips it on all ranks consistently —
 no parameter, moment or EMA update. `train.max_consecutive_nonfinite` skipped steps in a row stop the run with a
 checkpoint of the last good state. A preemption signal (SIGUSR2 from SLURM/submitit, SIGTERM) sets a flag that is
-all-reduced at the next step boundary; all ranks then checkpoint and return with `summary["preempted"] = True`.
+all-reduced at the next step boundary and read one step later (`LaggedAnyRank`: no host sync a step); all ranks then
+checkpoint and return with `summary["preempted"] = True`.
 `ddistill train` exits with `ddistill.exit_codes.exit_code_for_stop(summary["stop_reason"])`.
 
 Launching: `engine.relaunch.plan_launch` inspects train.out_dir first (new run, resume, restart, or a refusal that
@@ -57,7 +58,7 @@ from ddistill.engine import checkpoint as ckpt
 from ddistill.engine import relaunch
 from ddistill.engine.distributed import (
     DistEnv,
-    all_reduce_max,
+    LaggedAnyRank,
     all_reduce_max_,
     all_reduce_sum,
     all_reduce_sum_,
@@ -767,6 +768,7 @@ class Trainer:
         self._install_signal_handlers()
         start_step, stop_reason, last = self.step, "max_steps", {}
         clock = _WindowClock(self.device)
+        agree_preempt = LaggedAnyRank(self.device)  # several ranks: acted on one step after the signal
         logged: list[StepMetrics] = []  # the steps since the last log line, their metrics read only when needed
         unfolded: list[StepMetrics] = []  # ... of which not yet in the carried window sums
 
@@ -788,7 +790,7 @@ class Trainer:
                 unfolded.append(pending)
                 self.total_nonfinite += pending.skipped
                 self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if pending.skipped else 0
-                (preempt,) = all_reduce_max([float(self._preempt.is_set())], self.device)
+                preempt = agree_preempt(self._preempt.is_set())
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     fold()
                     tokens = sum(m.resolve()["tokens"] for m in logged)
