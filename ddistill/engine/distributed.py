@@ -35,7 +35,6 @@ __all__ = [
     "expand_nodelist",
     "init_distributed",
     "shutdown_distributed",
-    "all_reduce_max",
     "all_reduce_max_",
     "all_reduce_sum",
     "all_reduce_sum_",
@@ -174,11 +173,6 @@ def all_reduce_max_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise max over ranks (used to agree on flags: any rank set it => all see it)."""
-    return _reduce(values, dist.ReduceOp.MAX, device)
-
-
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place element-wise sum over ranks of a device tensor (no host sync)."""
     if _multi_rank():
@@ -196,9 +190,9 @@ class LaggedAnyRank:
     Call n writes the rank's value into a device tensor, all-reduces it (max) on the device, and copies the result
     into pinned host memory behind a CUDA event; it returns the agreed value of call n − 1, whose copy completed
     while call n's work was being queued (the wait is for that event only, not for the queue). Every rank gets the
-    same answer at the same call. A plain `all_reduce_max([...])` + `.tolist()` per training step is a host sync
-    that empties the queue: the GPU then idles while the host launches the next step's first small kernels.
-    One rank: the local value at once (nothing to agree on, no device work)."""
+    same answer at the same call. An all-reduce of the flag read back at once (a tensor made from host memory, then
+    `.tolist()`) is, once per training step, a host sync that empties the queue: the GPU then idles while the host
+    launches the next step's first small kernels. One rank: the local value at once (nothing to agree on)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.calls = device, 0

@@ -13,9 +13,9 @@ A launch into out_dir is one of (`plan_launch`, run on rank 0 before any network
 A config change on resume is (`change_kind`):
 
     safe      how the rest of the run is driven or observed (max_steps, checkpoint/log/eval cadence, logging,
-              export, the NCCL timeout, how a frozen ZeRO-3 network is gathered and whether gradients go through one
-              contiguous buffer (same numbers both); init_from, which a
-              resume does not read): accepted and printed
+              export, the NCCL timeout, how a frozen ZeRO-3 network is gathered and whether gradients go through
+              one contiguous buffer (same numbers both); init_from, which a resume does not read): accepted and
+              printed
     refused   the architecture (model.size and the fields it resolves to, vocab, length, time conditioning,
               causal), the data, the method's name, the ZeRO stage of the trained engines: the checkpoint cannot
               continue under them; a new out_dir is the way

@@ -115,8 +115,9 @@ class DeepSpeedConfig:
     (`frozen_zero_stage` 3, or 0 = replicated) with parameters above `frozen_persistence_threshold` elements
     partitioned, optionally offloaded to CPU. `contiguous_gradients` (DeepSpeed's ZeRO-1/2 flag): copy each gradient
     into one preallocated buffer from its backward hook (less fragmentation) instead of keeping the gradients apart
-    until the reduction flattens them; off by default: on one H200 the copies' per-parameter launches made the
-    `small` MDLM step host-bound (79.6 -> 75.4 ms a step without them, same run; benchmarks/results/perf_notes.md)."""
+    until the reduction flattens them (the same numbers either way); off by default: on one H200 the copies'
+    per-parameter launches kept the host behind the GPU (`small` MDLM step 80.9 -> 76.0 ms without them, in one
+    process: benchmarks/results/engine_ab.md)."""
 
     bf16: bool | Literal["auto"] = "auto"
     trained_zero_stage: Literal[1, 2] = 2
