@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import shlex
 import statistics
 import sys
@@ -124,12 +125,15 @@ def write_markdown() -> None:
         rows = list(csv.DictReader(fh))
     lines = ["# Run-config overrides A/B-tested in one process (benchmarks/bench_engine_ab.py)", "",
              "One trainer per arm, alternating blocks of steps; ms per step = the median over the arm's blocks; "
-             "ratio = the first arm's ms over this arm's; kernels = the sum of CUDA kernel durations a step.", "",
+             "ratio = the first arm's ms over this arm's; kernels = the sum of CUDA kernel durations a step; overrides = "
+             "the row's `--set` ones, then the arm's.", "",
              "| card | git | row | variant | arm | overrides | ms/step | tokens/s | kernels ms | kernels/step | "
              "ratio | blocks ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        common = re.findall(r"--set (\S+)", r["command"])  # every arm's overrides, e.g. the batch size
+        overrides = " ".join([*common, r["overrides"]]).strip()
         lines.append(f"| {r['gpu']} | {r['git_rev']} | {r['row']} | {r['variant']} | {r['arm']} | "
-                     f"{r['overrides'] or '(none)'} | {float(r['ms_per_step']):.2f} | {float(r['tokens_per_s']):,.0f} | "
+                     f"{overrides or '(none)'} | {float(r['ms_per_step']):.2f} | {float(r['tokens_per_s']):,.0f} | "
                      f"{r['kernel_ms']} | {r['kernels_per_step']} | {float(r['ratio']):.3f} | {r['blocks_ms']} |")
     MD_PATH.write_text("\n".join(lines) + "\n")
 
