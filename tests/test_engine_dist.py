@@ -166,7 +166,8 @@ def _worker(mode: str, args: dict) -> None:
         state = full_state(trainer.nets["student"])
         ema = full_state(trainer.nets["student"], use_ema=True)
         if rank == 0:
-            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"], "metrics": metrics}, out)
+            torch.save({"raw": state, "ema": ema, "grad_norm": metrics["grad_norm/student"], "metrics": metrics,
+                        "contiguous": trainer.nets["student"].engine.optimizer.contiguous_gradients}, out)
     elif mode == "init":  # init="pretrained" for a trained and a frozen network (dropout override on the latter)
         from ddistill.models.checkpoints import load_pretrained
 
@@ -310,6 +311,7 @@ def test_contiguous_gradient_buffer_changes_no_number_on_two_ranks(tmp_path):
     _launch(tmp_path, "equiv", common + ["deepspeed.contiguous_gradients=false"], apart, nproc=2)
     _launch(tmp_path, "equiv", common + ["deepspeed.contiguous_gradients=true"], buffered, nproc=2)
     a, b = torch.load(apart), torch.load(buffered)
+    assert (a["contiguous"], b["contiguous"]) == (False, True)  # the key reached DeepSpeed's ZeRO-2 optimizer
     assert a["grad_norm"] == b["grad_norm"] and a["metrics"]["loss/student"] == b["metrics"]["loss/student"]
     for key in b["raw"]:
         assert torch.equal(a["raw"][key], b["raw"][key]), key
