@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from harness import RESULTS, append_csv, environment
+from harness import RESULTS, append_csv, environment, synchronize
 
 from ddistill.methods import get_method
 from ddistill.methods.base import StepContext
@@ -38,11 +38,6 @@ CSV_PATH, MD_PATH = RESULTS / "duo.csv", RESULTS / "duo.md"
 FIELDS = ["timestamp", "gpu", "torch", "triton", "git_rev", "case", "size", "batch", "length", "V", "top_k", "steps",
           "step_ms", "tokens_per_s", "peak_mem_gib", "final_loss", "status"]  # fmt: skip
 CASES = ("duo_full", "duo_topk", "duo_topk_fused", "usdm", "dcd_engine")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _method_case(case: str, args, device: torch.device) -> dict:
@@ -109,14 +104,14 @@ def _engine_case(args, device: torch.device) -> dict:
 def _timed(step, args, device: torch.device) -> dict:
     for i in range(args.warmup):
         step(i)
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     loss = float("nan")
     for i in range(args.warmup, args.warmup + args.steps):
         loss = step(i)
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return dict(step_ms=round(seconds * 1e3, 2), tokens_per_s=round(args.batch * args.length / seconds),

@@ -175,6 +175,12 @@ def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
     )  # fmt: skip
 
 
+def optimizer_step(trainer):
+    """One optimizer step on the trainer's next micro-batches, as `Trainer.fit` runs it: the metrics stay on the
+    device (returned unresolved; fit reads them at log lines only)."""
+    return trainer.train_step_deferred([next(trainer.loader) for _ in range(trainer.grad_accum)])
+
+
 def profile_row(name: str, variant: str, args, work: Path) -> None:
     """In-process: warm up, then cProfile `--steps` steps and count the host<->device syncs per step."""
     import torch
@@ -187,8 +193,8 @@ def profile_row(name: str, variant: str, args, work: Path) -> None:
     overrides = engine_args(row, variant, extra, args.steps, work / "profile", args.device)[1:]
     trainer = Trainer(load_run_config(ROOT / row["config"], overrides))
 
-    def step():  # as `Trainer.fit` runs it: the metrics stay on the device (fit reads them at log lines only)
-        trainer.train_step_deferred([next(trainer.loader) for _ in range(trainer.grad_accum)])
+    def step():  # print_idle_gaps calls it without arguments
+        optimizer_step(trainer)
 
     for _ in range(5):
         step()

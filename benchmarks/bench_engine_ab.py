@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engine import ROWS, add_row_arguments, engine_args, parse_rows, row_config
-from harness import RESULTS, ROOT, append_csv, environment
+from bench_engine import ROWS, add_row_arguments, engine_args, optimizer_step, parse_rows, row_config
+from harness import RESULTS, ROOT, append_csv, environment, synchronize
 
 CSV_PATH = RESULTS / "engine_ab.csv"
 MD_PATH = RESULTS / "engine_ab.md"
@@ -40,27 +40,16 @@ FIELDS = ["timestamp", "gpu", "torch", "triton", "git_rev", "row", "variant", "a
 PROFILED_STEPS = 3
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _step(trainer):
-    return trainer.train_step_deferred([next(trainer.loader) for _ in range(trainer.grad_accum)])
-
-
 def kernel_time(trainer) -> tuple[float, float]:
     """(kernel ms a step, kernels a step) over PROFILED_STEPS steps: the sum of the CUDA kernels' durations."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    _sync(trainer.device)
+    synchronize(trainer.device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED_STEPS):
-            _step(trainer)
-        _sync(trainer.device)
+            optimizer_step(trainer)
+        synchronize(trainer.device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return sum(e.device_time for e in kernels) / 1e3 / PROFILED_STEPS, len(kernels) / PROFILED_STEPS
 
@@ -83,16 +72,16 @@ def bench_row(name: str, variant: str, arms: list[tuple[str, list[str]]], config
     trainers = {label: Trainer(cfg) for label, cfg in configs.items()}
     for trainer in trainers.values():
         for _ in range(args.warmup):
-            _step(trainer)
+            optimizer_step(trainer)
     times: dict[str, list[float]] = {label: [] for label in trainers}
     tokens: dict[str, int] = {}
     for _ in range(args.blocks):
         for label, trainer in trainers.items():
-            _sync(trainer.device)
+            synchronize(trainer.device)
             start = time.perf_counter()
             for _ in range(args.steps):
-                last = _step(trainer)
-            _sync(trainer.device)
+                last = optimizer_step(trainer)
+            synchronize(trainer.device)
             times[label].append(1e3 * (time.perf_counter() - start) / args.steps)
             tokens[label] = last.resolve()["tokens"] // trainer.dist.world_size
     env = environment()

@@ -27,20 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_engine import ROWS, add_row_arguments, engine_args, parse_rows, row_config
-from harness import RESULTS, ROOT, append_csv, environment
+from bench_engine import ROWS, add_row_arguments, engine_args, optimizer_step, parse_rows, row_config
+from harness import RESULTS, ROOT, append_csv, environment, synchronize
 
 CSV_PATH = RESULTS / "zero_norm.csv"
 MD_PATH = RESULTS / "zero_norm.md"
 FIELDS = ["timestamp", "gpu", "torch", "triton", "git_rev", "row", "variant", "what", "deepspeed_ms", "ddistill_ms",
           "ratio", "repeats", "command"]  # fmt: skip
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_norm_call(optimizer, device, iters: int) -> tuple[float, float, float, float, float]:
@@ -60,12 +53,12 @@ def time_norm_call(optimizer, device, iters: int) -> tuple[float, float, float, 
         norms.append(fn().double())
         for _ in range(2):
             fn()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(iters):
             fn()
         host = (time.perf_counter() - start) / iters
-        _sync(device)
+        synchronize(device)
         out += [1e3 * host, 1e3 * (time.perf_counter() - start) / iters]
     return (*out, float((norms[1] - norms[0]).abs() / norms[0]))
 
@@ -75,11 +68,8 @@ def time_steps(trainer, optimizers, blocks: int, steps: int) -> tuple[list[float
     ours = [opt.get_grad_norm_direct for opt in optimizers]
     times: dict[str, list[float]] = {"deepspeed": [], "ddistill": []}
 
-    def step():
-        trainer.train_step_deferred([next(trainer.loader) for _ in range(trainer.grad_accum)])
-
     for _ in range(5):
-        step()
+        optimizer_step(trainer)
     for _ in range(blocks):
         for variant in ("deepspeed", "ddistill"):
             for opt, norm in zip(optimizers, ours):
@@ -87,11 +77,11 @@ def time_steps(trainer, optimizers, blocks: int, steps: int) -> tuple[list[float
                     del opt.get_grad_norm_direct  # back to the class's function: DeepSpeed's
                 else:
                     opt.get_grad_norm_direct = norm
-            _sync(trainer.device)
+            synchronize(trainer.device)
             start = time.perf_counter()
             for _ in range(steps):
-                step()
-            _sync(trainer.device)
+                optimizer_step(trainer)
+            synchronize(trainer.device)
             times[variant].append(1e3 * (time.perf_counter() - start) / steps)
     for opt, norm in zip(optimizers, ours):
         opt.get_grad_norm_direct = norm

@@ -65,6 +65,12 @@ def git_revision() -> str:
         return "unknown"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): before and after a timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def environment() -> dict[str, str]:
     import triton
 
