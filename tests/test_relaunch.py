@@ -20,7 +20,7 @@ from ddistill.engine.trainer import Trainer
 V, L = 37, 16
 
 
-def _config(out_dir, *, model=None, optim=None, train=None, data=None, logging=None):
+def _config(out_dir, *, model=None, optim=None, train=None, data=None, logging=None, deepspeed=None):
     return run_config_from_dict({
         "model": {"size": "test", "vocab_size": V, "length": L, "dropout": 0.0, **(model or {})},
         "data": {"dataset": "classics", "block_size": L, **(data or {})},
@@ -30,6 +30,7 @@ def _config(out_dir, *, model=None, optim=None, train=None, data=None, logging=N
                   "ckpt_every": 100, "keep_last": 5, "device": "cpu", "export_final": False, "ema_decay": 0.9,
                   **(train or {})},
         "logging": {"wandb": "disabled", "progress_bar": False, **(logging or {})},
+        **({"deepspeed": deepspeed} if deepspeed else {}),
     })
 
 
@@ -88,11 +89,13 @@ def test_other_changes_need_the_flag_and_are_recorded(run_dir):
 
 def test_safe_changes_are_accepted_and_printed(run_dir, capsys):
     trainer = Trainer(_config(run_dir, train={"max_steps": 4, "log_every": 1, "ckpt_every": 2},
-                              logging={"jsonl": False}), train_blocks=_blocks())
+                              logging={"jsonl": False}, deepspeed={"contiguous_gradients": True}),
+                      train_blocks=_blocks())
     trainer.fit()
     err = capsys.readouterr().err
     assert "resuming with changed settings (safe on resume): " in err
     assert "train.max_steps: 6 -> 4" in err and "train.log_every: 10 -> 1" in err
+    assert "deepspeed.contiguous_gradients: False -> True" in err  # where gradients wait: the same numbers
     assert "logging.jsonl: True -> False" in err
     assert "optim" not in err.split("safe on resume")[1].splitlines()[0]
 
