@@ -104,6 +104,35 @@ def test_ema_matches_float64_recursion_and_keeps_configured_decay(caplog):
     assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ref)
 
 
+
+def test_ema_follows_swapped_parameter_data_a_cast_and_another_module():
+    """The update's cached parameter lists (ema.py) see what ZeRO-2 does to a module (each Parameter's .data
+    replaced by a view of one flat buffer), a cast of the module to bf16, and a different module passed in."""
+    torch.manual_seed(1)
+    net = torch.nn.Linear(3, 2)
+    ema = EMA(net, 0.5, warmup=False)
+    ref = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+
+    def step(module):
+        ema.update(module)
+        for n, p in module.named_parameters():
+            ref[n] = 0.5 * ref[n] + 0.5 * p.detach().double()
+        for n in ref:
+            torch.testing.assert_close(ema.shadow[n].double(), ref[n], rtol=1e-6, atol=1e-6)
+
+    step(net)
+    flat = torch.randn(8)
+    net.weight.data, net.bias.data = flat[:6].view(2, 3), flat[6:]  # new storage, same Parameter objects
+    step(net)
+    with torch.no_grad():
+        flat.mul_(3.0)  # written through the views, as the optimizer writes its flat buffer
+    step(net)
+    net.to(torch.bfloat16)
+    step(net)
+    other = torch.nn.Linear(3, 2)
+    step(other)
+    assert ema.num_updates == 5
+
 def _fake_checkpoint(root, step, payload=b"x"):
     tmp = root / f"step_{step:08d}.tmp"
     (tmp / "ds").mkdir(parents=True)

@@ -6,7 +6,11 @@ The warm-up of d is the reference's (MDLM/DUO `ExponentialMovingAverage(use_num_
 
 Under ZeRO-2 (and 1) every rank holds the full, identical module parameters after each optimizer step (only
 gradients and optimizer state are partitioned), so each rank keeps a full fp32 copy and updates it locally; the
-copies stay identical without communication. Rank 0 saves it. A loaded state never overrides the configured decay
+copies stay identical without communication. Rank 0 saves it. The update is one multi-tensor lerp over lists built
+once per module: walking ``named_parameters()`` and detaching ~130 tensors every step cost ~1.3 ms of host time
+on a `small` DiT, during which the GPU waited (an H200 trace of the MDLM step: 1.70 ms on the host for 0.52 ms of
+kernels). ZeRO-2 swaps a parameter's ``.data`` for a view of its flat buffer but keeps the Parameter object, so the
+lists stay valid. A loaded state never overrides the configured decay
 (a bug of the reference, where a base checkpoint's 0.9999 silently replaced a distillation run's 0.999); a
 difference is logged.
 """
@@ -33,6 +37,14 @@ class EMA:
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().float().clone() for name, p in module.named_parameters()
         }
+        self._lists: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]] | None = None  # (module, shadows, params)
+
+    def _pairs(self, module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(shadows, parameters) in one order, built on the first update from `module` (again for another one)."""
+        if self._lists is None or self._lists[0] is not module:
+            names, params = zip(*module.named_parameters())
+            self._lists = (module, [self.shadow[n] for n in names], list(params))
+        return self._lists[1], self._lists[2]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -43,9 +55,8 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.num_updates += 1
         weight = 1.0 - self.current_decay()
-        names, params = zip(*module.named_parameters())
-        shadows = [self.shadow[n] for n in names]
-        torch._foreach_lerp_(shadows, [p.detach().float() for p in params], weight)
+        shadows, params = self._pairs(module)
+        torch._foreach_lerp_(shadows, [p if p.dtype == torch.float32 else p.float() for p in params], weight)
 
     @torch.no_grad()
     def reset_to(self, module: nn.Module) -> None:
