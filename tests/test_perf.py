@@ -108,19 +108,23 @@ def test_bench_engine_ab_cpu_smoke():
     env["PYTHONPATH"] = str(ROOT)
     script = [sys.executable, str(ROOT / "benchmarks" / "bench_engine_ab.py"), "--device", "cpu", "--rows",
               "mdlm_test", "--variants", "baseline"]
-    out = subprocess.run([*script, "--blocks", "2", "--steps", "1", "--warmup", "1", "--arm", "apart", "--arm",
-                          "buffered", "deepspeed.contiguous_gradients=true", "--no-save"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run([*script, "--blocks", "2", "--steps", "1", "--warmup", "1", "--replicas", "2", "--arm",
+                          "apart", "--arm", "buffered", "deepspeed.contiguous_gradients=true", "--no-save"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("mdlm_test / baseline / ")]
     assert [ln.split(" / ")[2].split(":")[0] for ln in lines] == ["apart", "buffered"], out.stdout[-2000:]
-    assert "(1.000x the first arm)" in lines[0] and lines[1].count("', '") == 1  # two blocks per arm
+    assert "(1.000x the first arm)" in lines[0]
+    for line in lines:  # two replica trainers an arm, two blocks each: two replica medians, four blocks
+        assert line.split("; replicas ")[1].split("]")[0].count("', '") == 1, line
+        assert line.split("; blocks ")[1].count("', '") == 3, line
     for argv, message in ((["--arm", "a"], "at least two --arm"),
                           (["--arm", "a", "--arm", "a"], "repeated: ['a']"),
                           (["--arm", "a", "--arm", "b", "train.seed"], "not KEY=VALUE"),
                           (["--arm", "a", "--arm", "b", "deepspeed.contiguous_gradients=maybe"],
                            "deepspeed.contiguous_gradients: expected true or false"),
-                          (["--arm", "a", "--arm", "b", "--steps", "0"], "--steps must be >= 1")):
+                          (["--arm", "a", "--arm", "b", "--steps", "0"], "--steps must be >= 1"),
+                          (["--arm", "a", "--arm", "b", "--replicas", "0"], "--replicas must be >= 1")):
         bad = subprocess.run([*script, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr, (argv, bad.stderr[-500:])
         assert "Trainer" not in bad.stderr
