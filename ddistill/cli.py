@@ -188,6 +188,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     dimo.add_argument("--temperature", type=_positive, default=1.0, help="sampling temperature")
     dimo.add_argument("--remask", choices=("confidence", "random"), default="confidence",  # sample_dimo's
                       help="positions re-masked at steps >= 2: the least confident, or uniformly random ones")
+    dimo.add_argument("--remask-power", type=_positive, default=1.0,
+                      help="step k of N re-masks r_init·L·((N-k+1)/N)^p positions: 1 linear, > 1 fewer at later steps")
 
 
 def _check_draw(args) -> None:
@@ -196,7 +198,7 @@ def _check_draw(args) -> None:
 
 
 _DIMO_FLAGS = {"r_init": "--r-init", "embed_noise": "--embed-noise", "embed_noise_rms": "--embed-noise-rms",
-               "temperature": "--temperature", "remask": "--remask"}
+               "temperature": "--temperature", "remask": "--remask", "remask_power": "--remask-power"}
 _MDLM_DUO_FLAGS = {"greedy_tail": "--greedy-tail", "draw": "--draw"}
 
 
@@ -215,7 +217,7 @@ def _sampler_kwargs(args, process: str, model=None) -> dict:
     kwargs = {"nucleus_p": args.nucleus_p}
     if process == "dimo":
         return {**kwargs, "r_init": args.r_init, "embed_noise": args.embed_noise, "temperature": args.temperature,
-                "remask": args.remask, "embed_dim": model.config.hidden_size,
+                "remask": args.remask, "remask_power": args.remask_power, "embed_dim": model.config.hidden_size,
                 "noise_rms": model.input_embedding_rms() if args.embed_noise_rms else 1.0}
     kwargs["draw"] = args.draw
     if args.greedy_tail is not None:

@@ -131,10 +131,13 @@ def sample_all(teacher_dir: str, generator_dir: str, args, device: torch.device)
         if steps > 1:  # the same generator with uniformly random re-masking between steps
             out.setdefault("dimo remask=random", {})[steps] = draw(
                 lambda **kw: sample_dimo(generator, remask="random", **dimo_kw, **kw), steps)
-    for temperature in args.temperatures:  # one curve a temperature: random re-masking between steps
-        for steps in args.temperature_steps:
-            out.setdefault(f"dimo T={temperature}", {})[steps] = draw(
-                lambda **kw: sample_dimo(generator, temperature=temperature, remask="random", **dimo_kw, **kw), steps)
+    for power in args.remask_powers:  # one curve a (temperature, re-mask power): random re-masking between steps
+        for temperature in args.temperatures:
+            label = f"dimo T={temperature}" + ("" if power == 1.0 else f" p={power}")
+            for steps in args.temperature_steps:
+                out.setdefault(label, {})[steps] = draw(
+                    lambda **kw: sample_dimo(generator, temperature=temperature, remask="random", remask_power=power,
+                                             **dimo_kw, **kw), steps)
     return out
 
 
@@ -255,6 +258,8 @@ def main() -> None:
     run.add_argument("--temperatures", type=float, nargs="*", default=[0.5, 0.8, 1.2, 1.5])
     run.add_argument("--temperature-steps", type=int, nargs="+", default=[1],
                      help="step counts of the temperature sweep (rows 'dimo T=<t>', random re-masking between steps)")
+    run.add_argument("--remask-powers", type=float, nargs="+", default=[1.0],
+                     help="re-mask powers p of the temperature curves (sample_dimo's remask_power; 1: linear)")
     run.add_argument("--log-every", type=int, default=50)
     run.add_argument("--snapshot-every", type=int, default=0,
                      help="also sample the generator's EMA at one step every N DiMO steps (0: only at the end)")
@@ -278,6 +283,8 @@ def main() -> None:
             raise SystemExit("dimo_classics.py: --dimo-sample-steps and --temperature-steps must be >= 1")
         if any(not t > 0 for t in args.temperatures):  # checked here, not after minutes of training
             raise SystemExit(f"dimo_classics.py: --temperatures {args.temperatures} must all be > 0")
+        if any(not 0 < p < float("inf") for p in args.remask_powers):
+            raise SystemExit(f"dimo_classics.py: --remask-powers {args.remask_powers} must all be finite and > 0")
         if args.snapshot_every < 0:
             raise SystemExit(f"dimo_classics.py: --snapshot-every {args.snapshot_every} must be >= 0")
         if args.teacher_only and args.teacher is not None:

@@ -118,6 +118,7 @@ def _main_fails(capsys, *argv):
     ("--temperature", "0", "argument --temperature: must be a finite number > 0, got 0.0"),
     ("--temperature", "-0.5", "argument --temperature: must be a finite number > 0, got -0.5"),
     ("--embed-noise", "1.5", "argument --embed-noise: must lie in [0, 1], got 1.5"),
+    ("--remask-power", "0", "argument --remask-power: must be a finite number > 0, got 0.0"),
 ])
 @pytest.mark.parametrize("command", ["sample", "eval"])
 def test_bad_numbers_are_one_line(mdlm_checkpoint, capsys, command, flag, value, message):
@@ -170,6 +171,8 @@ def test_flags_of_the_other_sampler_are_refused_not_ignored(mdlm_checkpoint, cap
         assert err.endswith(f"--temperature applies to --process dimo only; {mdlm_checkpoint} samples as absorbing")
         err = _main_fails(capsys, command, str(mdlm_checkpoint), "--r-init", "0.5", "--no-embed-noise-rms")
         assert "--r-init, --embed-noise-rms apply to --process dimo only" in err
+        err = _main_fails(capsys, command, str(mdlm_checkpoint), "--remask-power", "2")
+        assert "--remask-power applies to --process dimo only" in err
         err = _main_fails(capsys, command, str(mdlm_checkpoint), "--process", "dimo", "--no-greedy-tail")
         assert "--greedy-tail applies to the MDLM and DUO samplers only" in err and "samples as dimo" in err
         err = _main_fails(capsys, command, str(mdlm_checkpoint), "--process", "dimo", "--draw", "torch")
@@ -258,6 +261,11 @@ def test_dimo_sampler_from_sample_and_eval(mdlm_checkpoint, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["nfe"] for r in records] == [3, 3]
     assert all(len(r["token_ids"]) == 24 and all(0 <= t < MASK_ID for t in r["token_ids"]) for r in records)
+    fewer = tmp_path / "fewer.jsonl"  # steps 2 and 3 redraw round(14.4·(2/3)³) = 4 and 1 positions instead of 10 and 5
+    proc = run_cli("sample", str(mdlm_checkpoint), "--process", "dimo", "--steps", "3", "--num-samples", "2",
+                   "--temperature", "0.7", "--remask-power", "3", "--device", "cpu", "--out", str(fewer))
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["token_ids"] for line in fewer.read_text().splitlines()] != [r["token_ids"] for r in records]
     torch.manual_seed(0)
     judge = tmp_path / "judge"
     GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=2, n_head=2,

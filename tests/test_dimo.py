@@ -194,6 +194,13 @@ def test_dimo_sampler_one_and_several_steps():
     # step k >= 2 feeds round(r_init·L·(N−k+1)/N) masks: 6 * 3/4, 6 * 2/4, 6 * 1/4
     assert [int((c["x"] == MASK).sum(1).max()) for c in net.calls[1:]] == [round(6 * 3 / 4), 3, round(6 / 4)]
     net.calls.clear()
+    squared = draw(4, remask_power=2.0)  # round(6·((N−k+1)/N)²): 3.375, 1.5, 0.375 -> 3, 2, 0 (the last step redraws none)
+    assert squared.nfe == 4 and (squared.tokens != MASK).all()
+    assert [int((c["x"] == MASK).sum(1).max()) for c in net.calls[1:]] == [3, 2, 0]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="remask_power"):
+            draw(2, remask_power=bad)
+    net.calls.clear()
     net.outputs.clear()
     cold = draw(1, temperature=1e-4)  # T → 0: the argmax of the generator's logits (mask id excluded)
     logits = net.outputs[0].detach().clone()

@@ -37,11 +37,14 @@ def test_teacher_only_then_snapshots_along_a_dimo_run(tmp_path):
     assert (teacher / "model.safetensors").is_file() and not (tmp_path / "t/samples.pt").exists()
     _run(*common, "--out", str(tmp_path / "d"), "--teacher", str(teacher), "--dimo-steps", "4", "--dimo-seconds",
          "600", "--snapshot-every", "2", "--teacher-sample-steps", "--dimo-sample-steps", "1", "--temperatures",
-         "1.3", "--temperature-steps", "1", "2", "--dimo-overrides", *SMALL, "method.aux_steps=1", "networks.generator.optim.lr=0.05",
+         "1.3", "--temperature-steps", "1", "2", "--remask-powers", "1", "2", "--dimo-overrides", *SMALL, "method.aux_steps=1", "networks.generator.optim.lr=0.05",
          "networks.generator.optim.warmup_steps=0")  # a large lr, so that steps 2 and 4 sample differently
     samples = torch.load(tmp_path / "d/samples.pt")["samples"]
-    assert set(samples) == {"dimo", "dimo@2", "dimo@4", "dimo T=1.3"}  # no teacher rows were asked for
+    assert set(samples) == {"dimo", "dimo@2", "dimo@4", "dimo T=1.3", "dimo T=1.3 p=2.0"}  # no teacher rows asked for
     assert set(samples["dimo T=1.3"]) == {1, 2}  # one curve across the temperature's step counts
+    # the re-mask power acts from step 2 on (here 5 vs 2 of 16 positions redrawn), on the same seeds
+    assert torch.equal(samples["dimo T=1.3 p=2.0"][1], samples["dimo T=1.3"][1])
+    assert not torch.equal(samples["dimo T=1.3 p=2.0"][2], samples["dimo T=1.3"][2])
     assert not torch.equal(samples["dimo T=1.3"][1], samples["dimo"][1])  # the same seeds, another temperature
     assert torch.equal(samples["dimo@4"][1], samples["dimo"][1])
     assert not torch.equal(samples["dimo@2"][1], samples["dimo@4"][1])
@@ -50,7 +53,8 @@ def test_teacher_only_then_snapshots_along_a_dimo_run(tmp_path):
 @pytest.mark.parametrize("bad, message", [(["--snapshot-every", "-1"], "--snapshot-every -1 must be >= 0"),
                                           (["--teacher-only", "--teacher", "x"], "cannot be given with --teacher"),
                                           (["--temperature-steps", "0"], "must be >= 1"),
-                                          (["--temperatures", "1.2", "0"], "must all be > 0")])
+                                          (["--temperatures", "1.2", "0"], "must all be > 0"),
+                                          (["--remask-powers", "2", "0"], "must all be finite and > 0")])
 def test_bad_arguments_name_the_problem(tmp_path, bad, message):
     tokens = tmp_path / "blocks.npy"
     np.save(tokens, np.zeros((4, 16), dtype=np.int64))
