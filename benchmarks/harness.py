@@ -2,7 +2,9 @@
 
 Timing: median of ``triton.testing.do_bench`` (L2 flushed between reps) for forward, backward (retained graph) and
 full (forward + backward). Memory: ``torch.cuda.max_memory_allocated()`` during one full step minus the allocation
-before it (inputs excluded; produced gradients included). Error: relative L2 error of the loss and of d_hidden /
+before it (inputs excluded; produced gradients included, once: the kernels.csv rows up to revision 781ca03 also
+counted the harness's own copy of the gradients wherever that copy made the peak: the Triton MDLM and KL rows'
+0.205 GB at N = 16384, d = 768 is twice their 0.10 GB of gradients). Error: relative L2 error of the loss and of d_hidden /
 d_weight against a float64 evaluation of the same loss on the first ``ERROR_ROWS`` rows (float64 on all rows would
 take minutes at these shapes). Every row of ``results/kernels.csv`` records the GPU, torch/triton versions and git rev.
 """
@@ -150,7 +152,7 @@ def measure(case: Case, name: str, fn, check_error: bool) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _run_once(fn, leaves, consts)
+        fn(*leaves, **consts).backward()  # not _run_once: its copies of the gradients are not the loss's memory
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 1e9
         fwd = do_bench(lambda: fn(*leaves, **consts), grad_to_none=leaves, return_mode="median")
@@ -228,7 +230,10 @@ def write_markdown() -> None:
     lines = ["# Fused-loss kernel benchmarks", "",
              "Generated from `kernels.csv` by `python benchmarks/bench_kernels.py --table-only`; latest run per key.",
              "bf16 inputs, V = 50258 (padded 50304); times are medians of `triton.testing.do_bench`; memory is the "
-             "peak allocation of one forward+backward above the inputs; × eager is the eager row's full time over this "
+             "peak allocation of one forward+backward above the inputs, the produced gradients included (rows up to "
+             "781ca03 also counted the harness's copy of them where that copy made the peak: the Triton MDLM and KL "
+             "rows' 0.205 GB at N = 16384, d = 768 is twice their 0.10 GB of gradients); × eager is the eager row's "
+             "full time over this "
              "row's (same card, loss and shape); errors are relative L2 vs float64 "
              f"on the first {ERROR_ROWS} rows. `chunked` forms the gradient in the forward (its bwd only scales).", ""]  # fmt: skip
     for gpu in sorted({k[0] for k in latest}):
