@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_gaps import find_gaps, idle_report  # noqa: E402
+from gpu_gaps import find_gaps, idle_report, phase_report  # noqa: E402
 
 
 def _x(cat, name, ts, dur, tid=1, **args):
@@ -71,3 +71,33 @@ def test_without_python_frames_the_operator_is_blamed():
 def test_no_device_events(events):
     assert find_gaps({"traceEvents": events}) == []
     assert idle_report({"traceEvents": events}, steps=1) == "no device events in the trace"
+
+
+def test_a_kernel_launched_through_the_driver_is_attributed():
+    """Triton launches through the driver (cuLaunchKernel, category cuda_driver): its gap is blamed all the same."""
+    trace = _trace()
+    for e in trace["traceEvents"]:
+        if e.get("cat") == "cuda_runtime" and e["args"].get("correlation") == 5:
+            e["cat"], e["name"] = "cuda_driver", "cuLaunchKernel"
+    assert find_gaps(trace)[1].launched_by.endswith("norm")
+
+
+def test_phase_report_sets_each_range_against_the_kernels_launched_inside_it():
+    """Two steps of two trainer ranges; kernels join their range through the launch (runtime or driver) that the
+    correlation id names, whatever thread or time they run at. Per step: host ms, kernels, kernel ms, span ms."""
+    events = []
+    for step, t0 in enumerate((0, 1000)):
+        events += [_x("user_annotation", "ddistill.step.method_step", t0, 300),
+                   _x("user_annotation", "ddistill.student.backward", t0 + 300, 500),
+                   _x("user_annotation", "other.range", t0, 900)]
+        for i, (launch, start, dur, cat) in enumerate([(t0 + 10, t0 + 20, 100, "cuda_runtime"),
+                                                       (t0 + 200, t0 + 250, 150, "cuda_driver"),
+                                                       (t0 + 400, t0 + 420, 300, "cuda_runtime")]):
+            c = 10 * step + i
+            events += [_x(cat, "launch", launch, 2, correlation=c), _x("kernel", f"k{c}", start, dur, tid=7, correlation=c)]
+    events.append(_x("kernel", "orphan", 5, 1, tid=7, correlation=99))  # no launch event: in no range
+    lines = phase_report({"traceEvents": events}, steps=2).splitlines()
+    assert lines[1].split() == ["0.30", "2", "0.25", "0.38", "ddistill.step.method_step"]  # span 20 -> 400
+    assert lines[2].split() == ["0.50", "1", "0.30", "0.30", "ddistill.student.backward"]
+    assert len(lines) == 3  # other.range is not a trainer range
+    assert phase_report({"traceEvents": []}, steps=1) == "no ddistill.* ranges in the trace"
