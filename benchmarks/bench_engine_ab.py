@@ -69,11 +69,11 @@ def arm_configs(name: str, variant: str, arms: list[tuple[str, list[str]]], args
     from ddistill.engine.run_config import load_run_config
 
     row, configs = ROWS[name], {}
+    extras = {label: row_config(name, variant, [*args.set, *overrides], work)[1] for label, overrides in arms}
     for replica in range(replicas):
-        for label, overrides in arms:
-            _, extra = row_config(name, variant, [*args.set, *overrides], work)
+        for label, _ in arms:
             out = work / f"{name}-{variant}-{label}-{replica}"
-            argv = engine_args(row, variant, extra, 10**6, out, args.device)[1:]
+            argv = engine_args(row, variant, extras[label], 10**6, out, args.device)[1:]
             configs[label, replica] = load_run_config(ROOT / row["config"], argv)
     return configs
 

@@ -104,7 +104,6 @@ def test_ema_matches_float64_recursion_and_keeps_configured_decay(caplog):
     assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ref)
 
 
-
 def test_ema_follows_swapped_parameter_data_a_cast_and_another_module():
     """The update's cached parameter lists (ema.py) see what ZeRO-2 does to a module (each Parameter's .data
     replaced by a view of one flat buffer), a cast of the module to bf16, and a different module passed in."""
@@ -132,6 +131,7 @@ def test_ema_follows_swapped_parameter_data_a_cast_and_another_module():
     other = torch.nn.Linear(3, 2)
     step(other)
     assert ema.num_updates == 5
+
 
 def _fake_checkpoint(root, step, payload=b"x"):
     tmp = root / f"step_{step:08d}.tmp"
