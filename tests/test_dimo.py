@@ -115,6 +115,80 @@ def test_generator_gradient_is_the_jeffreys_gradient_at_masked_rows(beta):
     assert out.losses["generator"].item() == pytest.approx(0.5 * g.square().sum().item() / 3, rel=1e-5)
 
 
+def _replay_refinement(method, generator_net, c, rows):
+    """The draws of `DiMO.generator_input` with refine_frac > 0, replayed on `c`: (x⁰, refined rows, re-masked)."""
+    method.initial_tokens(c, rows, L)
+    method.embed_noise(c, generator_net, rows, L)
+    first = method.sample_generator(generator_net.outputs[0], c)
+    refine = torch.rand((c.global_batch_size,), generator=c.generator, dtype=torch.float64) < method.cfg.refine_frac
+    ratio = torch.rand((c.global_batch_size,), generator=c.generator, dtype=torch.float64) * method.cfg.r_init
+    counts = (ratio * L).round().clamp(1, L).long()
+    position_u = torch.rand((c.global_batch_size, L), generator=c.generator, dtype=torch.float64)
+    # exactly counts[b] positions: the smallest uniforms of each row (brute force: sort)
+    remasked = torch.zeros(c.global_batch_size, L, dtype=torch.bool)
+    for b in range(c.global_batch_size):
+        remasked[b, position_u[b].argsort()[: counts[b]]] = True
+    window = slice(c.global_offset, c.global_offset + rows)
+    return first, refine[window], remasked[window], counts[window]
+
+
+def test_refinement_rows_keep_their_first_draw_and_get_gradient_only_where_redrawn():
+    """refine_frac > 0: a refinement row's input is the generator's own draw x⁰ with round(u·r_init·L) positions
+    re-masked; its x_θ keeps x⁰ elsewhere, and G's logits get the Jeffreys gradient only at the masked positions of
+    x̃_t it redrew (the other rows: x_init and every position, as with refine_frac = 0)."""
+    method = DiMO(DiMOConfig(refine_frac=0.5, r_init=0.6), vocab_size=V, mask_id=MASK)
+    n, gbs, rows, offset = nets(), 12, 8, 2
+    out = method.step(n, torch.zeros(rows, L, dtype=torch.long), ctx("generator", gbs=gbs, offset=offset))
+    out.losses["generator"].backward()
+    first_call, call = n["generator"].calls
+    assert "embed_noise" in first_call and "embed_noise" in call
+    assert ((first_call["x"] == MASK).sum(1) == round(0.6 * L)).all()  # x⁰ comes from an ordinary x_init
+    first, refine, remasked, counts = _replay_refinement(method, n["generator"], ctx("generator", gbs=gbs,
+                                                                                      offset=offset), rows)
+    assert 0 < refine.sum() < rows  # both kinds of rows in this draw
+    x_in = call["x"]
+    assert torch.equal(x_in[~refine], first_call["x"][~refine])  # ordinary rows: that x_init
+    assert torch.equal(x_in[refine] == MASK, remasked[refine])
+    assert torch.equal((x_in[refine] == MASK).sum(1), counts[refine])
+    assert torch.equal(x_in[refine][~remasked[refine]], first[refine][~remasked[refine]])
+    redraw = remasked | ~refine[:, None]
+    xt, graded = n["teacher"].calls[0]["x"], n["teacher"].calls[0]["rows"]
+    assert torch.equal(n["aux"].calls[0]["rows"], graded)
+    kept = ~redraw & (xt != MASK)
+    assert torch.equal(xt[kept], first[kept])  # a kept position shows x⁰ in x̃_t
+    assert torch.equal(graded, (xt == MASK) & redraw)
+    assert ((xt == MASK) & ~redraw).any()  # masked in x̃_t but not redrawn: no gradient there
+    z = n["generator"].outputs[1]
+    zq = n["aux"].table[xt][graded][:, :MASK].clone().requires_grad_(True)
+    zp = n["teacher"].table[xt][graded][:, :MASK]
+    log_q, log_p = torch.log_softmax(zq, -1), torch.log_softmax(zp, -1)
+    (g,) = torch.autograd.grad((log_p.exp() * (log_p - log_q)).sum(), zq)
+    want = torch.zeros_like(z)
+    want[graded] = torch.cat([g, torch.zeros(g.shape[0], 1, dtype=g.dtype)], 1) / rows
+    torch.testing.assert_close(z.grad, want, rtol=1e-5, atol=1e-7)
+    assert n["generator"].outputs[0].grad is None  # no gradient through x⁰
+
+
+def test_refinement_aux_targets_are_the_merged_sample():
+    """The aux model learns the generator's output distribution: with refinement rows, the targets at the masked
+    positions of x̃_t are x_θ, x⁰ where the row kept it and the second draw where it redrew."""
+    method = DiMO(DiMOConfig(refine_frac=1.0, label_smoothing=0.0), vocab_size=V, mask_id=MASK)
+    n, rows = nets(), 4
+    out = method.step(n, torch.zeros(rows, L, dtype=torch.long), ctx("aux", gbs=rows))
+    c = ctx("aux", gbs=rows)
+    first, refine, remasked, _ = _replay_refinement(method, n["generator"], c, rows)
+    assert refine.all()
+    method.embed_noise(c, n["generator"], rows, L)
+    second = method.sample_generator(n["generator"].outputs[1], c)
+    x_theta = torch.where(remasked, second, first)
+    (aux_call,) = n["aux"].calls
+    xt, masked = aux_call["x"], aux_call["rows"]
+    assert torch.equal(xt[~masked], x_theta[~masked]) and (~remasked & masked).any()
+    log_q = torch.log_softmax(n["aux"].table[xt][masked][:, :MASK], -1)
+    want = -log_q.gather(1, x_theta[masked][:, None]).sum() / masked.sum()
+    assert out.losses["aux"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_aux_loss_is_the_label_smoothed_masked_cross_entropy_over_the_global_batch():
     method = DiMO(DiMOConfig(label_smoothing=0.1), vocab_size=V, mask_id=MASK)
     n = nets()
@@ -160,6 +234,9 @@ def test_config_errors():
         DiMOConfig(aux_steps=0)
     with pytest.raises(ValueError, match="aux_warmup_steps"):
         DiMOConfig(aux_warmup_steps=-1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="refine_frac"):
+            DiMOConfig(refine_frac=bad)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -128,15 +128,17 @@ def test_dimo_export_is_the_generator_ema_and_eval_student(tmp_path):
 
 
 @pytest.mark.slow
-def test_fused_generator_loss_matches_the_torch_path_through_the_engine(tmp_path):
+@pytest.mark.parametrize("refine_frac", [0.0, 0.5])
+def test_fused_generator_loss_matches_the_torch_path_through_the_engine(tmp_path, refine_frac):
     """loss_impl=triton and =chunked (hidden states + the fused kernel, ZeRO-3 teacher head gathered) =
     loss_impl=torch (logits of the masked rows): same losses and updates on the same draws (the first step has
-    aux = teacher, so g = 0: the second step compares a non-trivial g)."""
+    aux = teacher, so g = 0: the second step compares a non-trivial g); with refinement rows too, whose gradient
+    rows are the redrawn masked positions only."""
     init = teacher_dir(tmp_path)
     runs = {}
     for impl in ("torch", "triton", "chunked"):
-        trainer = Trainer(config(tmp_path, init, out=impl, aux_steps=1, loss_impl=impl, beta=0.3, dropout=0.0),
-                          train_blocks=blocks())
+        trainer = Trainer(config(tmp_path, init, out=impl, aux_steps=1, loss_impl=impl, beta=0.3, dropout=0.0,
+                                 refine_frac=refine_frac), train_blocks=blocks())
         runs[impl] = ([step(trainer) for _ in range(2)], full_state(trainer.nets["generator"]))
     m_torch, g_torch = runs["torch"]
     assert m_torch[1]["loss/generator"] > 1e-6
@@ -161,7 +163,8 @@ def _equiv_worker(args: dict) -> None:
     from ddistill.engine.distributed import shutdown_distributed
 
     cfg = config(Path(args["tmp"]), args["init"], out=args["out"], networks={},
-                 aux_steps=2, remask="cosine", dropout=0.0)  # dropout masks are drawn per rank, by design
+                 aux_steps=2, remask="cosine", dropout=0.0,  # dropout masks are drawn per rank, by design
+                 refine_frac=0.5)  # refinement rows and ordinary rows: every draw is global
     cfg.train.micro_batch_size = args["micro"]
     trainer = Trainer(cfg, train_blocks=blocks())
     rank, ws, mb = trainer.dist.rank, trainer.dist.world_size, args["micro"]

@@ -38,6 +38,17 @@ cross-entropy with label smoothing ε over the K = V − 1 real tokens,
 averaged over the masked tokens of the global batch (each micro-batch normalises by B·mean_global(k), so the
 result does not depend on the split over ranks and micro-batches).
 
+Refinement inputs (`refine_frac` = f, default 0, not in the released recipe): the multi-step sampler
+(`diffusion.samplers.sample_dimo`) feeds the generator, from its second step on, its own previous draw with some
+positions re-masked, an input x_init never resembles (real context, no random tokens). With f > 0, a fraction f of
+the rows (each row with probability f, from a global draw) takes such an input instead of x_init: a draw x⁰ of the
+current generator from a fresh x_init (no gradient), with exactly k = clamp(round(u·r_init·L), 1, L) positions
+re-masked, u ~ U(0, 1) per row, at uniformly random positions (the sampler's later steps re-mask fewer than
+r_init·L positions). Such a row's x_θ keeps x⁰ where it was not re-masked and takes the generator's draw where it
+was (the sampler's update), so its generator gradient acts only at the masked positions of x̃_t that were redrawn,
+and the auxiliary model sees the same mixture of one-step and refined samples (its data is the generator's output
+distribution). f = 0 draws exactly the random numbers of the released update.
+
 Aux warm-up (`aux_warmup_steps` = n, default 0, not in the released recipe): in the first n optimizer steps the
 generator phase returns no loss, so only ψ learns the generator's (initial) distribution before G follows the
 gradient g = ψ − teacher; with ψ = φ at initialisation, g is zero until ψ has moved (the aux lag of dimo.md §4.3).
@@ -53,7 +64,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +105,7 @@ class DiMOConfig:
     label_smoothing: float = 0.1
     aux_steps: int = 1  # k auxiliary updates per generator update (DiMO's fake_rounds)
     aux_warmup_steps: int = 0  # first optimizer steps in which only the aux model learns (the generator waits)
+    refine_frac: float = 0.0  # fraction of rows whose generator input is its own re-masked draw (module docstring)
     gen_temperature: float = 1.0  # sampling temperature of x_θ in training
     freeze_embeddings: bool = True
     dropout: float | None = None  # dropout of the generator and aux in training (None: the checkpoint's)
@@ -117,6 +129,8 @@ class DiMOConfig:
             raise ValueError(f"method.aux_steps={self.aux_steps} must be >= 1")
         if self.aux_warmup_steps < 0:
             raise ValueError(f"method.aux_warmup_steps={self.aux_warmup_steps} must be >= 0")
+        if not 0.0 <= self.refine_frac <= 1.0:
+            raise ValueError(f"method.refine_frac={self.refine_frac} must lie in [0, 1]")
         for key in ("gen_temperature", "eval_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"method.{key}={getattr(self, key)} must be > 0")
@@ -165,6 +179,19 @@ def aux_cross_entropy(aux_logits: torch.Tensor, targets: torch.Tensor, label_smo
     nll = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     smooth = -log_q.mean(-1)
     return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).sum() / normalizer
+
+
+class GeneratorInput(NamedTuple):
+    """The generator's input tokens (B, L), its embedding noise (σ, n), and the positions whose generator draw
+    enters x_θ (None: every position; a refinement row keeps its other tokens)."""
+
+    tokens: torch.Tensor
+    noise: tuple[float, torch.Tensor]
+    redraw: torch.Tensor | None
+
+    def merge(self, draw: torch.Tensor) -> torch.Tensor:
+        """x_θ: the generator's draw where it redraws, the input's tokens elsewhere."""
+        return draw if self.redraw is None else torch.where(self.redraw, draw, self.tokens)
 
 
 def _sigma_of_ratio(ratio: torch.Tensor) -> torch.Tensor:
@@ -235,6 +262,25 @@ class DiMO(Method):
             noise = noise * module.input_embedding_rms()
         return self.cfg.embed_noise, noise
 
+    def generator_input(self, nets, ctx: StepContext, rows: int, length: int) -> GeneratorInput:
+        """The generator's input this micro-batch: x_init, or with `refine_frac` > 0 a refinement input in a fraction
+        of the rows (module docstring)."""
+        generator = nets["generator"]
+        x_init = self.initial_tokens(ctx, rows, length)
+        if self.cfg.refine_frac == 0.0:
+            return GeneratorInput(x_init, self.embed_noise(ctx, generator, rows, length), None)
+        with torch.no_grad():
+            first_noise = self.embed_noise(ctx, generator, rows, length)
+            first = self.sample_generator(generator(x_init, self._generator_sigma(rows, ctx.device),
+                                                    embed_noise=first_noise), ctx)
+        refine = self._global_rows(ctx, rows, ())[1] < self.cfg.refine_frac
+        ratio = self._global_rows(ctx, rows, ())[1] * self.cfg.r_init
+        counts = (ratio * length).round().clamp(1, length).long()
+        remasked = exact_count_mask(self._global_rows(ctx, rows, (length,))[1], counts)
+        tokens = torch.where(refine[:, None], torch.where(remasked, self.mask_id, first), x_init)
+        redraw = remasked | ~refine[:, None]
+        return GeneratorInput(tokens, self.embed_noise(ctx, generator, rows, length), redraw)
+
     def remask(self, ctx: StepContext, tokens: torch.Tensor, schedule: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       torch.Tensor]:
         """(x̃_t, its mask M, σ per row, and the global batch's total number of masked positions)."""
@@ -285,22 +331,21 @@ class DiMO(Method):
 
     def _generator_step(self, nets, rows: int, length: int, ctx: StepContext) -> StepOutput:
         generator, teacher, aux = nets["generator"], nets["teacher"], nets["aux"]
-        x_init = self.initial_tokens(ctx, rows, length)
-        noise = self.embed_noise(ctx, generator, rows, length)
+        inputs = self.generator_input(nets, ctx, rows, length)
         sigma_g = self._generator_sigma(rows, ctx.device)
         keep = self.keep.to(ctx.device)
         if self._fused is None:
-            z = generator(x_init, sigma_g, embed_noise=noise)  # (B, L, V) with graph
-            x_gen = self.sample_generator(z, ctx)
+            z = generator(inputs.tokens, sigma_g, embed_noise=inputs.noise)  # (B, L, V) with graph
         else:
-            hidden_g = generator.hidden_states(x_init, sigma_g, embed_noise=noise)
+            hidden_g = generator.hidden_states(inputs.tokens, sigma_g, embed_noise=inputs.noise)
             weight_g, bias_g = generator.output_weight, generator.output_bias
             with torch.no_grad():
                 dtype = generator.head_dtype(ctx.device)
                 z = F.linear(hidden_g.detach().to(dtype), weight_g[: self.vocab_size].to(dtype),
                              bias_g[: self.vocab_size].to(dtype))
-            x_gen = self.sample_generator(z, ctx)
-        xt, masked, sigma_t, _ = self.remask(ctx, x_gen, self.cfg.remask)
+        x_gen = inputs.merge(self.sample_generator(z, ctx))
+        xt, remasked, sigma_t, _ = self.remask(ctx, x_gen, self.cfg.remask)
+        masked = remasked if inputs.redraw is None else remasked & inputs.redraw  # where G's logits get a gradient
         if self._fused is None:
             with torch.no_grad():
                 z_t = teacher(xt, sigma_t, rows=masked).index_select(-1, keep).float()
@@ -317,7 +362,7 @@ class DiMO(Method):
             max_prob = probs.max(-1).values.mean()
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
         metrics = {"dimo_loss_dm": loss.detach(), "gen_max_prob": max_prob, "gen_entropy": entropy,
-                   "remask_frac": masked.float().mean()}
+                   "remask_frac": remasked.float().mean()}
         return StepOutput(losses={"generator": loss}, metrics=metrics, num_tokens=rows * length)
 
     def _fused_generator_loss(self, nets, hidden_g, xt, sigma_t, masked, rows: int) -> torch.Tensor:
@@ -341,10 +386,9 @@ class DiMO(Method):
         generator, aux = nets["generator"], nets["aux"]
         keep = self.keep.to(ctx.device)
         with torch.no_grad():
-            x_init = self.initial_tokens(ctx, rows, length)
-            noise = self.embed_noise(ctx, generator, rows, length)
-            z = generator(x_init, self._generator_sigma(rows, ctx.device), embed_noise=noise)
-            x_gen = self.sample_generator(z, ctx)
+            inputs = self.generator_input(nets, ctx, rows, length)
+            z = generator(inputs.tokens, self._generator_sigma(rows, ctx.device), embed_noise=inputs.noise)
+            x_gen = inputs.merge(self.sample_generator(z, ctx))
         xt, masked, sigma_t, total_masked = self.remask(ctx, x_gen, self.cfg.aux_remask)
         z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep)
         targets = torch.searchsorted(keep, x_gen[masked])  # column of each target among the real tokens
