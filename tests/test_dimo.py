@@ -329,4 +329,5 @@ def test_recipes_load_and_set_per_network_optimizers():
         gen, aux = cfg.network_optim("generator", specs["generator"].optim), cfg.network_optim("aux", specs["aux"].optim)
         assert gen.algorithm == aux.algorithm == "adam" and gen.grad_clip == 1.0 and aux.grad_clip == 0.0
     assert owt.network_optim("aux", {}).lr == 2e-5 and owt.network_optim("generator", specs["generator"].optim).eps == 1e-6
-    assert tiny.network_optim("aux", specs["aux"].optim).lr == 1e-4
+    assert tiny.network_optim("aux", specs["aux"].optim).lr == 3e-4 and tiny.method.config.refine_frac == 0.5
+    assert owt.method.config.refine_frac == 0.0  # the released update: no evidence at OWT scale yet
