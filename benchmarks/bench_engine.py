@@ -24,7 +24,8 @@ n = blocks, d = width, L = length: training 6N + 12·n·d·L (attention scores a
 adds k teacher forwards of 2N + 4·n·d·L each (as if the teacher's logits were computed everywhere), a DCD step one;
 a DiMO step (`dimo_small`, batch 8 as in `bench_dimo_step.py`) is 5 + 4k forward-equivalents of 2N + 4·n·d·L
 (generator forward and backward, teacher and aux forwards, then per aux step a generator forward and the aux
-forward and backward; k = aux_steps).
+forward and backward; k = aux_steps), plus 1 + k generator forwards with `method.refine_frac` > 0 (the no-grad draw
+that builds the refinement inputs, once per phase).
 Results go to results/engine.csv (card, versions, git revision, command) and results/engine.md.
 """
 
@@ -83,7 +84,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def model_flops_per_token(model_cfg, method: str, k: int) -> tuple[float, int]:
+def model_flops_per_token(model_cfg, method: str, k: int, refine: bool = False) -> tuple[float, int]:
     """(model FLOPs per token of one training step, parameter count) by the module docstring's count."""
     import torch
 
@@ -97,8 +98,8 @@ def model_flops_per_token(model_cfg, method: str, k: int) -> tuple[float, int]:
     flops = 6 * n_prime + 12 * attention
     if method in ("sdtt", "dcd"):  # k teacher forwards
         flops += k * (2 * n_prime + 4 * attention)
-    if method == "dimo":  # 5 + 4k forward-equivalents, k = aux_steps
-        flops = (5 + 4 * k) * (2 * n_prime + 4 * attention)
+    if method == "dimo":  # 5 + 4k forward-equivalents, k = aux_steps (+ 1 + k with refinement inputs)
+        flops = (5 + 4 * k + (1 + k if refine else 0)) * (2 * n_prime + 4 * attention)
     return float(flops), params
 
 
@@ -150,7 +151,8 @@ def run_row(name: str, variant: str, args, work: Path, env: dict) -> dict:
         k = cfg.method.config.aux_steps
     else:
         k = getattr(cfg.method.config, "num_teacher_steps", 0)
-    flops, params = model_flops_per_token(cfg.model, row["method"], k)
+    refine = row["method"] == "dimo" and cfg.method.config.refine_frac > 0
+    flops, params = model_flops_per_token(cfg.model, row["method"], k, refine)
     command = [sys.executable, "-m", "ddistill.engine", *engine_args(row, variant, extra, args.steps, out_dir,
                                                                     args.device)]  # fmt: skip
     result = dict(row=name, variant=variant, extra=" ".join(args.set), params_M=round(params / 1e6, 1),

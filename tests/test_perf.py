@@ -81,6 +81,23 @@ def test_bench_engine_cpu_smoke():
     assert "ok (" in line and float(line.split("tokens/s ")[1].split()[0]) > 0, out.stdout[-3000:]
 
 
+def test_model_flops_count_forward_units():
+    """bench_engine's model FLOPs per token in forward units u = 2N + 4·n·d·L (an SDTT step with k teacher steps adds
+    k of them to MDLM's 3u): a DiMO step is 5 + 4k units, 6 + 5k with refinement inputs (k = aux_steps)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_engine import model_flops_per_token
+
+    from ddistill.models.dit import ModelConfig, resolve_model_config
+
+    model = resolve_model_config(ModelConfig(size="test", vocab_size=101, length=32))  # as run configs hold it
+    mdlm, params = model_flops_per_token(model, "mdlm", 0)
+    unit = model_flops_per_token(model, "sdtt", 1)[0] - mdlm
+    n_prime = params - 101 * 64  # `test`: d = 64, n = 2 blocks
+    assert unit == 2 * n_prime + 4 * 2 * 64 * 32 and mdlm == 3 * unit
+    assert model_flops_per_token(model, "dimo", 4)[0] == 21 * unit
+    assert model_flops_per_token(model, "dimo", 4, refine=True)[0] == 26 * unit
+
+
 def test_bench_zero_norm_cpu_smoke():
     """bench_zero_norm.py times DeepSpeed's gradient norm and ours in one process (here a DiMO row: two trained
     networks, a random teacher checkpoint): on CPU the two norms of its random gradients agree bit for bit, and a bad
