@@ -4,9 +4,10 @@ Timing: median of ``triton.testing.do_bench`` (L2 flushed between reps) for forw
 full (forward + backward). Memory: ``torch.cuda.max_memory_allocated()`` during one full step minus the allocation
 before it (inputs excluded; produced gradients included, once: the kernels.csv rows up to revision 781ca03 also
 counted the harness's own copy of the gradients wherever that copy made the peak: the Triton MDLM and KL rows'
-0.205 GB at N = 16384, d = 768 is twice their 0.10 GB of gradients). Error: relative L2 error of the loss and of d_hidden /
-d_weight against a float64 evaluation of the same loss on the first ``ERROR_ROWS`` rows (float64 on all rows would
-take minutes at these shapes). Every row of ``results/kernels.csv`` records the GPU, torch/triton versions and git rev.
+0.205 GB at N = 16384, d = 768 is twice their 0.10 GB of gradients). Error: relative L2 error of the loss and of
+d_hidden / d_weight against a float64 evaluation of the same loss on the first ``ERROR_ROWS`` rows (float64 on all
+rows would take minutes at these shapes). Every row of ``results/kernels.csv`` records the GPU, torch/triton versions
+and git rev.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ once per module: walking ``named_parameters()`` and detaching ~130 tensors every
 on a `small` DiT, during which the GPU waited (an H200 trace of the MDLM step: 1.70 ms on the host for 0.52 ms of
 kernels). ZeRO-2 swaps a parameter's ``.data`` for a view of its flat buffer but keeps the Parameter object, so the
 lists stay valid; a Parameter object replaced on the module after the first update would not be seen (nothing in
-ddistill replaces one: checkpoint loads and ``networks.copy_into`` write into the existing tensors). A loaded state never overrides the configured decay
-(a bug of the reference, where a base checkpoint's 0.9999 silently replaced a distillation run's 0.999); a
-difference is logged.
+ddistill replaces one: checkpoint loads and ``networks.copy_into`` write into the existing tensors). A loaded state
+never overrides the configured decay (a bug of the reference, where a base checkpoint's 0.9999 silently replaced a
+distillation run's 0.999); a difference is logged.
 """
 
 from __future__ import annotations
