@@ -63,6 +63,36 @@ def test_mdlm_every_row_no_mask_column_no_bias_grad_output():
     check(no_bias, [h, w], [y, m, rw], torch.float32, grad_output=-2.5)
 
 
+def mdlm_smoothed(chunk_rows, eps, mask_id=V - 1, normalizer=float(N)):
+    """Label-smoothed SUBS CE; the float64 oracle is the torch reference (F.cross_entropy on the kept columns)."""
+
+    def fn(impl, hidden, weight, bias, targets, is_masked, row_weight):
+        return masked_diffusion_loss(hidden, weight, bias, targets, row_weight, V, mask_id, is_masked=is_masked,
+                                     normalizer=normalizer, label_smoothing=eps,
+                                     **_impl_args(impl, chunk_rows))  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize(("eps", "mask_id", "chunk_rows"), [(0.1, V - 1, 5), (0.35, 17, 64), (0.2, None, 7)])
+def test_mdlm_label_smoothing_values_and_grads(eps, mask_id, chunk_rows):
+    """The smoothed row loss lse' − (1 − ε)z_y − ε·mean_kept z and its dZ, with the mask column last, inside the
+    vocabulary (targets beside it) and absent, against F.cross_entropy(label_smoothing=ε) in float64."""
+    h, w, b, y, m, rw = mdlm_problem(seed=11)
+    if mask_id is not None:
+        y = torch.where(y == mask_id, (y + 1) % (V - 1), y)  # a target is never the mask token
+    check(mdlm_smoothed(chunk_rows, eps, mask_id), [h, w, b], [y, m, rw], torch.float32, oracle="torch")
+    check(mdlm_smoothed(chunk_rows, eps, mask_id), [h, w, b], [y, m, rw], torch.float16, oracle="torch")
+
+
+def test_mdlm_label_smoothing_zero_is_the_unsmoothed_loss_bit_for_bit():
+    h, w, b, y, m, rw = (t.to(DEVICE) for t in mdlm_problem(seed=12))
+    args = (h, w, b, y, rw, V, V - 1)
+    plain = masked_diffusion_loss(*args, is_masked=m, impl="chunked", chunk_rows=9)
+    zero = masked_diffusion_loss(*args, is_masked=m, impl="chunked", chunk_rows=9, label_smoothing=0.0)
+    assert torch.equal(plain, zero)
+
+
 def test_mdlm_confident_targets_and_zero_masked_rows():
     """p_y → 1 (catches (p_y − 1) formed after a downcast); no masked row gives exact zeros."""
     h, w, b, y, m, rw = mdlm_problem(seed=2)
@@ -213,6 +243,11 @@ def test_bad_arguments_are_refused(monkeypatch):
         masked_diffusion_loss(*args, is_masked=m, impl="chunked", normalizer=0.0)
     with pytest.raises(ValueError, match="expected one of"):
         masked_diffusion_loss(*args, impl="chunky")
+    for eps in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            masked_diffusion_loss(*args, is_masked=m, impl="chunked", label_smoothing=eps)
+    with pytest.raises(ValueError, match="label_smoothing > 0 needs impl='chunked'"):
+        masked_diffusion_loss(*args, is_masked=m, impl="triton", label_smoothing=0.1)
     monkeypatch.setenv(CHUNK_ENV, "lots")
     with pytest.raises(ValueError, match=CHUNK_ENV):
         masked_diffusion_loss(*args, is_masked=m, impl="chunked")

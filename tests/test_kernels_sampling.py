@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
 from ddistill.diffusion.samplers import sample_categorical
 from ddistill.diffusion.uniform import uniform_posterior
-from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
+from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax, softmax_stats
 from ddistill.models import ModelConfig, build_model
 
 P_MIN = 1e-4
@@ -130,6 +130,30 @@ def test_masked_argmax_first_maximum(dtype):
     assert torch.equal(masked_argmax(logits), torch.softmax(logits.double(), -1).argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("v", "exclude"), [(301, 300), (1500, 7), (130, None)])
+def test_softmax_stats_equal_float64(dtype, v, exclude):
+    """max_j p_j and the entropy of the softmax over the kept columns, against float64 torch: several blocks a row
+    (the running maxima rescaled), -inf entries, a column slice of a padded head, a row maximum in the last block,
+    a near one-hot row and a flat row."""
+    logits = _logits(9, v, dtype, seed=v, pad=5).clone()
+    logits[2, v - 2] = 40.0  # near one-hot, its maximum in the last block
+    logits[3] = 0.5  # uniform over the kept columns
+    max_prob, entropy = softmax_stats(logits, exclude=exclude)
+    row = logits.double()
+    if exclude is not None:
+        row = row.index_fill(-1, torch.tensor([exclude]), float("-inf"))
+    p = torch.softmax(row, dim=-1)
+    expected_entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(-1)
+    assert max_prob.dtype == entropy.dtype == torch.float32 and max_prob.shape == (9,)
+    torch.testing.assert_close(max_prob.double(), p.max(-1).values, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(entropy.double(), expected_entropy, rtol=2e-6, atol=2e-6)
+    kept = v - (exclude is not None)
+    assert float(entropy[3]) == pytest.approx(torch.log(torch.tensor(float(kept))).item(), rel=1e-6)
+    batched = softmax_stats(logits.reshape(3, 3, v), exclude=exclude)
+    assert batched[0].shape == (3, 3) and torch.equal(batched[1].reshape(-1), entropy)
+
+
 def test_bad_arguments_are_refused():
     logits = torch.zeros(4, 7)
     with pytest.raises(ValueError, match="exclude"):
@@ -138,6 +162,8 @@ def test_bad_arguments_are_refused():
         draw_categorical(logits, torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="floating point"):
         masked_argmax(torch.zeros(4, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="exclude"):
+        softmax_stats(logits, exclude=-1)
 
 
 def _small_dit(vocab, time_conditioning):

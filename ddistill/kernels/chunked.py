@@ -120,26 +120,48 @@ def _row_logit_at(z_row, b_ptr, col, HAS_BIAS: tl.constexpr):
 @triton.jit(do_not_specialize=["ROW0"])
 def _ce_rows_kernel(
     z_ptr, b_ptr, y_ptr, scale_ptr, loss_ptr, dz_ptr,
-    ROW0, V_VALID, V_PAD, MASK_COL, stride_z, stride_dz,
-    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    ROW0, V_VALID, V_PAD, MASK_COL, stride_z, stride_dz, EPS, INV_K,
+    HAS_BIAS: tl.constexpr, SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """MDLM SUBS row: ℓ = lse' − z_y, dZ = scale·(p' − [j = y]) (mask column and padding excluded, dZ = 0 there)."""
+    """MDLM SUBS row: ℓ = lse' − z_y, dZ = scale·(p' − [j = y]) (mask column and padding excluded, dZ = 0 there).
+
+    SMOOTH (label smoothing ε = EPS over the K = 1/INV_K kept columns): ℓ = lse' − (1 − ε)·z_y − ε·Σ_j z_j / K and
+    dZ = scale·(p' − (1 − ε)[j = y] − ε/K); pass 1 then also sums the logits per lane."""
     r = tl.program_id(0)
     row = ROW0 + r
     z_row = z_ptr + r.to(tl.int64) * stride_z
     dz_row = dz_ptr + r.to(tl.int64) * stride_dz
     y = tl.load(y_ptr + row)
     scale = tl.load(scale_ptr + row)
-    m, s = _row_lse(z_row, b_ptr, V_VALID, MASK_COL, HAS_BIAS, BLOCK)
-    log_s = tl.log(s)
-    z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
-    tl.store(loss_ptr + row, (m - z_y) + log_s)
+    if SMOOTH:
+        m_lane = tl.full((BLOCK,), -1.0e30, tl.float32)
+        s_lane = tl.zeros((BLOCK,), tl.float32)
+        sum_lane = tl.zeros((BLOCK,), tl.float32)
+        for v0 in range(0, V_VALID, BLOCK):
+            cols = v0 + tl.arange(0, BLOCK)
+            ok = (cols < V_VALID) & (cols != MASK_COL)
+            z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
+            m_lane, s_lane, _, _ = _lane_update(m_lane, s_lane, z)
+            sum_lane += tl.where(ok, z, 0.0)
+        m, _, s = _lane_total(m_lane, s_lane)
+        log_s = tl.log(s)
+        z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
+        mean_z = tl.sum(sum_lane.to(tl.float64), axis=0) * INV_K
+        tl.store(loss_ptr + row, ((m + log_s) - (1.0 - EPS) * z_y - EPS * mean_z).to(tl.float32))
+    else:
+        m, s = _row_lse(z_row, b_ptr, V_VALID, MASK_COL, HAS_BIAS, BLOCK)
+        log_s = tl.log(s)
+        z_y = _row_logit_at(z_row, b_ptr, y, HAS_BIAS)
+        tl.store(loss_ptr + row, (m - z_y) + log_s)
     for v0 in range(0, V_PAD, BLOCK):
         cols = v0 + tl.arange(0, BLOCK)
         ok = (cols < V_VALID) & (cols != MASK_COL)
         z = _row_logits(z_row, b_ptr, cols, ok, HAS_BIAS)
         p = tl.where(ok, tl.exp2(((z - m) - log_s) * LOG2E), 0.0)
-        g = (p - tl.where(cols == y, 1.0, 0.0)) * scale
+        if SMOOTH:
+            g = (p - tl.where(cols == y, 1.0 - EPS, 0.0) - tl.where(ok, EPS * INV_K, 0.0)) * scale
+        else:
+            g = (p - tl.where(cols == y, 1.0, 0.0)) * scale
         tl.store(dz_row + cols, g.to(dz_ptr.dtype.element_ty), mask=cols < V_PAD)
 
 
@@ -515,8 +537,9 @@ def _bias_arg(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked, normalizer,
-                                  chunk_rows=None) -> torch.Tensor:  # fmt: skip
-    """MDLM SUBS loss (``masked_diffusion.masked_diffusion_loss``) with impl="chunked": masked rows only."""
+                                  chunk_rows=None, label_smoothing=0.0) -> torch.Tensor:  # fmt: skip
+    """MDLM SUBS loss (``masked_diffusion.masked_diffusion_loss``) with impl="chunked": masked rows only; with
+    ``label_smoothing`` ε > 0 the row loss is (1 − ε)·CE + ε·(mean CE over the kept columns) (``_ce_rows_kernel``)."""
     check_device(hidden)
     hidden, weight, bias = prepare_linear(hidden, weight, bias, vocab_size, "masked_diffusion_loss", cast_weight=False)
     num_rows = hidden.shape[0]
@@ -531,12 +554,14 @@ def masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, voc
     width = weight.shape[0]
     mask_col = _mask_col(mask_id, vocab_size)
 
+    kept = vocab_size - (mask_col >= 0)
     launch = _row_block()  # a bad DDISTILL_ROW_BLOCK fails here, before any GEMM
 
     def row_pass(z, dz, r0, r1):
         _ce_rows_kernel[(r1 - r0,)](
             z, _bias_arg(bias, z), targets, scale, rows, dz, r0, vocab_size, width, mask_col, z.stride(0),
-            dz.stride(0), HAS_BIAS=bias is not None, **launch,
+            dz.stride(0), float(label_smoothing), 1.0 / kept, HAS_BIAS=bias is not None, SMOOTH=label_smoothing > 0,
+            **launch,
         )  # fmt: skip
 
     chunk = chunk_rows_for(num_rows, width, hidden.element_size(), chunk_rows)

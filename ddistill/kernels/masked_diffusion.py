@@ -201,8 +201,13 @@ def masked_diffusion_loss(
     normalizer: torch.Tensor | float = 1.0,
     impl: str = "triton",
     chunk_rows: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """MDLM SUBS loss ``Σ_{masked r} w_r (lse'_r − z_{r,x0_r}) / normalizer`` without materialising logits.
+
+    With ``label_smoothing`` ε > 0 each row's cross-entropy is smoothed uniformly over the K kept columns (real tokens
+    but the mask): ``lse'_r − (1 − ε)·z_{r,y} − ε·Σ_j z_rj / K``, the loss of DiMO's auxiliary model (and of
+    ``F.cross_entropy(label_smoothing=ε)`` on those columns); ``impl="triton"`` supports only ε = 0.
 
     Args:
         hidden: (N, d) final hidden states (input of the output linear).
@@ -218,16 +223,19 @@ def masked_diffusion_loss(
         chunk_rows: rows per chunk of ``impl="chunked"`` (None: from the ``DDISTILL_CHUNK_MB`` workspace budget).
     """
     check_impl(impl)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must lie in [0, 1)")
+    if label_smoothing > 0.0 and impl == "triton":
+        raise ValueError("label_smoothing > 0 needs impl='chunked' or impl='torch' (the Triton kernel has none)")
     if impl == "chunked":
         from ddistill.kernels.chunked import masked_diffusion_loss_chunked
 
-        return masked_diffusion_loss_chunked(
-            hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked, normalizer, chunk_rows
-        )
+        return masked_diffusion_loss_chunked(hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked,
+                                             normalizer, chunk_rows, label_smoothing)  # fmt: skip
     if impl == "torch":
-        return reference.masked_diffusion_loss_reference(
-            hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked=is_masked, normalizer=normalizer
-        )
+        return reference.masked_diffusion_loss_reference(hidden, weight, bias, targets, row_weight, vocab_size, mask_id,
+                                                         is_masked=is_masked, normalizer=normalizer,
+                                                         label_smoothing=label_smoothing)  # fmt: skip
     return _masked_diffusion_loss_triton(
         hidden, weight, bias, targets, row_weight, vocab_size, mask_id, is_masked, normalizer
     )

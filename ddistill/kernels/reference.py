@@ -64,14 +64,23 @@ def mdlm_nll_rows(logits: torch.Tensor, x0: torch.Tensor, is_masked: torch.Tenso
 
 
 def masked_diffusion_loss_reference(
-    hidden, weight, bias, targets, row_weight, vocab_size, mask_id, *, is_masked=None, normalizer=1.0
-) -> torch.Tensor:
-    """Rows are tokens with α = 0, α' = −w, so ``mdlm_loss_per_token`` = w·(−log p_SUBS(x0)) at masked rows."""
+    hidden, weight, bias, targets, row_weight, vocab_size, mask_id, *, is_masked=None, normalizer=1.0,
+    label_smoothing=0.0,
+) -> torch.Tensor:  # fmt: skip
+    """Rows are tokens with α = 0, α' = −w, so ``mdlm_loss_per_token`` = w·(−log p_SUBS(x0)) at masked rows; with
+    ``label_smoothing`` ε > 0, ``F.cross_entropy(label_smoothing=ε)`` over the real columns but the mask, times w."""
     logits = linear_logits(hidden, weight, bias, vocab_size)
     num_rows = logits.shape[0]
     if is_masked is None:
         is_masked = torch.ones(num_rows, dtype=torch.bool, device=hidden.device)
     w = _rows(row_weight, num_rows, logits)
+    if label_smoothing > 0.0:
+        column = None if mask_id is None or mask_id >= vocab_size else mask_id
+        kept = _drop_column(logits[is_masked], column)
+        y = targets[is_masked].long()
+        y = y - (y > column).long() if column is not None else y  # the target's index among the kept columns
+        rows = F.cross_entropy(kept, y, reduction="none", label_smoothing=label_smoothing) * w[is_masked]
+        return _normalise(rows.sum(), normalizer)
     if mask_id is None or mask_id >= vocab_size:  # no mask column among the real ones: plain weighted CE
         rows = mdlm_nll_rows(logits, targets, is_masked, None) * w
     else:

@@ -30,6 +30,10 @@ token with the torch reference (`sample_categorical` on the float64 softmax / `u
 u·total falls within float64 rounding of a CDF boundary (the sums are taken in another order), or where the target
 rounds to the total and the last columns' weights underflow float64 (logits more than ~745 below the maximum).
 
+``softmax_stats`` reads a row once more for two summaries of p (DiMO's generator metrics): the largest probability
+max_j p_j = 1/S and the entropy H = m + log S − Σ_j w_j z_j / S, in float32 per lane (one exp per element, the lanes'
+running maxima rescaled once at the row's end); nothing of size V is written.
+
 The samplers pass only the rows that take a token (a gathered copy, or the denoiser's row-selected logits).
 Inputs on CPU run in Triton's interpreter (TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
 """
@@ -42,7 +46,7 @@ import triton.language as tl
 
 from ddistill.kernels._common import INTERPRET, check_device
 
-__all__ = ["draw_categorical", "draw_uniform_posterior", "masked_argmax"]
+__all__ = ["draw_categorical", "draw_uniform_posterior", "masked_argmax", "softmax_stats"]
 
 MODE_CATEGORICAL = 0
 MODE_UNIFORM_POSTERIOR = 1
@@ -131,6 +135,34 @@ def _draw_kernel(
         tl.store(out_ptr + row, tl.minimum(count, last))
 
 
+@triton.jit(do_not_specialize=["MASK_COL"])
+def _stats_kernel(logits_ptr, stride_row, max_prob_ptr, entropy_ptr, V, MASK_COL, BLOCK_V: tl.constexpr):
+    """Per row (column MASK_COL excluded): max_j p_j and −Σ_j p_j log p_j of p = softmax(z), by a per-lane walk."""
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * stride_row
+    m = tl.full((BLOCK_V,), -1.0e30, dtype=tl.float32)  # lane i: columns i, i + BLOCK_V, …
+    s = tl.zeros((BLOCK_V,), dtype=tl.float32)  # Σ e^{z − m}
+    t = tl.zeros((BLOCK_V,), dtype=tl.float32)  # Σ e^{z − m}·(z − m)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok = (cols < V) & (cols != MASK_COL)
+        z = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        f = tl.exp(m - m_new)  # rescales the lane's old sums; 1 unless z is a new maximum
+        finite = z > float("-inf")  # excluded columns and −inf logits have p = 0 (and no 0·(−inf) is formed)
+        e = tl.where(finite, tl.exp(z - m_new), 0.0)
+        shift = tl.where(finite, z - m_new, 0.0)
+        t = f * (t + (m - m_new) * s) + e * shift
+        s = f * s + e
+        m = m_new
+    big = tl.max(m, axis=0)
+    g = tl.exp(m - big)
+    total = tl.sum(s * g, axis=0)  # S = Σ_j e^{z_j − M}
+    weighted = tl.sum(g * (t + (m - big) * s), axis=0)  # Σ_j e^{z_j − M}·(z_j − M)
+    tl.store(max_prob_ptr + row, 1.0 / total)
+    tl.store(entropy_ptr + row, tl.log(total) - weighted / total)
+
+
 def _rows(logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(logits viewed as (N, V) without a copy where the strides allow it, row stride)."""
     if logits.dim() < 1 or logits.shape[-1] < 1:
@@ -202,3 +234,17 @@ def draw_uniform_posterior(logits: torch.Tensor, zt: torch.Tensor, u: torch.Tens
 def masked_argmax(logits: torch.Tensor, *, exclude: int | None = None) -> torch.Tensor:
     """First index of the row maximum (column ``exclude`` skipped): argmax of the float64 softmax."""
     return _launch(logits, None, mode=MODE_ARGMAX, exclude=exclude)
+
+
+def softmax_stats(logits: torch.Tensor, *, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max_j p_j, entropy −Σ_j p_j log p_j) of p = softmax(logits) per row (column ``exclude`` removed), float32 (…)."""
+    flat, stride = _rows(logits)
+    n, vocab = flat.shape
+    if exclude is not None and not 0 <= exclude < vocab:
+        raise ValueError(f"exclude={exclude} must lie in [0, {vocab})")
+    max_prob = torch.empty(n, dtype=torch.float32, device=flat.device)
+    entropy = torch.empty_like(max_prob)
+    if n > 0:
+        _stats_kernel[(n,)](flat, stride, max_prob, entropy, vocab, -1 if exclude is None else exclude,
+                            BLOCK_V=_block(vocab), num_warps=1 if INTERPRET else 8)  # fmt: skip
+    return max_prob.reshape(logits.shape[:-1]), entropy.reshape(logits.shape[:-1])
