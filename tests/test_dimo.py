@@ -255,6 +255,21 @@ def test_generator_draw_fused_kernel_equals_the_torch_path(temperature):
         DiMOConfig(draw="cuda")
 
 
+def test_generator_metrics_fused_kernel_equal_the_torch_path():
+    """gen_max_prob / gen_entropy through `softmax_stats` (draw="fused") and the torch softmax over the real tokens
+    (draw="torch"), on logits laid out as the generator's (a column slice of the padded head), the mask column the
+    largest logit of some rows."""
+    full = torch.randn(4, L, V + 3, generator=torch.Generator().manual_seed(8)) * 3.0
+    full[:2, :, MASK] = 20.0
+    logits = full[..., :V]
+    stats = {draw: DiMO(DiMOConfig(draw=draw), vocab_size=V, mask_id=MASK).generator_stats(logits)
+             for draw in ("torch", "fused")}
+    p = torch.softmax(logits.double()[..., :MASK], -1)
+    for max_prob, entropy in stats.values():
+        assert max_prob.item() == pytest.approx(p.max(-1).values.mean().item(), rel=1e-6)
+        assert entropy.item() == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-6)
+
+
 def test_dimo_sampler_one_and_several_steps():
     net = ToyNet(5)
 

@@ -133,7 +133,8 @@ def test_fused_generator_loss_matches_the_torch_path_through_the_engine(tmp_path
     """loss_impl=triton and =chunked (hidden states + the fused kernel, ZeRO-3 teacher head gathered) =
     loss_impl=torch (logits of the masked rows): same losses and updates on the same draws (the first step has
     aux = teacher, so g = 0: the second step compares a non-trivial g); with refinement rows too, whose gradient
-    rows are the redrawn masked positions only."""
+    rows are the redrawn masked positions only. The fused paths' aux CE_ε runs through the chunked label-smoothed
+    kernel (hidden states), the torch path's through logits: same aux losses and gradient norms."""
     init = teacher_dir(tmp_path)
     runs = {}
     for impl in ("torch", "triton", "chunked"):
@@ -150,6 +151,7 @@ def test_fused_generator_loss_matches_the_torch_path_through_the_engine(tmp_path
         for a, b in zip(m_torch, m_fused):
             assert b["loss/generator"] == pytest.approx(a["loss/generator"], rel=1e-3, abs=1e-9)
             assert b["loss/aux"] == pytest.approx(a["loss/aux"], rel=1e-5)
+            assert b["grad_norm/aux"] == pytest.approx(a["grad_norm/aux"], rel=1e-4)
             assert b["grad_norm/generator"] == pytest.approx(a["grad_norm/generator"], rel=1e-3, abs=1e-9)
         diff = max(float((g_torch[k] - g_fused[k]).abs().max()) for k in g_torch)
         assert diff < 3e-2 * moved, impl

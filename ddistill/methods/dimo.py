@@ -56,7 +56,12 @@ gradient g = ψ − teacher; with ψ = φ at initialisation, g is zero until ψ 
 `loss_impl="triton"`: the generator loss by the fused kernel `ddistill.kernels.dimo_generator_loss` from hidden
 states (teacher, aux and generator logits at the masked rows never reach memory; the generator's full logits are
 computed once without graph for its sample); `"chunked"`: the same kernel's row-chunked cuBLAS path (aux and teacher
-logits one chunk at a time, the generator's gradient formed in the forward).
+logits one chunk at a time, the generator's gradient formed in the forward). With either, the aux loss CE_ε runs
+from the aux model's hidden states through `ddistill.kernels.masked_diffusion_loss(impl="chunked",
+label_smoothing=ε)` (the Triton CE kernel has no label smoothing): no (rows, V) logits tensor with a graph.
+
+The generator's metrics (mean max-probability and entropy of softmax(z_θ) over the real tokens) are formed by
+`ddistill.kernels.softmax_stats` wherever x_θ is drawn by the fused kernel (`draw`), in one read of the logits.
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ import torch.nn.functional as F
 
 from ddistill.diffusion.absorbing import exact_count_mask
 from ddistill.diffusion.samplers import DRAWS, use_fused_draw, dimo_initial_tokens, sample_categorical
-from ddistill.kernels.sampling import draw_categorical
+from ddistill.kernels.masked_diffusion import masked_diffusion_loss
+from ddistill.kernels.sampling import draw_categorical, softmax_stats
 from ddistill.methods import register
 from ddistill.methods.base import (
     EvalStudent,
@@ -314,6 +320,15 @@ class DiMO(Method):
             out[start : start + SAMPLE_CHUNK_ROWS] = keep[sample_categorical(probs, u[start : start + SAMPLE_CHUNK_ROWS])]
         return out.reshape(rows, length)
 
+    @torch.no_grad()
+    def generator_stats(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over positions of max_v p_v and of the entropy of p = softmax(z) over the real tokens (T = 1)."""
+        if use_fused_draw(self.cfg.draw, logits.device, 1.0, torch.float64):
+            max_prob, entropy = softmax_stats(logits, exclude=self.mask_id)
+            return max_prob.mean(), entropy.mean()
+        probs = torch.softmax(logits.float().index_select(-1, self.keep.to(logits.device)), dim=-1)
+        return probs.max(-1).values.mean(), -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+
     def _generator_sigma(self, rows: int, device: torch.device) -> torch.Tensor:
         return _sigma_of_ratio(torch.full((rows,), self.cfg.r_init, device=device))
 
@@ -339,10 +354,9 @@ class DiMO(Method):
         else:
             hidden_g = generator.hidden_states(inputs.tokens, sigma_g, embed_noise=inputs.noise)
             weight_g, bias_g = generator.output_weight, generator.output_bias
-            with torch.no_grad():
+            with torch.no_grad():  # the padded (V_pad, d) weight keeps the GEMM's output rows 16-byte aligned
                 dtype = generator.head_dtype(ctx.device)
-                z = F.linear(hidden_g.detach().to(dtype), weight_g[: self.vocab_size].to(dtype),
-                             bias_g[: self.vocab_size].to(dtype))
+                z = F.linear(hidden_g.detach().to(dtype), weight_g.to(dtype), bias_g.to(dtype))[..., : self.vocab_size]
         x_gen = inputs.merge(self.sample_generator(z, ctx))
         xt, remasked, sigma_t, _ = self.remask(ctx, x_gen, self.cfg.remask)
         masked = remasked if inputs.redraw is None else remasked & inputs.redraw  # where G's logits get a gradient
@@ -357,10 +371,7 @@ class DiMO(Method):
             loss = generator_surrogate(z_masked, g, float(rows))
         else:
             loss = self._fused_generator_loss(nets, hidden_g, xt, sigma_t, masked, rows)
-        with torch.no_grad():
-            probs = torch.softmax(z.detach().float().index_select(-1, keep), dim=-1)
-            max_prob = probs.max(-1).values.mean()
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        max_prob, entropy = self.generator_stats(z.detach())
         metrics = {"dimo_loss_dm": loss.detach(), "gen_max_prob": max_prob, "gen_entropy": entropy,
                    "remask_frac": remasked.float().mean()}
         return StepOutput(losses={"generator": loss}, metrics=metrics, num_tokens=rows * length)
@@ -390,8 +401,17 @@ class DiMO(Method):
             z = generator(inputs.tokens, self._generator_sigma(rows, ctx.device), embed_noise=inputs.noise)
             x_gen = inputs.merge(self.sample_generator(z, ctx))
         xt, masked, sigma_t, total_masked = self.remask(ctx, x_gen, self.cfg.aux_remask)
-        z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep)
-        targets = torch.searchsorted(keep, x_gen[masked])  # column of each target among the real tokens
         normalizer = total_masked.double() * rows / ctx.global_batch_size
-        loss = aux_cross_entropy(z_a, targets, self.cfg.label_smoothing, normalizer).float()
+        if self._fused is None:
+            z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep)
+            targets = torch.searchsorted(keep, x_gen[masked])  # column of each target among the real tokens
+            loss = aux_cross_entropy(z_a, targets, self.cfg.label_smoothing, normalizer).float()
+        else:
+            hidden_a = aux.hidden_states(xt, sigma_t)
+            dim = hidden_a.shape[-1]
+            loss = masked_diffusion_loss(
+                hidden_a.reshape(-1, dim).to(aux.head_dtype(ctx.device)), aux.output_weight, aux.output_bias,
+                x_gen.reshape(-1), 1.0, self.vocab_size, self.mask_id, is_masked=masked.reshape(-1),
+                normalizer=normalizer, impl="chunked", label_smoothing=self.cfg.label_smoothing,
+            ).float()  # fmt: skip
         return StepOutput(losses={"aux": loss}, metrics={"aux_ce": loss.detach()}, num_tokens=0)
