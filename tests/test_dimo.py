@@ -23,8 +23,8 @@ class _Module:
     def __init__(self, rms):
         self.rms = rms
 
-    def input_embedding_rms(self):
-        return self.rms
+    def input_embedding_rms_tensor(self):
+        return torch.tensor(self.rms)
 
 
 class ToyNet:

@@ -127,6 +127,39 @@ def test_dimo_export_is_the_generator_ema_and_eval_student(tmp_path):
     assert (student.network, student.sampler, student.step) == ("generator", "dimo", None)
 
 
+def test_the_zero3_teacher_is_gathered_only_by_the_phase_that_reads_it(tmp_path, monkeypatch):
+    """deepspeed.frozen_gather=micro_batch gathers a frozen ZeRO-3 network at its first lookup in a micro-batch: the
+    teacher once per generator micro-batch, never in the aux phase (which does not read it), and partitioned again
+    after each micro-batch."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from ddistill.engine import networks
+
+    trainer = Trainer(config(tmp_path, teacher_dir(tmp_path)), train_blocks=blocks())
+    teacher = trainer.nets["teacher"]
+    assert trainer.cfg.deepspeed.frozen_gather == "micro_batch"
+    assert all(hasattr(p, "ds_id") for p in teacher.engine.module.parameters())  # really partitioned
+    phase, gathers = [None], []
+    resident, method_step = networks.Network.resident, trainer.method.step
+
+    def recording_resident(net):
+        if net.name == "teacher":
+            gathers.append(phase[0])
+        return resident(net)
+
+    def recording_step(nets, batch, ctx):
+        phase[0] = ctx.phase
+        return method_step(nets, batch, ctx)
+
+    monkeypatch.setattr(networks.Network, "resident", recording_resident)
+    monkeypatch.setattr(trainer.method, "step", recording_step)
+    metrics = step(trainer)
+    assert metrics["loss/generator"] >= 0 and metrics["loss/aux"] > 0
+    assert gathers == ["generator"] * trainer.grad_accum  # 2 aux repeats x 2 micro-batches: none
+    big = [p for p in teacher.engine.module.parameters() if not p.ds_persist]
+    assert big and all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in big)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("refine_frac", [0.0, 0.5])
 def test_fused_generator_loss_matches_the_torch_path_through_the_engine(tmp_path, refine_frac):

@@ -74,15 +74,15 @@ def mdlm_smoothed(chunk_rows, eps, mask_id=V - 1, normalizer=float(N)):
     return fn
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("eps", "mask_id", "chunk_rows"), [(0.1, V - 1, 5), (0.35, 17, 64), (0.2, None, 7)])
-def test_mdlm_label_smoothing_values_and_grads(eps, mask_id, chunk_rows):
+def test_mdlm_label_smoothing_values_and_grads(eps, mask_id, chunk_rows, dtype):
     """The smoothed row loss lse' − (1 − ε)z_y − ε·mean_kept z and its dZ, with the mask column last, inside the
     vocabulary (targets beside it) and absent, against F.cross_entropy(label_smoothing=ε) in float64."""
     h, w, b, y, m, rw = mdlm_problem(seed=11)
     if mask_id is not None:
         y = torch.where(y == mask_id, (y + 1) % (V - 1), y)  # a target is never the mask token
-    check(mdlm_smoothed(chunk_rows, eps, mask_id), [h, w, b], [y, m, rw], torch.float32, oracle="torch")
-    check(mdlm_smoothed(chunk_rows, eps, mask_id), [h, w, b], [y, m, rw], torch.float16, oracle="torch")
+    check(mdlm_smoothed(chunk_rows, eps, mask_id), [h, w, b], [y, m, rw], dtype, oracle="torch")
 
 
 def test_mdlm_label_smoothing_zero_is_the_unsmoothed_loss_bit_for_bit():

@@ -7,7 +7,7 @@ import torch
 from ddistill.diffusion import LogLinearSchedule, sample_duo, sample_mdlm
 from ddistill.diffusion.samplers import sample_categorical
 from ddistill.diffusion.uniform import uniform_posterior
-from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax
+from ddistill.kernels.sampling import draw_categorical, draw_uniform_posterior, masked_argmax, softmax_stats
 from ddistill.models import ModelConfig, build_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -43,6 +43,17 @@ def test_draw_uniform_posterior_equals_torch_at_real_shapes(alpha_t, alpha_s):
     tokens = draw_uniform_posterior(logits, zt, u, a_t, a_s)
     expected = sample_categorical(uniform_posterior(torch.softmax(logits.double(), -1), zt, a_t, a_s), u)
     assert int((tokens != expected).sum()) == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_softmax_stats_equal_float64_at_real_shapes(scale):
+    """DiMO's generator metrics: max-probability and entropy of bf16 logits (a slice of the padded head), the mask
+    column excluded, against the float64 softmax."""
+    logits = _logits(4, scale)
+    max_prob, entropy = softmax_stats(logits, exclude=V - 1)
+    p = torch.softmax(logits.double().index_fill(-1, torch.tensor([V - 1], device="cuda"), float("-inf")), -1)
+    torch.testing.assert_close(max_prob.double(), p.max(-1).values, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(entropy.double(), -(p * p.clamp_min(1e-300).log()).sum(-1), rtol=1e-5, atol=1e-5)
 
 
 def test_masked_argmax_equals_torch_at_real_shapes():

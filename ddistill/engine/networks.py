@@ -9,7 +9,8 @@
   partitioned over ranks (each holds ~1/N), optionally offloaded to CPU. Its forward is a collective: every rank
   must call it equally often. Always run under no_grad, eval mode. Two ways to gather (`deepspeed.frozen_gather`):
   "module" = DeepSpeed's own, module by module at every call (memory: the largest layers in flight); "micro_batch"
-  = `Network.resident()`: the trainer gathers all partitions once per micro-batch with one coalesced all-gather,
+  = `Network.resident()`: the trainer gathers all partitions once per micro-batch with one coalesced all-gather
+  (at the micro-batch's first lookup of the network, `GatherOnLookup`; a phase that never reads it never gathers it),
   and every call inside (an SDTT micro-batch calls its teacher k times) runs the plain module, without ZeRO-3's
   per-module fetch/release hooks (memory: one full copy of the network while the micro-batch runs).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,7 +37,7 @@ from torch import nn
 from ddistill.engine.ema import EMA
 from ddistill.methods.base import NetworkSpec
 
-__all__ = ["DiTEntry", "Network", "OPTIMIZERS", "trained_ds_config", "frozen_ds_config", "freeze_parameters",
+__all__ = ["DiTEntry", "GatherOnLookup", "Network", "OPTIMIZERS", "trained_ds_config", "frozen_ds_config", "freeze_parameters",
            "build_trained", "build_frozen", "copy_into", "full_state", "gathered", "reset_optimizer_state"]
 
 
@@ -197,6 +199,28 @@ class Network:
         layer = self.module.output_layer.linear
         with gathered(list(layer.parameters())):
             yield self.module.output_weight, self.module.output_bias
+
+
+class GatherOnLookup(Mapping[str, Network]):
+    """The networks by name, as a method sees them for one micro-batch: a network's `resident()` context (a no-op
+    but for frozen ZeRO-3 networks) is entered on ``stack`` at its first lookup, so a network that is never looked
+    up is never gathered."""
+
+    def __init__(self, nets: Mapping[str, Network], stack: contextlib.ExitStack):
+        self._nets, self._stack, self._entered = nets, stack, set()
+
+    def __getitem__(self, name: str) -> Network:
+        net = self._nets[name]
+        if name not in self._entered:
+            self._entered.add(name)
+            self._stack.enter_context(net.resident())
+        return net
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._nets)
+
+    def __len__(self) -> int:
+        return len(self._nets)
 
 
 def _is_partitioned(module: nn.Module) -> bool:

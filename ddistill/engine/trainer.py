@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,6 +69,7 @@ from ddistill.engine.distributed import (
     shutdown_distributed,
 )
 from ddistill.engine.networks import (
+    GatherOnLookup,
     Network,
     build_frozen,
     build_trained,
@@ -477,14 +479,15 @@ class Trainer:
             raise RankFailure(f"another rank failed during step {self.step} (see its log); stopping all ranks")
         return flags[1] > 0
 
-    def _frozen_resident(self) -> contextlib.ExitStack:
-        """With deepspeed.frozen_gather=micro_batch: every frozen ZeRO-3 network gathered once for the micro-batch
-        (networks.Network.resident); a collective, entered on every rank."""
-        stack = contextlib.ExitStack()
-        if self.cfg.deepspeed.frozen_gather == "micro_batch":
-            for net in self.nets.values():
-                stack.enter_context(net.resident())
-        return stack
+    @contextlib.contextmanager
+    def _micro_batch_nets(self) -> Iterator[Mapping[str, Network]]:
+        """The networks as the method sees them for one micro-batch. With deepspeed.frozen_gather=micro_batch a
+        frozen ZeRO-3 network is gathered once (networks.Network.resident) at its first lookup and re-partitioned
+        when the micro-batch ends, so a phase that never reads it (DiMO's aux phase and its teacher) pays no
+        all-gather (and no host sync). The gather is a collective: a method looks a frozen network up on every rank
+        or on none, as it calls its forward."""
+        with contextlib.ExitStack() as stack:
+            yield GatherOnLookup(self.nets, stack) if self.cfg.deepspeed.frozen_gather == "micro_batch" else self.nets
 
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
         """One optimizer step over this rank's `grad_accum` micro-batches, phase by phase; returns global metrics
@@ -543,8 +546,8 @@ class Trainer:
                               rank=rank, world_size=ws, phase=phase.name, phase_repeat=repeat)
             error, local_bad, out = None, None, None
             try:
-                with self._frozen_resident(), record_function(f"ddistill.{phase.name}.method_step"):
-                    out = self.method.step(self.nets, batch.to(self.device, non_blocking=True), ctx)
+                with self._micro_batch_nets() as nets, record_function(f"ddistill.{phase.name}.method_step"):
+                    out = self.method.step(nets, batch.to(self.device, non_blocking=True), ctx)
                 names = self._phase_losses(phase, out.losses, updated)
                 updated = names
                 if names:
@@ -617,8 +620,8 @@ class Trainer:
                 ctx = StepContext(step=self.step, micro_step=i, global_offset=rank * tc.micro_batch_size,
                                   global_batch_size=tc.micro_batch_size * ws, generator=generator,
                                   device=self.device, rank=rank, world_size=ws, phase=phase.name)
-                with self._frozen_resident():
-                    out = self.method.step(self.nets, batch, ctx)
+                with self._micro_batch_nets() as nets:
+                    out = self.method.step(nets, batch, ctx)
                 for name, loss in out.losses.items():
                     sums[f"val/loss/{name}"] = sums.get(f"val/loss/{name}", 0.0) + float(loss)
         for net in self.trained.values():

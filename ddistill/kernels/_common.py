@@ -333,6 +333,10 @@ def select_rows(mask: torch.Tensor | None, num_rows: int, *tensors: torch.Tensor
 
 
 def as_row_tensor(value: torch.Tensor | float, num_rows: int, device: torch.device, name: str) -> torch.Tensor:
+    """(num_rows,) fp32 on ``device`` from a scalar or a (num_rows,) tensor; a Python scalar is filled in on the device
+    (``torch.as_tensor`` of a number would copy it from the host, a host sync on CUDA)."""
+    if not isinstance(value, torch.Tensor):
+        return torch.full((num_rows,), float(value), dtype=torch.float32, device=device)
     t = torch.as_tensor(value, dtype=torch.float32, device=device)
     if t.dim() == 0:
         t = t.expand(num_rows)

@@ -218,6 +218,7 @@ class DiMO(Method):
             raise ValueError(f"mask_id={mask_id} is outside the vocabulary of size {vocab_size}")
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id)
         self.keep = torch.tensor([v for v in range(vocab_size) if v != mask_id])  # the real-token columns
+        self._keep_on: dict[torch.device, torch.Tensor] = {}
         self._fused = fused_kernel("dimo_generator_loss", cfg.loss_impl) if cfg.loss_impl != "torch" else None
 
     # -- networks and phases -------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ class DiMO(Method):
         module = generator_net.module
         noise = global_normal(ctx, rows, (length, module.config.hidden_size))
         if self.cfg.embed_noise_rms:
-            noise = noise * module.input_embedding_rms()
+            noise = noise * module.input_embedding_rms_tensor()
         return self.cfg.embed_noise, noise
 
     def generator_input(self, nets, ctx: StepContext, rows: int, length: int) -> GeneratorInput:
@@ -312,7 +313,7 @@ class DiMO(Method):
             if self.cfg.gen_temperature != 1.0:
                 flat = flat / self.cfg.gen_temperature
             return draw_categorical(flat, u, exclude=self.mask_id).reshape(rows, length)
-        keep = self.keep.to(logits.device)
+        keep = self.keep_on(logits.device)
         out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
         for start in range(0, flat.shape[0], SAMPLE_CHUNK_ROWS):
             chunk = flat[start : start + SAMPLE_CHUNK_ROWS].index_select(-1, keep).to(torch.float64)
@@ -320,13 +321,19 @@ class DiMO(Method):
             out[start : start + SAMPLE_CHUNK_ROWS] = keep[sample_categorical(probs, u[start : start + SAMPLE_CHUNK_ROWS])]
         return out.reshape(rows, length)
 
+    def keep_on(self, device: torch.device) -> torch.Tensor:
+        """The real-token columns on ``device``, copied there once (a host-to-device copy waits for the host)."""
+        if device not in self._keep_on:
+            self._keep_on[device] = self.keep.to(device)
+        return self._keep_on[device]
+
     @torch.no_grad()
     def generator_stats(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over positions of max_v p_v and of the entropy of p = softmax(z) over the real tokens (T = 1)."""
         if use_fused_draw(self.cfg.draw, logits.device, 1.0, torch.float64):
             max_prob, entropy = softmax_stats(logits, exclude=self.mask_id)
             return max_prob.mean(), entropy.mean()
-        probs = torch.softmax(logits.float().index_select(-1, self.keep.to(logits.device)), dim=-1)
+        probs = torch.softmax(logits.float().index_select(-1, self.keep_on(logits.device)), dim=-1)
         return probs.max(-1).values.mean(), -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
 
     def _generator_sigma(self, rows: int, device: torch.device) -> torch.Tensor:
@@ -348,7 +355,7 @@ class DiMO(Method):
         generator, teacher, aux = nets["generator"], nets["teacher"], nets["aux"]
         inputs = self.generator_input(nets, ctx, rows, length)
         sigma_g = self._generator_sigma(rows, ctx.device)
-        keep = self.keep.to(ctx.device)
+        keep = self.keep_on(ctx.device)
         if self._fused is None:
             z = generator(inputs.tokens, sigma_g, embed_noise=inputs.noise)  # (B, L, V) with graph
         else:
@@ -395,7 +402,7 @@ class DiMO(Method):
 
     def _aux_step(self, nets, rows: int, length: int, ctx: StepContext) -> StepOutput:
         generator, aux = nets["generator"], nets["aux"]
-        keep = self.keep.to(ctx.device)
+        keep = self.keep_on(ctx.device)
         with torch.no_grad():
             inputs = self.generator_input(nets, ctx, rows, length)
             z = generator(inputs.tokens, self._generator_sigma(rows, ctx.device), embed_noise=inputs.noise)

@@ -400,7 +400,11 @@ class DiT(nn.Module):
 
     def input_embedding_rms(self) -> float:
         """√mean(E²) over the input embedding table: the scale of `embed_noise` that matches the embeddings."""
-        return float(self.vocab_embed.embedding.detach().float().pow(2).mean().sqrt())
+        return float(self.input_embedding_rms_tensor())
+
+    def input_embedding_rms_tensor(self) -> torch.Tensor:
+        """`input_embedding_rms` as a 0-d fp32 tensor on the table's device (no host sync, for the training step)."""
+        return self.vocab_embed.embedding.detach().float().pow(2).mean().sqrt()
 
     def num_parameters(self, public: bool = True) -> int:
         """Parameter count; `public=True` counts the output layer at its unpadded (V, d) / (V,) shape."""
