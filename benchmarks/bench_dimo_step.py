@@ -15,8 +15,10 @@ aux update; Adam lr 1e-5 eps 1e-6; bf16 autocast (the DiT's own) on CUDA; frozen
 * ``baseline``: plain modules and torch.optim.Adam; full (B, L, V) logits of the generator (with graph), teacher and
   aux, full fp32 softmaxes, g and the surrogate ½‖z − sg(z − g)‖² on all positions (g = 0 where unmasked),
   ``torch.distributions.Categorical`` samples (the released image code).
-* ``engine-torch`` / ``engine-triton``: ``Trainer.train_step_deferred`` (as ``fit`` runs it) with ``method.loss_impl`` torch (teacher and aux
-  logits of the masked rows only) or triton (the fused ``dimo_generator_loss``: no teacher/aux logits in memory).
+* ``engine-torch`` / ``engine-triton``: ``Trainer.train_step_deferred`` (as ``fit`` runs it) with ``method.loss_impl``
+  torch (teacher and aux logits of the masked rows only) or triton (the fused ``dimo_generator_loss``: no teacher/aux
+  logits in memory; the aux CE by the chunked label-smoothed kernel; ``--set method.loss_impl=chunked`` for the
+  chunked generator loss too).
 One step = both phases; tokens/s counts the B·L generated tokens of the generator phase. Results are printed and
 appended to benchmarks/results/dimo_step.csv (GPU, torch, triton, git revision).
 """

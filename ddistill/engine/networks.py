@@ -37,8 +37,8 @@ from torch import nn
 from ddistill.engine.ema import EMA
 from ddistill.methods.base import NetworkSpec
 
-__all__ = ["DiTEntry", "GatherOnLookup", "Network", "OPTIMIZERS", "trained_ds_config", "frozen_ds_config", "freeze_parameters",
-           "build_trained", "build_frozen", "copy_into", "full_state", "gathered", "reset_optimizer_state"]
+__all__ = ["DiTEntry", "GatherOnLookup", "Network", "OPTIMIZERS", "trained_ds_config", "frozen_ds_config",
+           "freeze_parameters", "build_trained", "build_frozen", "copy_into", "full_state", "gathered", "reset_optimizer_state"]
 
 
 class DiTEntry(nn.Module):

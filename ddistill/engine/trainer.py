@@ -46,8 +46,8 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

@@ -31,8 +31,9 @@ u·total falls within float64 rounding of a CDF boundary (the sums are taken in 
 rounds to the total and the last columns' weights underflow float64 (logits more than ~745 below the maximum).
 
 ``softmax_stats`` reads a row once more for two summaries of p (DiMO's generator metrics): the largest probability
-max_j p_j = 1/S and the entropy H = m + log S − Σ_j w_j z_j / S, in float32 per lane (one exp per element, the lanes'
-running maxima rescaled once at the row's end); nothing of size V is written.
+max_j p_j = 1/S and the entropy H = m + log S − Σ_j w_j z_j / S, in float32 per lane (each lane keeps its running
+maximum and rescales its two sums when it grows; the lanes are combined once at the row's end); nothing of size V is
+written.
 
 The samplers pass only the rows that take a token (a gathered copy, or the denoiser's row-selected logits).
 Inputs on CPU run in Triton's interpreter (TRITON_INTERPRET=1; fp32/fp16 only, see ``_common``).
@@ -237,7 +238,7 @@ def masked_argmax(logits: torch.Tensor, *, exclude: int | None = None) -> torch.
 
 
 def softmax_stats(logits: torch.Tensor, *, exclude: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max_j p_j, entropy −Σ_j p_j log p_j) of p = softmax(logits) per row (column ``exclude`` removed), float32 (…)."""
+    """(max_j p_j, entropy −Σ_j p_j log p_j) of p = softmax(logits) per row (column ``exclude`` removed), fp32 (…)."""
     flat, stride = _rows(logits)
     n, vocab = flat.shape
     if exclude is not None and not 0 <= exclude < vocab:

@@ -61,7 +61,7 @@ from the aux model's hidden states through `ddistill.kernels.masked_diffusion_lo
 label_smoothing=ε)` (the Triton CE kernel has no label smoothing): no (rows, V) logits tensor with a graph.
 
 The generator's metrics (mean max-probability and entropy of softmax(z_θ) over the real tokens) are formed by
-`ddistill.kernels.softmax_stats` wherever x_θ is drawn by the fused kernel (`draw`), in one read of the logits.
+`ddistill.kernels.sampling.softmax_stats` wherever x_θ is drawn by the fused kernel (`draw`), in one read of the logits.
 """
 
 from __future__ import annotations
