@@ -185,9 +185,10 @@ def _row_tensor(t: torch.Tensor | None, num_rows: int, device: torch.device, nam
     return t.reshape(-1).contiguous()
 
 
-# (BLOCK_V, warps) of `_draw_kernel` on the GPU per mode. On one H200 at V = 50258, bf16 logits (do_bench, two calls):
-# categorical 16384 rows 2.626 ms at (2048, 8) -> 2.226 at (1024, 4), 32768 rows 5.21 -> 4.40; the DUO posterior 2.645
-# -> 2.426; argmax 1.415 -> 0.960 at (2048, 4); the same tokens. Fewer warps a row wait less at the per-block reductions.
+# (BLOCK_V, warps) of `_draw_kernel` on the GPU per mode. On one H200 at V = 50258, bf16 logits (do_bench): categorical
+# 16384 rows 2.626 ms at (2048, 8) -> 2.226 at (1024, 4), 32768 rows 5.21 -> 4.40 (two calls); the DUO posterior 2.645
+# -> 2.426, argmax 1.415 -> 0.960 at (2048, 4) (one call); the same tokens. Fewer warps a row wait less at the
+# per-block reductions (perf_notes.md, stop 30).
 _GPU_LAUNCH = {MODE_CATEGORICAL: (1024, 4), MODE_UNIFORM_POSTERIOR: (1024, 4), MODE_ARGMAX: (2048, 4)}
 
 

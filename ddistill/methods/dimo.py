@@ -355,7 +355,6 @@ class DiMO(Method):
         generator, teacher, aux = nets["generator"], nets["teacher"], nets["aux"]
         inputs = self.generator_input(nets, ctx, rows, length)
         sigma_g = self._generator_sigma(rows, ctx.device)
-        keep = self.keep_on(ctx.device)
         if self._fused is None:
             z = generator(inputs.tokens, sigma_g, embed_noise=inputs.noise)  # (B, L, V) with graph
         else:
@@ -368,6 +367,7 @@ class DiMO(Method):
         xt, remasked, sigma_t, _ = self.remask(ctx, x_gen, self.cfg.remask)
         masked = remasked if inputs.redraw is None else remasked & inputs.redraw  # where G's logits get a gradient
         if self._fused is None:
+            keep = self.keep_on(ctx.device)
             with torch.no_grad():
                 z_t = teacher(xt, sigma_t, rows=masked).index_select(-1, keep).float()
                 z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep).float()
@@ -402,7 +402,6 @@ class DiMO(Method):
 
     def _aux_step(self, nets, rows: int, length: int, ctx: StepContext) -> StepOutput:
         generator, aux = nets["generator"], nets["aux"]
-        keep = self.keep_on(ctx.device)
         with torch.no_grad():
             inputs = self.generator_input(nets, ctx, rows, length)
             z = generator(inputs.tokens, self._generator_sigma(rows, ctx.device), embed_noise=inputs.noise)
@@ -410,6 +409,7 @@ class DiMO(Method):
         xt, masked, sigma_t, total_masked = self.remask(ctx, x_gen, self.cfg.aux_remask)
         normalizer = total_masked.double() * rows / ctx.global_batch_size
         if self._fused is None:
+            keep = self.keep_on(ctx.device)
             z_a = aux(xt, sigma_t, rows=masked).index_select(-1, keep)
             targets = torch.searchsorted(keep, x_gen[masked])  # column of each target among the real tokens
             loss = aux_cross_entropy(z_a, targets, self.cfg.label_smoothing, normalizer).float()
